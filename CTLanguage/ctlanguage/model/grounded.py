@@ -1,0 +1,113 @@
+"""GroundedCTModel: image encoder + frozen text encoder/projection + mask head + organ pooling."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .heads import DynamicMaskHead, OrganAttentionPool, TextProjection
+from .image_encoder import ImageEncoder, ImageFeatures
+from .text_encoder import FrozenTextEncoder
+
+
+class GroundedCTModel(nn.Module):
+    """See docs/architecture.md "Model API" and docs/model.md."""
+
+    def __init__(self, config: ModelConfig | None = None, text_encoder: FrozenTextEncoder | None = None):
+        super().__init__()
+        self.config = config = config or ModelConfig()
+        config.validate()
+        self.image_encoder = ImageEncoder(
+            in_channels=config.in_channels, channels=config.encoder_channels,
+            dense_channels=config.dense_channels, embed_dim=config.embed_dim,
+            coord_channels=config.coord_channels,
+        )
+        self.text_projection = TextProjection(config.text_dim, config.embed_dim)
+        self.mask_head = DynamicMaskHead(config.embed_dim, config.dense_channels, config.mask_head_hidden)
+        self.organ_pool = OrganAttentionPool(len(config.anatomies), config.dense_channels,
+                                             config.pool_dim, config.embed_dim)
+        # CLIP-style learnable temperature (stored as log of the scale), clamped in use
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
+        # the frozen LM is deliberately not a sub-module: it is never saved in our checkpoint
+        self._text = text_encoder or FrozenTextEncoder(config.text_encoder, config.text_max_length,
+                                                       expected_dim=config.text_dim)
+
+    # ---- helpers -----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.log_logit_scale.device
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_logit_scale.exp().clamp(max=self.config.logit_scale_max)
+
+    @property
+    def text_encoder(self) -> FrozenTextEncoder:
+        return self._text
+
+    def anatomy_index(self, key: str) -> int:
+        return self.config.anatomies.index(key)
+
+    # ---- API ---------------------------------------------------------------------------------
+    def encode_image(self, x: torch.Tensor) -> ImageFeatures:
+        """x: [B,1,D,H,W] in [0,1] on the model grid (D,H,W multiples of 16)."""
+        if x.ndim != 5 or x.shape[1] != 1:
+            raise ValueError(f"encode_image expects [B,1,D,H,W], got {tuple(x.shape)}")
+        if any(s % 16 for s in x.shape[2:]):
+            raise ValueError(f"model-grid sizes must be multiples of 16, got {tuple(x.shape[2:])}")
+        return self.image_encoder(x.to(self.device))
+
+    def text_base(self, texts: list[str]) -> torch.Tensor:
+        """Frozen LM embeddings [N, text_dim] (cached per string)."""
+        return self._text.encode(list(texts)).to(self.device)
+
+    def embed_text(self, texts) -> torch.Tensor:
+        """[N, E] L2-normalised joint-space embeddings of the given strings."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return self.text_projection(self.text_base(texts))
+
+    def mask_logits(self, dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """[B,N,d,h,w] mask logits on the feature grid for N prompt embeddings [N,E]."""
+        return self.mask_head(dense, text.to(dense.dtype))
+
+    def organ_embeddings(self, dense: torch.Tensor, masks: torch.Tensor, anatomies=None) -> torch.Tensor:
+        """masks [B,A,d,h,w] in [0,1] (A = len(config.anatomies), or len(anatomies) when the
+        anatomy keys are given) -> [B,A,E] L2-normalised organ-grounded embeddings."""
+        index = None if anatomies is None else [self.anatomy_index(a) for a in anatomies]
+        return self.organ_pool(dense, masks.to(dense.dtype), index)
+
+    def presence_logit(self, organ_emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """Ensemble score: scale * (mean cos(organ, positive phrasings) - mean cos(organ, negated)).
+
+        organ_emb [..., E]; pos [P, E]; neg [Q, E] -> [...] (uncalibrated logit).
+        With presence_source == "global" pass the global embedding instead of an organ one."""
+        s_pos = (organ_emb @ pos.t()).mean(-1)
+        s_neg = (organ_emb @ neg.t()).mean(-1)
+        return self.logit_scale * (s_pos - s_neg)
+
+    def calibrated_probability(self, logit: torch.Tensor | float) -> torch.Tensor:
+        """p = sigmoid(logit / T) with T = config.calibration_temperature."""
+        logit = torch.as_tensor(logit, dtype=torch.float32)
+        return torch.sigmoid(logit / float(self.config.calibration_temperature))
+
+    # ---- checkpoint I/O ----------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    def save_pretrained(self, directory: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, extra_files=extra_files)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device=None, verify: bool = True,
+                        text_encoder: FrozenTextEncoder | None = None) -> "GroundedCTModel":
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, directory, device=device, verify=verify, text_encoder=text_encoder)

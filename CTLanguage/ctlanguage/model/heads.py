@@ -1,0 +1,103 @@
+"""Heads: text projection, text-conditioned dynamic mask head, organ attention pooling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class TextProjection(nn.Module):
+    """Trainable map from the frozen LM space to the joint space E (L2-normalised output)."""
+
+    def __init__(self, text_dim: int, embed_dim: int, hidden: int = 256):
+        super().__init__()
+        self.norm = nn.LayerNorm(text_dim)
+        self.mlp = nn.Sequential(nn.Linear(text_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
+        self.skip = nn.Linear(text_dim, embed_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        return F.normalize(self.mlp(x) + self.skip(x), dim=-1)
+
+
+class DynamicMaskHead(nn.Module):
+    """Prompt embedding -> weights of a 2-layer 1x1x1 conv head over the dense features.
+
+    logits[b, n] = w2_n . relu(W1_n f_b + b1_n) + b2_n for every voxel (CLIP-driven-Universal /
+    CondInst style dynamic convolutions)."""
+
+    def __init__(self, embed_dim: int, channels: int, hidden: int = 16):
+        super().__init__()
+        self.c, self.h = channels, hidden
+        n_params = channels * hidden + hidden + hidden + 1
+        self.generator = nn.Sequential(nn.Linear(embed_dim, 256), nn.GELU(), nn.Linear(256, n_params))
+        with torch.no_grad():
+            self.generator[-1].weight.mul_(0.1)
+            self.generator[-1].bias.zero_()
+            # sensible start: W1 ~ kaiming for C inputs, bias of the output negative (sparse masks)
+            b = self.generator[-1].bias
+            b[: channels * hidden].normal_(0.0, math.sqrt(2.0 / channels))
+            b[-1] = -2.0
+
+    def forward(self, dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        B, C, d, h, w = dense.shape
+        N = text.shape[0]
+        p = self.generator(text)
+        o = 0
+        w1 = p[:, o:o + self.c * self.h].view(N, self.h, self.c); o += self.c * self.h
+        b1 = p[:, o:o + self.h]; o += self.h
+        w2 = p[:, o:o + self.h]; o += self.h
+        b2 = p[:, o]
+        f = dense.reshape(B, C, -1)
+        hid = torch.einsum("bcp,nkc->bnkp", f, w1) + b1.view(1, N, self.h, 1)
+        hid = F.relu(hid)
+        out = torch.einsum("bnkp,nk->bnp", hid, w2) + b2.view(1, N, 1)
+        return out.view(B, N, d, h, w)
+
+
+class OrganAttentionPool(nn.Module):
+    """Learned-query attention pooling of dense features inside each anatomy mask, followed by a
+    per-anatomy linear projection into the joint space (fVLM)."""
+
+    def __init__(self, n_anatomies: int, channels: int, pool_dim: int, embed_dim: int):
+        super().__init__()
+        self.key = nn.Conv3d(channels, pool_dim, 1)
+        self.value = nn.Conv3d(channels, pool_dim, 1)
+        self.query = nn.Parameter(torch.randn(n_anatomies, pool_dim) / math.sqrt(pool_dim))
+        self.norm = nn.LayerNorm(2 * pool_dim)
+        self.proj_w = nn.Parameter(torch.randn(n_anatomies, 2 * pool_dim, embed_dim)
+                                   / math.sqrt(2 * pool_dim))
+        self.proj_b = nn.Parameter(torch.zeros(n_anatomies, embed_dim))
+        self.scale = 1.0 / math.sqrt(pool_dim)
+
+    def forward(self, dense: torch.Tensor, masks: torch.Tensor, index=None) -> torch.Tensor:
+        """dense [B,C,d,h,w], masks [B,A,d,h,w] in [0,1] -> [B,A,E] (L2-normalised).
+
+        ``index`` (list of anatomy indices, length A) selects queries/projections when only some
+        anatomies are pooled; default: all, in config order."""
+        B = dense.shape[0]
+        k = self.key(dense).flatten(2)            # [B,K,P]
+        v = self.value(dense).flatten(2)          # [B,K,P]
+        m = masks.flatten(2).to(k.dtype)          # [B,A,P]
+        A = m.shape[1]
+        if index is None:
+            if A != self.query.shape[0]:
+                raise ValueError(f"expected {self.query.shape[0]} anatomy masks, got {A}")
+            q, pw, pb = self.query, self.proj_w, self.proj_b
+        else:
+            idx = torch.as_tensor(index, device=k.device, dtype=torch.long)
+            q, pw, pb = self.query[idx], self.proj_w[idx], self.proj_b[idx]
+        scores = torch.einsum("ak,bkp->bap", q, k) * self.scale
+        empty = m.sum(-1, keepdim=True) <= 1e-6   # absent anatomy -> attend over the whole image
+        m_eff = torch.where(empty, torch.ones_like(m), m)
+        scores = scores + torch.log(m_eff.clamp_min(1e-6))
+        attn = torch.softmax(scores, dim=-1)
+        pooled_attn = torch.einsum("bap,bkp->bak", attn, v)
+        mean_w = m_eff / m_eff.sum(-1, keepdim=True)
+        pooled_mean = torch.einsum("bap,bkp->bak", mean_w, v)
+        z = self.norm(torch.cat([pooled_attn, pooled_mean], dim=-1))   # [B,A,2K]
+        out = torch.einsum("bak,ake->bae", z, pw) + pb.unsqueeze(0)
+        return F.normalize(out, dim=-1)
