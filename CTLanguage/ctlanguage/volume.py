@@ -1,0 +1,155 @@
+"""CTVolume: a CT image as HU voxels plus the exact voxel -> RAS affine and its provenance.
+
+Conventions (docs/architecture.md): ``array`` is float32 HU indexed ``[k, j, i]``; ``ijk_to_ras``
+maps ``(i, j, k, 1)`` to RAS millimetres (Slicer's IJKToRASMatrix). ITK / DICOM / NRRD work in
+LPS; conversion flips the sign of the first two rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+MIN_VOXELS_PER_AXIS = 8
+
+
+@dataclass
+class CTVolume:
+    array: np.ndarray                 # float32 HU, [k, j, i]
+    ijk_to_ras: np.ndarray            # 4x4 float64
+    source: str | None = None         # file or folder it was read from
+    modality: str | None = None       # DICOM Modality when known ("CT")
+    series_uid: str | None = None
+    study_uid: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.array = np.asarray(self.array)
+        if self.array.dtype != np.float32:
+            self.array = self.array.astype(np.float32)
+        self.ijk_to_ras = np.array(self.ijk_to_ras, dtype=np.float64)
+        if self.ijk_to_ras.shape != (4, 4):
+            raise InputError(f"the voxel-to-RAS matrix must be 4x4, got {self.ijk_to_ras.shape}")
+
+    # ---- geometry -------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along (i, j, k)."""
+        return np.linalg.norm(self.ijk_to_ras[:3, :3], axis=0)
+
+    @property
+    def origin_ras(self) -> np.ndarray:
+        """RAS position of the centre of voxel (0, 0, 0)."""
+        return self.ijk_to_ras[:3, 3].copy()
+
+    @property
+    def direction(self) -> np.ndarray:
+        """3x3 matrix whose columns are the unit RAS directions of the i, j, k axes."""
+        return self.ijk_to_ras[:3, :3] / self.spacing
+
+    def ijk_to_ras_points(self, ijk: np.ndarray) -> np.ndarray:
+        """(N, 3) voxel indices (i, j, k) -> (N, 3) RAS mm."""
+        ijk = np.asarray(ijk, dtype=np.float64).reshape(-1, 3)
+        return ijk @ self.ijk_to_ras[:3, :3].T + self.ijk_to_ras[:3, 3]
+
+    def ras_to_ijk_points(self, ras: np.ndarray) -> np.ndarray:
+        ras = np.asarray(ras, dtype=np.float64).reshape(-1, 3)
+        inv = np.linalg.inv(self.ijk_to_ras)
+        return ras @ inv[:3, :3].T + inv[:3, 3]
+
+    # ---- identity ---------------------------------------------------------------------------
+    def content_hash(self) -> str:
+        """sha256 over shape, voxel bytes and affine (stable across runs and machines)."""
+        h = hashlib.sha256()
+        h.update(repr(self.array.shape).encode())
+        h.update(np.ascontiguousarray(self.array, dtype="<f4").data)
+        h.update(np.ascontiguousarray(self.ijk_to_ras, dtype="<f8").data)
+        return h.hexdigest()
+
+    # ---- checks -----------------------------------------------------------------------------
+    def validate(self) -> "CTVolume":
+        """Raise InputError unless this looks like a usable 3D CT in HU. Returns self."""
+        name = f" in {self.source}" if self.source else ""
+        a = self.array
+        if a.ndim != 3:
+            raise InputError(f"expected a 3D CT volume{name}, got a {a.ndim}D array "
+                             f"of shape {a.shape}")
+        if a.size == 0:
+            raise InputError(f"the CT volume{name} is empty (shape {a.shape})")
+        if min(a.shape) < MIN_VOXELS_PER_AXIS:
+            raise InputError(f"the CT volume{name} is too small: shape {a.shape} has fewer than "
+                             f"{MIN_VOXELS_PER_AXIS} voxels along an axis")
+        if self.modality and self.modality.upper() != "CT":
+            raise InputError(f"the image{name} has modality {self.modality}, not CT")
+        m = self.ijk_to_ras[:3, :3]
+        if not np.all(np.isfinite(self.ijk_to_ras)) or abs(np.linalg.det(m)) < 1e-9:
+            raise InputError(f"the voxel-to-RAS matrix{name} is not invertible or not finite")
+        if np.any(self.spacing < 1e-3):
+            raise InputError(f"the voxel spacing{name} is degenerate: {self.spacing}")
+        # min/max propagate NaN; checked separately for a precise message
+        lo, hi = float(np.min(a)), float(np.max(a))
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            n_bad = int(np.count_nonzero(~np.isfinite(a)))
+            raise InputError(f"the CT volume{name} contains {n_bad} NaN or infinite voxel values")
+        if lo > -500.0:
+            raise InputError(
+                f"the values{name} do not look like CT Hounsfield units: the minimum is {lo:g} "
+                "(no air below -500 HU; an MR image or unrescaled raw data?)")
+        if hi - lo < 100.0:
+            raise InputError(f"the CT volume{name} is nearly constant ({lo:g}..{hi:g} HU)")
+        if lo < -3100.0 or hi > 40000.0:
+            raise InputError(f"the values{name} range {lo:g}..{hi:g}, which is not a HU range")
+        return self
+
+    # ---- SimpleITK ---------------------------------------------------------------------------
+    def to_sitk(self, array: np.ndarray | None = None):
+        """SimpleITK image (LPS) with this volume's grid; ``array`` replaces the voxels if given."""
+        import SimpleITK as sitk
+
+        data = self.array if array is None else np.asarray(array)
+        if data.shape != self.array.shape:
+            raise InputError(f"array shape {data.shape} does not match the volume {self.shape}")
+        img = sitk.GetImageFromArray(data)
+        set_sitk_geometry(img, self.ijk_to_ras)
+        return img
+
+    @classmethod
+    def from_sitk(cls, image, **provenance) -> "CTVolume":
+        import SimpleITK as sitk
+
+        if image.GetDimension() != 3:
+            raise InputError(f"expected a 3D image, got {image.GetDimension()}D "
+                             f"of size {image.GetSize()}")
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError("expected a scalar (grey-value) CT image, got "
+                             f"{image.GetNumberOfComponentsPerPixel()} components per voxel")
+        arr = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+        return cls(arr, sitk_ijk_to_ras(image), **provenance)
+
+
+def sitk_ijk_to_ras(image) -> np.ndarray:
+    """4x4 voxel->RAS matrix of a 3D SimpleITK image."""
+    d = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    m = np.eye(4)
+    m[:3, :3] = d * np.array(image.GetSpacing(), dtype=np.float64)
+    m[:3, 3] = image.GetOrigin()
+    return LPS_TO_RAS @ m
+
+
+def set_sitk_geometry(image, ijk_to_ras: np.ndarray) -> None:
+    """Give a 3D SimpleITK image the grid described by a voxel->RAS matrix."""
+    lps = LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=np.float64)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
+    image.SetOrigin([float(v) for v in lps[:3, 3]])
