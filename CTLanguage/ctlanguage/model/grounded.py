@@ -93,7 +93,7 @@ class GroundedCTModel(nn.Module):
 
     def calibrated_probability(self, logit: torch.Tensor | float) -> torch.Tensor:
         """p = sigmoid(logit / T) with T = config.calibration_temperature."""
-        logit = torch.as_tensor(logit, dtype=torch.float32)
+        logit = torch.as_tensor(logit, dtype=torch.float32).detach()
         return torch.sigmoid(logit / float(self.config.calibration_temperature))
 
     # ---- checkpoint I/O ----------------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""Unit tests of the grounded model on tiny random tensors (fast, CPU)."""
+
+import pytest
+import torch
+
+from ctlanguage.model import GroundedCTModel, ModelConfig, coordinate_channels
+
+
+def tiny_config(**kw):
+    base = dict(encoder_channels=[8, 16, 16], dense_channels=8, embed_dim=32, pool_dim=16,
+                mask_head_hidden=8, anatomies=["liver", "lung_left", "lung_right"])
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GroundedCTModel(tiny_config())
+
+
+def test_shapes_and_api(model):
+    x = torch.rand(2, 1, 32, 16, 32)
+    f = model.encode_image(x)
+    assert f.dense.shape == (2, 8, 16, 8, 16)
+    assert f.global_embedding.shape == (2, 32)
+    t = model.embed_text(["liver lesion", "left lung", "fluid around the right lung"])
+    assert t.shape == (3, 32)
+    assert torch.allclose(t.norm(dim=-1), torch.ones(3), atol=1e-5)
+    logits = model.mask_logits(f.dense, t)
+    assert logits.shape == (2, 3, 16, 8, 16)
+    masks = (torch.rand(2, 3, 16, 8, 16) > 0.5).float()
+    masks[1, 2] = 0  # an absent anatomy must not give NaNs
+    emb = model.organ_embeddings(f.dense, masks)
+    assert emb.shape == (2, 3, 32) and torch.isfinite(emb).all()
+    sub = model.organ_embeddings(f.dense, masks[:, :1], anatomies=["liver"])
+    assert torch.allclose(sub[:, 0], emb[:, 0], atol=1e-5)
+    logit = model.presence_logit(emb[0, 0], t[:2], t[2:])
+    assert logit.shape == () and torch.isfinite(logit)
+    p = model.calibrated_probability(logit)
+    assert 0 < float(p) < 1
+
+
+def test_text_cache_and_gradients(model):
+    model.embed_text(["liver lesion"])
+    n = model.text_encoder.cache_size()
+    model.embed_text(["liver lesion"])
+    assert model.text_encoder.cache_size() == n
+    # only our projection is trainable; the LM is not a sub-module
+    names = [k for k, _ in model.named_parameters()]
+    assert not any("bert" in k or "embeddings.word" in k for k in names)
+    x = torch.rand(1, 1, 32, 16, 32)
+    f = model.encode_image(x)
+    t = model.embed_text(["liver"])
+    model.mask_logits(f.dense, t).mean().backward()
+    assert model.text_projection.mlp[0].weight.grad is not None
+    assert model.image_encoder.stem.conv.weight.grad is not None
+    model.zero_grad()
+
+
+def test_coordinates_are_ras_ordered():
+    c = coordinate_channels((4, 5, 6), "cpu", torch.float32)
+    assert c.shape == (3, 4, 5, 6)
+    # channel 0 (R) varies along W only, channel 2 (S) along D only
+    assert torch.allclose(c[0, 0, 0], torch.linspace(-1, 1, 6))
+    assert torch.allclose(c[2, :, 0, 0], torch.linspace(-1, 1, 4))
+
+
+def test_bad_input_shapes(model):
+    with pytest.raises(ValueError):
+        model.encode_image(torch.rand(1, 32, 16, 32))
+    with pytest.raises(ValueError):
+        model.encode_image(torch.rand(1, 1, 30, 16, 32))
