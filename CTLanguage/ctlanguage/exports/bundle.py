@@ -1,0 +1,110 @@
+"""export_all: the complete export set of one query, written all-or-nothing into one folder."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .. import __version__
+from . import ExportResult, check_masks, unique_slugs
+from .atomic import atomic_output_dir
+
+ALL_FORMATS = ("masks", "json", "csv", "seg_nrrd", "html", "dicom_seg")
+
+
+def input_record(volume: Any, path: str | Path | None = None) -> dict:
+    """The "input" block of findings.json: where the image came from and its exact geometry."""
+    m = np.asarray(volume.ijk_to_ras, dtype=np.float64)
+    sp_ijk = np.linalg.norm(m[:3, :3], axis=0)
+    src = path if path is not None else getattr(volume, "source", None)
+    return {
+        "path": str(src) if src is not None else None,
+        "shape": [int(s) for s in np.shape(volume.array)],          # [k, j, i]
+        "spacing": [round(float(s), 6) for s in sp_ijk[::-1]],     # mm, [k, j, i]
+        "axis_order": "k,j,i",
+        "affine": [[float(v) for v in row] for row in m],           # (i, j, k, 1) -> RAS mm
+        "affine_convention": "IJK->RAS (Slicer IJKToRASMatrix)",
+        "series_uid": getattr(volume, "series_uid", None),
+        "study_uid": getattr(volume, "study_uid", None),
+        "modality": getattr(volume, "modality", None),
+    }
+
+
+def is_dicom_volume(volume: Any) -> bool:
+    src = getattr(volume, "source", None)
+    return bool(getattr(volume, "series_uid", None)) and src is not None and Path(src).is_dir()
+
+
+def export_all(volume: Any, findings: Sequence[Any], out_dir: str | Path, *, model: dict,
+               input_path: str | Path | None = None, dicom_source: Any = None,
+               mask_threshold: float | None = None, formats: Sequence[str] = ALL_FORMATS,
+               extra: dict | None = None, progress=None) -> ExportResult:
+    """Write findings.json/.csv, masks/<slug>.nii.gz, segmentation.seg.nrrd, report.html and —
+    when the volume came from a DICOM series (or ``dicom_source`` is given) — segmentation.dcm.
+
+    ``model``: {"id", "version", "sha256"}. ``progress(fraction, message)`` is optional.
+    Nothing is left in ``out_dir`` when any part fails (ExportError)."""
+    from .findings_table import build_document, write_csv, write_json
+    from .html_report import write_report
+    from .masks import write_masks
+    from .seg_nrrd import write_seg_nrrd
+
+    findings = list(findings)
+    check_masks(volume, findings)
+    out_dir = Path(out_dir)
+    slugs = unique_slugs(str(getattr(f, "prompt", "")) for f in findings)
+    want_dicom = "dicom_seg" in formats and (dicom_source is not None or is_dicom_volume(volume))
+    steps = [s for s in ALL_FORMATS if s in formats and (s != "dicom_seg" or want_dicom)]
+    done = 0
+
+    def step(name: str):
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done / max(len(steps), 1), f"wrote {name}")
+
+    result = ExportResult(out_dir=out_dir, slugs=slugs)
+    meta = {
+        "software": {"name": "ctlanguage", "version": __version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "mask_threshold": mask_threshold,
+        "prompts": [str(getattr(f, "prompt", "")) for f in findings],
+    }
+    if extra:
+        meta.update(extra)
+    info = input_record(volume, input_path)
+    with atomic_output_dir(out_dir) as tmp:
+        mask_rel: list[str | None] = [None] * len(findings)
+        if "masks" in formats:
+            paths = write_masks(tmp / "masks", findings, slugs, volume.ijk_to_ras)
+            mask_rel = [f"masks/{p.name}" if p is not None else None for p in paths]
+            result.masks = [out_dir / r for r in mask_rel if r]
+            step("masks")
+        doc = build_document(findings, mask_rel, model=model, input_info=info, extra=meta)
+        if "json" in formats:
+            write_json(tmp / "findings.json", doc)
+            result.files["findings.json"] = out_dir / "findings.json"
+            step("findings.json")
+        if "csv" in formats:
+            write_csv(tmp / "findings.csv", doc)
+            result.files["findings.csv"] = out_dir / "findings.csv"
+            step("findings.csv")
+        if "seg_nrrd" in formats:
+            write_seg_nrrd(tmp / "segmentation.seg.nrrd", volume, findings)
+            result.files["segmentation.seg.nrrd"] = out_dir / "segmentation.seg.nrrd"
+            step("segmentation.seg.nrrd")
+        if "html" in formats:
+            write_report(tmp / "report.html", volume, findings, model=model, input_info=info,
+                         mask_paths=mask_rel, extra=meta)
+            result.files["report.html"] = out_dir / "report.html"
+            step("report.html")
+        if want_dicom:
+            from .dicom_seg import write_dicom_seg
+
+            write_dicom_seg(tmp / "segmentation.dcm", volume, findings, dicom_source, model=model)
+            result.files["segmentation.dcm"] = out_dir / "segmentation.dcm"
+            step("segmentation.dcm")
+    return result

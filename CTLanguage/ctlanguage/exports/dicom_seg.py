@@ -1,0 +1,284 @@
+"""DICOM SEG (highdicom) referencing the source CT series, one SNOMED-coded segment per prompt.
+
+The masks live on the CTVolume's voxel grid; the SEG frames must line up with the source
+instances. For every source instance the pixel grid (ImagePositionPatient, ImageOrientationPatient,
+PixelSpacing) is mapped into the volume's voxel indices: when rows/columns run along voxel axes
+(the normal case, whatever the flips/permutation) frames are plain slices; otherwise the mask is
+sampled nearest-neighbour.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import ExportError, InputError
+from . import finding_color, finding_key
+
+_LPS = np.diag([-1.0, -1.0, 1.0])
+
+# generic codes when the vocabulary has none for a prompt
+_GENERIC_CATEGORY = ("91723000", "SCT", "Anatomical Structure")
+_GENERIC_TYPE = ("91723000", "SCT", "Anatomical Structure")
+_LATERALITY = {"left": ("7771000", "SCT", "Left"), "right": ("24028007", "SCT", "Right"),
+               "both": ("51440002", "SCT", "Right and left"), "bilateral": ("51440002", "SCT", "Right and left")}
+
+
+# ------------------------------------------------------------------------------- source series
+
+def load_source_series(folder: str | Path, series_uid: str | None = None) -> list:
+    """pydicom datasets (no pixel data) of one series in ``folder`` (recursive)."""
+    import pydicom
+
+    folder = Path(folder)
+    if folder.is_file():
+        files = [folder]
+    else:
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+    by_series: dict[str, list] = {}
+    for p in files:
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - not DICOM
+            continue
+        uid = str(getattr(ds, "SeriesInstanceUID", ""))
+        if not uid or "ImagePositionPatient" not in ds:
+            continue
+        by_series.setdefault(uid, []).append(ds)
+    if series_uid:
+        datasets = by_series.get(str(series_uid))
+        if not datasets:
+            raise InputError(f"series {series_uid} not found in {folder}")
+    elif len(by_series) == 1:
+        datasets = next(iter(by_series.values()))
+    elif not by_series:
+        raise InputError(f"no DICOM image series found in {folder}")
+    else:
+        raise InputError(f"{folder} holds {len(by_series)} series; the series UID is needed")
+    return datasets
+
+
+# ------------------------------------------------------------------------------- geometry
+
+def _frame_sampler(ds: Any, ras_to_ijk: np.ndarray, shape_kji: tuple[int, int, int]):
+    """Function mask[k, j, i] -> 2-D (Rows, Columns) frame for source instance ``ds``."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+    iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+    dr, dc = (float(v) for v in ds.PixelSpacing)  # spacing between rows, between columns
+    x, y = iop[:3], iop[3:]
+
+    def to_ijk(lps):
+        ras = _LPS @ lps
+        return ras_to_ijk[:3, :3] @ ras + ras_to_ijk[:3, 3]
+
+    p0 = to_ijk(ipp)
+    step_c = to_ijk(ipp + dc * x) - p0
+    step_r = to_ijk(ipp + dr * y) - p0
+    nk, nj, ni = shape_kji
+    size = np.array([ni, nj, nk])
+
+    def unit_axis(v):
+        a = int(np.argmax(np.abs(v)))
+        if abs(abs(v[a]) - 1.0) < 1e-3 and np.all(np.abs(np.delete(v, a)) < 1e-3):
+            return a, int(np.sign(v[a]))
+        return None
+
+    ac, ar = unit_axis(step_c), unit_axis(step_r)
+    p0r = np.round(p0)
+    if ac and ar and ac[0] != ar[0] and np.all(np.abs(p0 - p0r) < 1e-2):
+        (axc, sc), (axr, sr) = ac, ar
+        p0i = p0r.astype(int)
+        fixed = 3 - axc - axr
+        rows_idx = p0i[axr] + sr * np.arange(rows)
+        cols_idx = p0i[axc] + sc * np.arange(cols)
+        fixed_idx = int(p0i[fixed])
+        ok_r = (rows_idx >= 0) & (rows_idx < size[axr])
+        ok_c = (cols_idx >= 0) & (cols_idx < size[axc])
+        inside = 0 <= fixed_idx < size[fixed]
+
+        def sample(mask: np.ndarray) -> np.ndarray:
+            out = np.zeros((rows, cols), dtype=np.uint8)
+            if not inside:
+                return out
+            sl: list[Any] = [slice(None)] * 3
+            sl[2 - fixed] = fixed_idx
+            plane = mask[tuple(sl)]  # remaining array dims in array order
+            # array dim of voxel axis a is 2 - a; plane axes are in increasing array-dim order
+            if (2 - axr) > (2 - axc):
+                plane = plane.T  # -> (row axis, col axis)
+            sub = plane[np.ix_(rows_idx[ok_r], cols_idx[ok_c])]
+            out[np.ix_(np.flatnonzero(ok_r), np.flatnonzero(ok_c))] = sub
+            return out
+
+        return sample
+
+    # general case: nearest neighbour through the full affine
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    pts = p0[:, None, None] + step_c[:, None, None] * c + step_r[:, None, None] * r
+    idx = np.rint(pts).astype(np.int64)
+    ok = np.all((idx >= 0) & (idx < size[:, None, None]), axis=0)
+
+    def sample_general(mask: np.ndarray) -> np.ndarray:
+        out = np.zeros((rows, cols), dtype=np.uint8)
+        out[ok] = mask[idx[2][ok], idx[1][ok], idx[0][ok]]
+        return out
+
+    return sample_general
+
+
+# ------------------------------------------------------------------------------- codes
+
+def _code(triple: Any):
+    from highdicom.sr import CodedConcept
+
+    if triple is None:
+        return None
+    if isinstance(triple, CodedConcept):
+        return triple
+    if hasattr(triple, "value") and hasattr(triple, "scheme_designator"):
+        return CodedConcept(triple.value, triple.scheme_designator, triple.meaning)
+    if isinstance(triple, dict):
+        value = triple.get("value") or triple.get("code") or triple.get("CodeValue")
+        scheme = triple.get("scheme") or triple.get("scheme_designator") or triple.get("CodingSchemeDesignator") or "SCT"
+        meaning = triple.get("meaning") or triple.get("CodeMeaning") or ""
+        return CodedConcept(str(value), str(scheme), str(meaning)) if value else None
+    if isinstance(triple, (list, tuple)) and len(triple) >= 3:
+        return CodedConcept(str(triple[0]), str(triple[1]), str(triple[2]))
+    return None
+
+
+def segment_codes(f: Any) -> dict:
+    """{'category', 'type', 'modifier', 'region', 'region_modifier'} coded concepts for a finding."""
+    found: dict = {}
+    key = finding_key(f)
+    raw = None
+    if key:
+        try:
+            from ..vocabulary import dicom_seg_codes  # type: ignore
+
+            raw = dicom_seg_codes(key, getattr(f, "laterality", None))
+        except Exception:  # noqa: BLE001 - vocabulary missing or unknown key
+            raw = None
+    if raw is None and isinstance(getattr(f, "codes", None), dict):
+        raw = f.codes
+    if isinstance(raw, dict):
+        for k, v in raw.items():
+            kl = k.lower()
+            if "category" in kl:
+                found.setdefault("category", _code(v))
+            elif "region" in kl or "anatomic" in kl:
+                if "modifier" in kl:
+                    found.setdefault("region_modifier", _code(v))
+                else:
+                    found.setdefault("region", _code(v))
+            elif "modifier" in kl:
+                found.setdefault("modifier", _code(v))
+            elif "type" in kl:
+                found.setdefault("type", _code(v))
+    elif raw is not None:  # a sequence of triples (category, type[, modifier[, region]])
+        seq = list(raw)
+        names = ["category", "type", "modifier", "region"]
+        for n, v in zip(names, seq):
+            found[n] = _code(v)
+    if not found.get("category") or not found.get("type"):
+        found["category"] = _code(_GENERIC_CATEGORY)
+        found["type"] = _code(_GENERIC_TYPE)
+    lat = (getattr(f, "laterality", None) or "").lower()
+    if lat in _LATERALITY and not found.get("modifier") and not found.get("region_modifier"):
+        found["modifier"] = _code(_LATERALITY[lat])
+    return {k: v for k, v in found.items() if v is not None}
+
+
+# ------------------------------------------------------------------------------- writer
+
+def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], source: Any = None, *,
+                    model: dict | None = None, names: Sequence[str] | None = None,
+                    series_description: str = "CTLanguage segmentation") -> Path:
+    """Write a binary DICOM SEG of all findings, referencing the source CT series.
+
+    ``source``: the DICOM folder (or a list of pydicom datasets) the volume was read from;
+    defaults to ``volume.source`` restricted to ``volume.series_uid``."""
+    import highdicom as hd
+    from highdicom.sr import CodedConcept
+    from pydicom.sr.codedict import codes as dcm_codes
+
+    path = Path(path)
+    if source is None:
+        source = getattr(volume, "source", None)
+    if source is None:
+        raise ExportError("DICOM SEG needs the source DICOM series, but the volume has no source")
+    if isinstance(source, (str, Path)):
+        datasets = load_source_series(source, getattr(volume, "series_uid", None))
+    else:
+        datasets = list(source)
+    if not findings:
+        raise ExportError("DICOM SEG needs at least one segment")
+    ras_to_ijk = np.linalg.inv(np.asarray(volume.ijk_to_ras, dtype=np.float64))
+    shape = tuple(int(s) for s in np.shape(volume.array))
+    samplers = [_frame_sampler(ds, ras_to_ijk, shape) for ds in datasets]  # type: ignore[arg-type]
+    n_seg = len(findings)
+    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
+    pixels = np.zeros((len(datasets), rows, cols, n_seg), dtype=np.uint8)
+    for s, f in enumerate(findings):
+        mask = getattr(f, "mask", None)
+        if mask is None:
+            continue
+        for fi, sample in enumerate(samplers):
+            pixels[fi, :, :, s] = sample(mask)
+    model = model or {}
+    algo = hd.AlgorithmIdentificationSequence(
+        name=f"CTLanguage {model.get('id', 'model')}"[:64],
+        family=dcm_codes.cid7162.ArtificialIntelligence,
+        version=str(model.get("version", "unknown"))[:64],
+    )
+    descriptions = []
+    for s, f in enumerate(findings):
+        c = segment_codes(f)
+        label = (names[s] if names is not None else str(getattr(f, "prompt", f"segment {s + 1}")))
+        label = " ".join(label.split())[:64] or f"segment {s + 1}"
+        r, g, b = finding_color(f, s)
+        desc = hd.seg.SegmentDescription(
+            segment_number=s + 1,
+            segment_label=label,
+            segmented_property_category=c["category"],
+            segmented_property_type=c["type"],
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo,
+            tracking_uid=hd.UID(),
+            tracking_id=label,
+            anatomic_regions=[c["region"]] if c.get("region") else None,
+            display_color=hd.color.CIELabColor.from_rgb(int(r * 255), int(g * 255), int(b * 255)),
+        )
+        if c.get("modifier"):
+            desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+                CodedConcept(c["modifier"].value, c["modifier"].scheme_designator, c["modifier"].meaning)
+            ]
+        if c.get("region_modifier") and c.get("region"):
+            desc.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [c["region_modifier"]]
+        descriptions.append(desc)
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=datasets,
+            pixel_array=pixels,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=int(getattr(datasets[0], "SeriesNumber", 0) or 0) + 900,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="CTLanguage",
+            manufacturer_model_name=str(model.get("id", "CTLanguage"))[:64],
+            software_versions=str(model.get("version", "unknown"))[:64],
+            device_serial_number="0",
+            series_description=series_description,
+            content_label="CTLANGUAGE",
+            content_description="Prompt-based segmentation (research use only)",
+            omit_empty_frames=True,
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ExportError(f"could not build the DICOM SEG: {exc}") from None
+    seg.save_as(str(path))
+    return path

@@ -1,0 +1,216 @@
+"""Self-contained HTML report: probability table + key axial/coronal images with mask overlays.
+
+Images are embedded as base64 PNG (one file, opens offline). Key slices are shown in the
+radiological convention (patient right on the image's left, anterior/superior up), whatever the
+voxel order of the source volume, with square pixels in millimetres.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from . import finding_color, volume_spacing
+
+RESEARCH_NOTICE = (
+    "Research use only. Not a medical device; not for diagnosis or treatment decisions. "
+    "Probabilities are zero-shot model outputs calibrated on held-out data and can be wrong."
+)
+
+_LUNG_WORDS = ("lung", "emphysema", "nodule", "consolidation", "atelectasis", "pleural")
+
+
+def ras_view(array: np.ndarray, ijk_to_ras: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A *view* of a [k, j, i] array reordered to [S, A, R] with increasing index = +S/+A/+R,
+    plus the voxel size along (S, A, R). Nearest axis permutation; no resampling, no copy."""
+    m = np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]
+    spacing_ijk = volume_spacing(ijk_to_ras)
+    # array dimension for voxel axis i, j, k is 2, 1, 0
+    dim_of_axis = {0: 2, 1: 1, 2: 0}
+    order = [None, None, None]  # ras axis -> (array dim, sign, spacing)
+    used = set()
+    for ras_axis in np.argsort(-np.abs(m).max(axis=1)):  # most decisive first
+        cands = [a for a in range(3) if a not in used]
+        a = max(cands, key=lambda c: abs(m[ras_axis, c]) / max(spacing_ijk[c], 1e-9))
+        used.add(a)
+        order[int(ras_axis)] = (dim_of_axis[a], 1 if m[ras_axis, a] >= 0 else -1, spacing_ijk[a])
+    s_, a_, r_ = order[2], order[1], order[0]
+    view = np.transpose(array, (s_[0], a_[0], r_[0]))
+    sl = tuple(slice(None, None, sign) for _, sign, _ in (s_, a_, r_))
+    return view[sl], (s_[2], a_[2], r_[2])
+
+
+def _window(ct: np.ndarray, level: float, width: float) -> np.ndarray:
+    lo = level - width / 2.0
+    g = (ct.astype(np.float32) - lo) * (255.0 / width)
+    return np.clip(g, 0, 255).astype(np.uint8)
+
+
+def _edges(m: np.ndarray) -> np.ndarray:
+    e = np.zeros_like(m)
+    e[1:, :] |= m[1:, :] != m[:-1, :]
+    e[:-1, :] |= m[1:, :] != m[:-1, :]
+    e[:, 1:] |= m[:, 1:] != m[:, :-1]
+    e[:, :-1] |= m[:, 1:] != m[:, :-1]
+    return e & m
+
+
+def render_overlay(ct2d: np.ndarray, mask2d: np.ndarray | None, color, row_mm: float, col_mm: float,
+                   level: float, width: float, size: int = 320) -> Image.Image:
+    gray = _window(ct2d, level, width)
+    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    if mask2d is not None:
+        m = mask2d.astype(bool)
+        col = np.asarray(color, dtype=np.float32) * 255.0
+        rgb[m] = rgb[m] * 0.55 + col * 0.45
+        rgb[_edges(m)] = col
+    img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+    h_mm, w_mm = ct2d.shape[0] * row_mm, ct2d.shape[1] * col_mm
+    scale = size / max(h_mm, w_mm)
+    new = (max(int(round(w_mm * scale)), 1), max(int(round(h_mm * scale)), 1))
+    return img.resize(new, Image.BILINEAR)
+
+
+def _png_b64(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def key_images(volume: Any, finding: Any, index: int = 0, size: int = 320) -> dict[str, str]:
+    """{'axial': b64png, 'coronal': b64png} through the largest cross-sections of the mask."""
+    ct, (ds, da, dr) = ras_view(volume.array, volume.ijk_to_ras)
+    mask = getattr(finding, "mask", None)
+    mv = ras_view(mask, volume.ijk_to_ras)[0] if mask is not None else None
+    words = " ".join(str(getattr(finding, k, "") or "") for k in ("anatomy", "finding", "prompt")).lower()
+    level, width = (-600.0, 1500.0) if any(w in words for w in _LUNG_WORDS) else (40.0, 400.0)
+    if mv is not None and mv.any():
+        s_idx = int(np.argmax(mv.sum(axis=(1, 2), dtype=np.int64)))
+        a_idx = int(np.argmax(mv.sum(axis=(0, 2), dtype=np.int64)))
+    else:
+        s_idx, a_idx = ct.shape[0] // 2, ct.shape[1] // 2
+    color = finding_color(finding, index)
+    # axial: rows = A (anterior up -> reverse), cols = R (patient right on the left -> reverse)
+    ax_ct = ct[s_idx, ::-1, ::-1]
+    ax_m = mv[s_idx, ::-1, ::-1] if mv is not None else None
+    # coronal: rows = S (superior up -> reverse), cols = R reversed
+    co_ct = ct[::-1, a_idx, ::-1]
+    co_m = mv[::-1, a_idx, ::-1] if mv is not None else None
+    return {
+        "axial": _png_b64(render_overlay(ax_ct, ax_m, color, da, dr, level, width, size)),
+        "coronal": _png_b64(render_overlay(co_ct, co_m, color, ds, dr, level, width, size)),
+    }
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None:
+        return "—"
+    try:
+        return format(float(v), spec)
+    except (TypeError, ValueError):
+        return html.escape(str(v))
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em;color:#222}
+h1{font-size:1.5em;margin-bottom:.2em} .meta{color:#555;font-size:.9em}
+.notice{background:#fff4e5;border:1px solid #f0a030;padding:.6em 1em;margin:1em 0;border-radius:4px}
+table{border-collapse:collapse;margin:1em 0} th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left}
+th{background:#f2f2f2} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.bar{display:inline-block;height:.7em;background:#3a7bd5;vertical-align:middle;margin-left:.4em}
+.swatch{display:inline-block;width:.9em;height:.9em;border:1px solid #555;vertical-align:middle;margin-right:.3em}
+figure{display:inline-block;margin:.4em;text-align:center} figcaption{font-size:.85em;color:#444}
+.finding{margin:1.2em 0;border-top:1px solid #ddd;padding-top:.6em}
+"""
+
+
+def build_html(volume: Any, findings: Sequence[Any], *, model: dict, input_info: dict,
+               mask_paths: Sequence[str | None] | None = None, extra: dict | None = None,
+               images: bool = True, progress=None) -> str:
+    esc = html.escape
+    created = (extra or {}).get("created") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    rows = []
+    for idx, f in enumerate(findings):
+        r, g, b = finding_color(f, idx)
+        sw = f'<span class="swatch" style="background:rgb({int(r*255)},{int(g*255)},{int(b*255)})"></span>'
+        p = getattr(f, "probability", None)
+        bar = f'<span class="bar" style="width:{int(round(float(p) * 80))}px"></span>' if p is not None else ""
+        rows.append(
+            "<tr>"
+            f"<td>{sw}{esc(str(f.prompt))}</td>"
+            f"<td>{esc(str(getattr(f, 'anatomy', None) or '—'))}</td>"
+            f"<td>{esc(str(getattr(f, 'finding', None) or '—'))}</td>"
+            f"<td>{esc(str(getattr(f, 'laterality', None) or '—'))}</td>"
+            f"<td class=num>{_fmt(p, '.3f')}{bar}</td>"
+            f"<td class=num>{_fmt(getattr(f, 'prompt_confidence', None), '.2f')}</td>"
+            f"<td class=num>{_fmt(getattr(f, 'volume_ml', None), '.2f')}</td>"
+            f"<td>{esc(mask_paths[idx]) if mask_paths and mask_paths[idx] else '—'}</td>"
+            "</tr>"
+        )
+    sections = []
+    if images:
+        n = max(len(findings), 1)
+        for idx, f in enumerate(findings):
+            mask = getattr(f, "mask", None)
+            if mask is None or not mask.any():
+                sections.append(
+                    f'<div class="finding"><h3>{esc(str(f.prompt))}</h3><p>No voxels above the mask '
+                    "threshold — nothing to show.</p></div>"
+                )
+            else:
+                imgs = key_images(volume, f, idx)
+                sections.append(
+                    f'<div class="finding"><h3>{esc(str(f.prompt))}</h3>'
+                    f'<figure><img alt="axial key image: {esc(str(f.prompt))}" '
+                    f'src="data:image/png;base64,{imgs["axial"]}"><figcaption>axial</figcaption></figure>'
+                    f'<figure><img alt="coronal key image: {esc(str(f.prompt))}" '
+                    f'src="data:image/png;base64,{imgs["coronal"]}"><figcaption>coronal</figcaption></figure>'
+                    "</div>"
+                )
+            if progress:
+                progress((idx + 1) / n, f"key images {idx + 1}/{n}")
+    model_line = (
+        f"{esc(str(model.get('id')))} version {esc(str(model.get('version')))}"
+        f" &middot; sha256 <code>{esc(str(model.get('sha256') or '—')[:16])}…</code>"
+    )
+    shape = input_info.get("shape")
+    spacing = input_info.get("spacing")
+    inp = esc(str(input_info.get("path") or "—"))
+    series = input_info.get("series_uid")
+    thr = (extra or {}).get("mask_threshold")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>CTLanguage findings</title>
+<style>{_CSS}</style></head><body>
+<h1>CTLanguage findings</h1>
+<div class="notice"><strong>Research use only.</strong> {esc(RESEARCH_NOTICE)}</div>
+<p class="meta">Model: {model_line}<br>
+Input: {inp}{' &middot; series ' + esc(str(series)) if series else ''}<br>
+Shape (k, j, i): {esc(str(shape))} &middot; spacing (k, j, i) mm: {esc(str(spacing))}<br>
+Mask threshold: {esc(str(thr)) if thr is not None else '—'} &middot; created {esc(str(created))}</p>
+<table><thead><tr><th>prompt</th><th>anatomy</th><th>finding</th><th>laterality</th>
+<th>probability</th><th>prompt confidence</th><th>volume (ml)</th><th>mask</th></tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody></table>
+<p class="meta">Probability: calibrated zero-shot probability that the finding is present in the
+anatomy it was judged in (— for pure anatomy prompts). Prompt confidence: how sure the model is that
+it understood the prompt (low values mean the text matched no known concept well).</p>
+<h2>Key images</h2>
+{chr(10).join(sections)}
+</body></html>
+"""
+
+
+def write_report(path: str | Path, volume: Any, findings: Sequence[Any], **kwargs: Any) -> Path:
+    path = Path(path)
+    text = build_html(volume, findings, **kwargs)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return path

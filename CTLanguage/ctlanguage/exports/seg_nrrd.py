@@ -1,0 +1,141 @@
+"""Slicer segmentation file (``.seg.nrrd``) written directly with pynrrd.
+
+Follows the header conventions of Slicer's vtkMRMLSegmentationStorageNode (Slicer >= 4.11):
+one binary-labelmap *layer* per NRRD volume along a leading ``list`` axis (4-D file) when
+segments overlap — e.g. "liver" and "liver lesion" — or a plain 3-D labelmap when they do not;
+per segment ``SegmentN_ID/Name/Color/LabelValue/Layer/Extent/Tags`` key/value pairs, with the
+Slicer terminology string under the ``TerminologyEntry`` tag. The file keeps the full extent of
+the source volume (``Segmentation_ReferenceImageExtentOffset 0 0 0``) so voxels line up 1:1 with
+the CT and the NIfTI masks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import nrrd
+import numpy as np
+
+from . import finding_color, finding_key
+
+_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def terminology_string(f: Any) -> str | None:
+    """Slicer terminology entry for a finding (None when the vocabulary has no code for it)."""
+    key = finding_key(f)
+    if not key:
+        return None
+    try:
+        from ..vocabulary import slicer_terminology_string  # type: ignore
+    except Exception:  # noqa: BLE001 - vocabulary not available
+        return None
+    try:
+        return slicer_terminology_string(key, getattr(f, "laterality", None)) or None
+    except Exception:  # noqa: BLE001 - unknown key
+        return None
+
+
+def assign_layers(masks: Sequence[np.ndarray | None]) -> list[int]:
+    """Greedy layer assignment: a segment goes into the first layer it does not overlap."""
+    layers: list[np.ndarray] = []
+    result = []
+    for m in masks:
+        if m is None or not m.any():
+            result.append(0 if layers else -1)
+            continue
+        mb = m.astype(bool, copy=False)
+        for li, occ in enumerate(layers):
+            if not np.any(occ & mb):
+                occ |= mb
+                result.append(li)
+                break
+        else:
+            layers.append(mb.copy())
+            result.append(len(layers) - 1)
+    return [max(r, 0) for r in result]
+
+
+def _extent(mask: np.ndarray | None) -> str:
+    if mask is None or not mask.any():
+        return "0 -1 0 -1 0 -1"
+    idx = []
+    for axis in (2, 1, 0):  # i, j, k
+        other = tuple(a for a in range(3) if a != axis)
+        nz = np.flatnonzero(mask.any(axis=other))
+        idx += [int(nz[0]), int(nz[-1])]
+    return " ".join(str(v) for v in idx)
+
+
+def _matrix_string(ijk_to_ras: np.ndarray, shape_kji: tuple[int, int, int]) -> str:
+    m = np.asarray(ijk_to_ras, dtype=np.float64)
+    vals = ";".join(repr(float(v)) for v in m.ravel())
+    k, j, i = shape_kji
+    return f"{vals};0;{i - 1};0;{j - 1};0;{k - 1};"
+
+
+def _clean(text: str) -> str:
+    # header values are single lines
+    return " ".join(str(text).split())
+
+
+def write_seg_nrrd(path: str | Path, volume: Any, findings: Sequence[Any],
+                   names: Sequence[str] | None = None, compression_level: int = 1) -> Path:
+    """Write all findings' masks as segments of one Slicer segmentation file."""
+    path = Path(path)
+    ijk_to_ras = np.asarray(volume.ijk_to_ras, dtype=np.float64)
+    shape = tuple(int(s) for s in np.shape(volume.array))
+    masks = [getattr(f, "mask", None) for f in findings]
+    layer_of = assign_layers(masks)
+    n_layers = max(layer_of, default=0) + 1
+    data = np.zeros(shape + ((n_layers,) if n_layers > 1 else ()), dtype=np.uint8)  # C order
+    label_in_layer = [0] * n_layers
+    header: dict[str, Any] = {
+        "type": "unsigned char",
+        "space": "left-posterior-superior",
+        "encoding": "gzip",
+        "space origin": (_LPS @ ijk_to_ras[:3, 3]),
+    }
+    dirs = (_LPS @ ijk_to_ras[:3, :3]).T  # rows: i, j, k axis vectors in LPS
+    if n_layers > 1:
+        header["kinds"] = ["list", "domain", "domain", "domain"]
+        header["space directions"] = np.vstack([np.full((1, 3), np.nan), dirs])
+    else:
+        header["kinds"] = ["domain", "domain", "domain"]
+        header["space directions"] = dirs
+    ref_geometry = _matrix_string(ijk_to_ras, shape)  # type: ignore[arg-type]
+    header["Segmentation_MasterRepresentation"] = "Binary labelmap"
+    header["Segmentation_ContainedRepresentationNames"] = "Binary labelmap|"
+    header["Segmentation_ReferenceImageExtentOffset"] = "0 0 0"
+    header["Segmentation_ConversionParameters"] = (
+        f"Reference image geometry|{ref_geometry}|Image geometry description&"
+        "Crop to reference image geometry|0|Crop the model to the extent of reference geometry. "
+        "0 (default) = created labelmap will contain the entire model. "
+        "1 = created labelmap extent will be within reference image extent."
+    )
+    for idx, (f, mask, layer) in enumerate(zip(findings, masks, layer_of)):
+        label_in_layer[layer] += 1
+        value = label_in_layer[layer]
+        if mask is not None and mask.any():
+            sel = mask.astype(bool, copy=False)
+            if n_layers > 1:
+                data[..., layer][sel] = value
+            else:
+                data[sel] = value
+        name = names[idx] if names is not None else getattr(f, "prompt", f"Segment {idx + 1}")
+        r, g, b = finding_color(f, idx)
+        p = f"Segment{idx}_"
+        header[p + "Color"] = f"{r:.6g} {g:.6g} {b:.6g}"
+        header[p + "ColorAutoGenerated"] = "0"
+        header[p + "Extent"] = _extent(mask)
+        header[p + "ID"] = f"Segment_{idx + 1}"
+        header[p + "LabelValue"] = str(value)
+        header[p + "Layer"] = str(layer)
+        header[p + "Name"] = _clean(name) or f"Segment {idx + 1}"
+        header[p + "NameAutoGenerated"] = "0"
+        term = terminology_string(f)
+        header[p + "Tags"] = (f"TerminologyEntry:{_clean(term)}|" if term else "|")
+    # pynrrd with index_order='C': array axes (k, j, i[, layer]) -> NRRD axes ([layer,] i, j, k)
+    nrrd.write(str(path), data, header, index_order="C", compression_level=compression_level)
+    return path
