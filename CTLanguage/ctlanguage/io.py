@@ -1,0 +1,218 @@
+"""Reading CT volumes and writing volumes/masks/label maps on the exact source grid.
+
+All writes are atomic: the file is written under a temporary name in the destination folder and
+then renamed with ``os.replace``, so a failure never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ExportError, InputError
+from .volume import CTVolume, set_sitk_geometry
+
+log = logging.getLogger(__name__)
+
+READ_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# single-file formats only: a two-file format (.nhdr/.mhd + raw) cannot be replaced atomically
+WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha")
+
+# MetaImage "Modality" tag values (MET_MOD_*) that are not CT
+_NON_CT_META = {"MET_MOD_MR": "MR", "MET_MOD_PET": "PT", "MET_MOD_SPECT": "NM", "MET_MOD_US": "US"}
+
+
+def _suffix(path: Path, allowed) -> str | None:
+    name = path.name.lower()
+    for suffix in sorted(allowed, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def read_ct(path, validate: bool = True) -> CTVolume:
+    """Read a CT volume from a NIfTI/NRRD/MetaImage file or a DICOM folder (HU, exact geometry).
+
+    Raises InputError (or GeometryError) with a specific message for anything unusable.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"No such file or folder: {path}")
+    if path.is_dir():
+        from . import dicom_io
+
+        return dicom_io.read_dicom_series(path, validate=validate)
+    if not os.access(path, os.R_OK):
+        raise InputError(f"The file {path} is not readable (permission denied).")
+    suffix = _suffix(path, READ_SUFFIXES)
+    if suffix is None:
+        if path.suffix.lower() == ".dcm" or _looks_like_dicom(path):
+            from . import dicom_io
+
+            return dicom_io.read_dicom_series(path.parent, validate=validate)
+        raise InputError(
+            f"Unsupported file type {path.name!r}; expected one of {', '.join(READ_SUFFIXES)} "
+            "or a DICOM folder."
+        )
+    if path.stat().st_size == 0:
+        raise InputError(f"The file {path} is empty (0 bytes).")
+    volume = _read_with_sitk(path)
+    if validate:
+        volume.validate()
+    return volume
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+        return len(head) == 132 and head[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _read_with_sitk(path: Path) -> CTVolume:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"Cannot read {path.name}: the file is corrupt or not a valid image ({_first_line(exc)}).") from None
+    dim = reader.GetDimension()
+    size = reader.GetSize()
+    if dim != 3 and not (dim == 4 and size[3] == 1):
+        raise InputError(f"{path.name} is a {dim}D image of size {size}; a 3D CT volume is needed.")
+    if reader.GetNumberOfComponents() != 1:
+        raise InputError(
+            f"{path.name} has {reader.GetNumberOfComponents()} components per voxel (colour or "
+            "vector image); a scalar CT volume is needed."
+        )
+    modality = None
+    if "Modality" in reader.GetMetaDataKeys():
+        tag = reader.GetMetaData("Modality").strip()
+        if tag in _NON_CT_META:
+            raise InputError(f"{path.name} is tagged as modality {_NON_CT_META[tag]} ({tag}); only CT is supported.")
+        if tag == "MET_MOD_CT":
+            modality = "CT"
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(
+            f"Cannot read the voxel data of {path.name}: the file is truncated or corrupt ({_first_line(exc)})."
+        ) from None
+    if image.GetDimension() == 4:  # a 4D file with a single time point
+        import SimpleITK as sitk
+
+        image = sitk.Extract(image, list(image.GetSize()[:3]) + [0], [0, 0, 0, 0])
+    return CTVolume.from_sitk(image, source=str(path), modality=modality)
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # ITK messages look like "Exception thrown in SimpleITK ...: /path/file.cxx:123:\nITK ERROR: ..."
+    for ln in lines:
+        if "ERROR" in ln or "error" in ln:
+            return ln[:200]
+    return (lines[-1] if lines else type(exc).__name__)[:200]
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+def _check_destination(path: Path) -> str:
+    suffix = _suffix(path, WRITE_SUFFIXES)
+    if suffix is None:
+        raise ExportError(f"Cannot write {path.name!r}: use one of {', '.join(WRITE_SUFFIXES)}.")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ExportError(f"Cannot write {path}: the folder {folder} does not exist.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportError(f"Cannot write {path}: the folder {folder} is not writable.")
+    if path.is_dir():
+        raise ExportError(f"Cannot write {path}: a folder with that name exists.")
+    return suffix
+
+
+def atomic_write(path, write_fn, suffix: str | None = None) -> Path:
+    """Call ``write_fn(tmp_path)`` for a temp file next to ``path``, then rename it into place.
+
+    ``suffix`` keeps the file extension on the temp name (ITK picks the format from it).
+    On any failure the temp file is removed and ExportError is raised.
+    """
+    path = Path(path)
+    suffix = suffix if suffix is not None else "".join(path.suffixes)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    except OSError as exc:
+        raise ExportError(f"Cannot write {path}: {exc.strerror or exc}.") from None
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, ExportError) or not isinstance(exc, Exception):
+            raise
+        if isinstance(exc, OSError):
+            raise ExportError(f"Writing {path} failed: {exc.strerror or exc}.") from None
+        raise ExportError(f"Writing {path} failed: {_first_line(exc)}.") from None
+    return path
+
+
+def _write_array(array: np.ndarray, ijk_to_ras: np.ndarray, path: Path, compress: bool = True) -> Path:
+    import SimpleITK as sitk
+
+    suffix = _check_destination(path)
+    image = sitk.GetImageFromArray(array)
+    set_sitk_geometry(image, ijk_to_ras)
+    itk_suffix = ".nrrd" if suffix == ".seg.nrrd" else suffix
+
+    def write(tmp):
+        sitk.WriteImage(image, tmp, useCompression=compress)
+
+    return atomic_write(path, write, suffix=itk_suffix)
+
+
+def write_volume(volume: CTVolume, path) -> Path:
+    """Write a CTVolume (float32 HU, or int16 when all values are integral and in range)."""
+    arr = volume.array
+    if arr.size and np.all(arr == np.round(arr)) and arr.min() >= -32768 and arr.max() <= 32767:
+        arr = arr.astype(np.int16)
+    return _write_array(arr, volume.ijk_to_ras, Path(path))
+
+
+def _check_like(array: np.ndarray, like: CTVolume, what: str) -> np.ndarray:
+    array = np.asarray(array)
+    if tuple(array.shape) != like.shape:
+        raise ExportError(f"The {what} has shape {array.shape} but the volume has shape {like.shape}.")
+    if array.dtype == bool:
+        return array.astype(np.uint8)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ExportError(f"The {what} must have an integer or boolean type, got {array.dtype}.")
+    return array
+
+
+def write_mask(mask: np.ndarray, like: CTVolume, path) -> Path:
+    """Write a binary mask (uint8, 0/1) on the exact voxel grid of ``like`` (NIfTI or NRRD)."""
+    mask = _check_like(mask, like, "mask")
+    if mask.size and (mask.min() < 0 or mask.max() > 1):
+        raise ExportError(f"A mask must contain only 0 and 1, found values {mask.min()}..{mask.max()}.")
+    return _write_array(mask.astype(np.uint8, copy=False), like.ijk_to_ras, Path(path))
+
+
+def write_labelmap(labels: np.ndarray, like: CTVolume, path) -> Path:
+    """Write an integer label map on the exact voxel grid of ``like`` (uint8, or uint16 if needed)."""
+    labels = _check_like(labels, like, "label map")
+    lo, hi = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    if lo < 0 or hi > 65535:
+        raise ExportError(f"Label values must be in 0..65535, found {lo}..{hi}.")
+    dtype = np.uint8 if hi <= 255 else np.uint16
+    return _write_array(labels.astype(dtype, copy=False), like.ijk_to_ras, Path(path))

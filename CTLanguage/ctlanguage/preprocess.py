@@ -1,0 +1,340 @@
+"""Model-space preprocessing and its exact inverse.
+
+``to_model_space`` resamples a CT onto a RAS-aligned isotropic grid (array axes ``[S, A, R]``,
+i.e. ``[k, j, i]`` with i along R), crops it to the body (largest connected component above a
+HU threshold, plus a margin), pads it to a multiple of ``pad_multiple`` and maps the HU window to
+[0, 1]. The grid is derived only from the physical extent of the input, so every axis
+permutation/flip of the same volume gives the same model-space array.
+
+``ModelGrid`` carries the model grid's own ``ijk_to_ras``; ``ModelGrid.to_source`` maps any
+model-space array (probabilities, logits, labels) back onto the source grid with SimpleITK.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from .errors import InputError
+from .volume import CTVolume
+
+_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def lps_from_affine(ijk_to_ras: np.ndarray):
+    """4x4 ijk->RAS -> (spacing, LPS origin, row-major LPS direction) tuples for SimpleITK."""
+    affine = np.asarray(ijk_to_ras, dtype=np.float64)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    direction = _LPS @ (affine[:3, :3] / spacing)
+    return tuple(spacing.tolist()), tuple((_LPS @ affine[:3, 3]).tolist()), tuple(direction.ravel().tolist())
+
+log = logging.getLogger(__name__)
+
+AIR_HU = -1024.0
+_EPS = 1e-6
+
+
+@dataclass
+class ModelSpec:
+    """Preprocessing parameters of a model (stored in the model's config.json)."""
+
+    spacing_mm: float = 3.0
+    hu_min: float = -1000.0
+    hu_max: float = 1000.0
+    body_threshold_hu: float = -500.0
+    margin_mm: float = 12.0
+    pad_multiple: int = 16
+    max_extent_mm: tuple[float, float, float] = (480.0, 480.0, 600.0)  # along (R, A, S)
+    antialias: bool = True  # Gaussian pre-filter where the source is finer than the model grid
+
+    def __post_init__(self):
+        self.max_extent_mm = tuple(float(v) for v in self.max_extent_mm)
+        if len(self.max_extent_mm) != 3 or min(self.max_extent_mm) <= 0:
+            raise ValueError(f"max_extent_mm must be three positive numbers, got {self.max_extent_mm}")
+        if self.spacing_mm <= 0 or self.hu_max <= self.hu_min or int(self.pad_multiple) < 1:
+            raise ValueError(f"invalid ModelSpec {self}")
+        self.pad_multiple = int(self.pad_multiple)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["max_extent_mm"] = list(self.max_extent_mm)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ModelSpec keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def _grid_affine(spacing: float, origin_ras) -> np.ndarray:
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = origin_ras
+    return affine
+
+
+def _sitk_image(array: np.ndarray, ijk_to_ras: np.ndarray):
+    import SimpleITK as sitk
+
+    arr = np.ascontiguousarray(array)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    image = sitk.GetImageFromArray(arr)
+    spacing, origin, direction = lps_from_affine(ijk_to_ras)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    return image
+
+
+def _resample(image, shape, ijk_to_ras, nearest: bool, default: float, pixel_type=None) -> np.ndarray:
+    """Resample a SimpleITK image onto the grid (shape [k,j,i], ijk_to_ras); returns a numpy array."""
+    import SimpleITK as sitk
+
+    spacing, origin, direction = lps_from_affine(ijk_to_ras)
+    interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+    out = sitk.Resample(
+        image, [int(shape[2]), int(shape[1]), int(shape[0])], sitk.Transform(), interp,
+        origin, spacing, direction, float(default),
+        pixel_type if pixel_type is not None else image.GetPixelID(),
+    )
+    return sitk.GetArrayFromImage(out)
+
+
+@dataclass
+class ModelGrid:
+    """A voxel grid in model space: array shape ``(D, H, W)`` and its 4x4 ``ijk_to_ras``."""
+
+    shape: tuple[int, int, int]
+    ijk_to_ras: np.ndarray
+
+    def __post_init__(self):
+        self.shape = tuple(int(v) for v in self.shape)
+        self.ijk_to_ras = np.array(self.ijk_to_ras, dtype=np.float64).reshape(4, 4)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(np.linalg.norm(self.ijk_to_ras[:3, :3], axis=0).tolist())
+
+    def to_dict(self) -> dict:
+        return {"shape": list(self.shape), "ijk_to_ras": self.ijk_to_ras.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelGrid":
+        return cls(tuple(d["shape"]), np.asarray(d["ijk_to_ras"], dtype=np.float64))
+
+    def scaled(self, factor: int = 2) -> "ModelGrid":
+        """Grid of a feature map downsampled by ``factor`` (block-pooling alignment).
+
+        Feature voxel ``n`` covers model voxels ``factor*n .. factor*n + factor-1``; its centre is
+        their mean, so the new origin moves by ``(factor-1)/2`` model voxels.
+        """
+        factor = int(factor)
+        if factor < 1 or any(s % factor for s in self.shape):
+            raise ValueError(f"grid shape {self.shape} is not divisible by {factor}")
+        affine = self.ijk_to_ras.copy()
+        affine[:3, 3] = self.ijk_to_ras[:3, :3] @ np.full(3, (factor - 1) / 2.0) + self.ijk_to_ras[:3, 3]
+        affine[:3, :3] *= factor
+        return ModelGrid(tuple(s // factor for s in self.shape), affine)
+
+    # --- source -> model -----------------------------------------------------------------
+    def labels_to_model(self, labels: np.ndarray, volume: CTVolume) -> np.ndarray:
+        """Nearest-neighbour resampling of a label map on ``volume``'s grid onto this grid."""
+        labels = np.asarray(labels)
+        if labels.shape != volume.shape:
+            raise InputError(f"Label map shape {labels.shape} does not match the volume shape {volume.shape}.")
+        if labels.dtype == bool:
+            labels = labels.astype(np.uint8)
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(f"A label map must have an integer type, got {labels.dtype}.")
+        image = _sitk_image(labels, volume.ijk_to_ras)
+        return _resample(image, self.shape, self.ijk_to_ras, nearest=True, default=0)
+
+    # --- model -> source -----------------------------------------------------------------
+    def to_source(self, array: np.ndarray, volume: CTVolume, mode: str = "linear",
+                  threshold: float | None = None) -> np.ndarray:
+        """Map an array on this grid back onto ``volume``'s voxel grid.
+
+        Without ``threshold`` returns the resampled array (float32 for linear mode, the input
+        dtype for nearest mode); outside this grid the value is 0.
+        With ``threshold`` returns a uint8 mask (resampled value >= threshold); only the bounding
+        box of the above-threshold region (plus interpolation support) is resampled.
+        """
+        array = np.asarray(array)
+        if tuple(array.shape) != self.shape:
+            raise InputError(f"Array shape {array.shape} does not match the model grid shape {self.shape}.")
+        if mode not in ("linear", "nearest"):
+            raise ValueError(f"mode must be 'linear' or 'nearest', got {mode!r}")
+        nearest = mode == "nearest"
+        if array.dtype == bool:
+            array = array.astype(np.uint8)
+        if not nearest and array.dtype != np.float32:
+            array = array.astype(np.float32)
+
+        if threshold is None:
+            image = _sitk_image(array, self.ijk_to_ras)
+            return _resample(image, volume.shape, volume.ijk_to_ras, nearest, default=0)
+
+        out = np.zeros(volume.shape, dtype=np.uint8)
+        above = np.argwhere(array >= threshold)
+        if above.size == 0:
+            return out
+        # model-grid index box (array order k,j,i) of the above-threshold voxels, widened by one
+        # voxel: outside it, interpolated values are below threshold (nearest: outside it,
+        # the nearest voxel is below threshold too).
+        lo = np.maximum(above.min(0) - 1, 0)
+        hi = np.minimum(above.max(0) + 1, np.asarray(self.shape) - 1)
+        sub = array[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1]
+        sub_affine = self.ijk_to_ras.copy()
+        sub_affine[:3, 3] = self.ijk_to_ras[:3, :3] @ lo[::-1] + self.ijk_to_ras[:3, 3]
+        # source index box covering that region (corners in (i,j,k) order)
+        corners = np.array([[a, b, c] for a in (lo[2], hi[2]) for b in (lo[1], hi[1]) for c in (lo[0], hi[0])],
+                           dtype=np.float64)
+        ras = corners @ self.ijk_to_ras[:3, :3].T + self.ijk_to_ras[:3, 3]
+        src = volume.ras_to_ijk_points(ras)
+        size_ijk = np.asarray(volume.shape[::-1])
+        s_lo = np.clip(np.floor(src.min(0)).astype(int) - 1, 0, size_ijk - 1)
+        s_hi = np.clip(np.ceil(src.max(0)).astype(int) + 1, 0, size_ijk - 1)
+        if np.any(src.max(0) < -1) or np.any(src.min(0) > size_ijk):
+            return out  # region lies entirely outside the source volume
+        box_affine = volume.ijk_to_ras.copy()
+        box_affine[:3, 3] = volume.ijk_to_ras[:3, :3] @ s_lo + volume.ijk_to_ras[:3, 3]
+        box_shape = tuple((s_hi - s_lo + 1)[::-1])
+        image = _sitk_image(sub, sub_affine)
+        values = _resample(image, box_shape, box_affine, nearest, default=0)
+        out[s_lo[2]:s_hi[2] + 1, s_lo[1]:s_hi[1] + 1, s_lo[0]:s_hi[0] + 1] = values >= threshold
+        return out
+
+
+@dataclass
+class ModelImage:
+    """Preprocessed image: float32 ``array`` [D, H, W] in [0, 1] on ``grid``."""
+
+    array: np.ndarray
+    grid: ModelGrid
+    spec: ModelSpec | None = None
+
+
+def _full_lattice(volume: CTVolume, spacing: float) -> ModelGrid:
+    """RAS-aligned lattice centred on the RAS bounding box of the voxel centres (inside it)."""
+    n = np.asarray(volume.shape[::-1]) - 1  # max index along i, j, k
+    corners = np.array([[a, b, c] for a in (0, n[0]) for b in (0, n[1]) for c in (0, n[2])], dtype=np.float64)
+    ras = volume.ijk_to_ras_points(corners)
+    lo, hi = ras.min(0), ras.max(0)
+    count = np.floor((hi - lo) / spacing + _EPS).astype(int) + 1  # along R, A, S
+    origin = (lo + hi) / 2.0 - (count - 1) / 2.0 * spacing
+    return ModelGrid(tuple(count[::-1]), _grid_affine(spacing, origin))
+
+
+def _largest_component_bbox(mask: np.ndarray):
+    """Index bounding box (lo, hi inclusive, array order) of the largest 6-connected component."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return None
+    counts = np.bincount(labels.ravel())
+    counts[0] = 0
+    best = int(np.argmax(counts))
+    sl = ndimage.find_objects(labels == best)[0] if n > 1 else ndimage.find_objects(labels)[0]
+    return np.array([s.start for s in sl]), np.array([s.stop - 1 for s in sl])
+
+
+def _inside_hull(grid: ModelGrid, volume: CTVolume, tol: float = 1e-3) -> np.ndarray:
+    """Boolean [D,H,W]: grid points inside the hull of the source voxel centres (symmetric test)."""
+    m = np.linalg.inv(volume.ijk_to_ras) @ grid.ijk_to_ras  # grid (i,j,k) -> source (i,j,k)
+    g = [np.arange(s, dtype=np.float64) for s in grid.shape[::-1]]  # along grid i, j, k
+    n = np.asarray(volume.shape[::-1]) - 1
+    inside = np.ones(grid.shape, dtype=bool)
+    for a in range(3):
+        idx = (m[a, 0] * g[0][None, None, :] + m[a, 1] * g[1][None, :, None]
+               + m[a, 2] * g[2][:, None, None] + m[a, 3])
+        inside &= (idx >= -tol) & (idx <= n[a] + tol)
+    return inside
+
+
+def _smoothed_source_box(volume: CTVolume, grid: ModelGrid, spec: ModelSpec):
+    """SimpleITK image of the part of ``volume`` that ``grid`` needs, Gaussian pre-filtered.
+
+    Only source axes finer than the model spacing are smoothed, with sigma = (s_model - s_src)/2
+    (in mm), a standard anti-aliasing choice for downsampling.
+    """
+    import SimpleITK as sitk
+
+    src_spacing = np.asarray(volume.spacing)
+    sigma = np.where(src_spacing < spec.spacing_mm, (spec.spacing_mm - src_spacing) / 2.0, 0.0)
+    if not spec.antialias:
+        sigma[:] = 0.0
+    support = np.ceil(4.0 * sigma / src_spacing).astype(int) + 2
+    d = np.asarray(grid.shape[::-1]) - 1
+    corners = np.array([[a, b, c] for a in (0, d[0]) for b in (0, d[1]) for c in (0, d[2])], dtype=np.float64)
+    src = volume.ras_to_ijk_points(corners @ grid.ijk_to_ras[:3, :3].T + grid.ijk_to_ras[:3, 3])
+    size = np.asarray(volume.shape[::-1])
+    lo = np.clip(np.floor(src.min(0)).astype(int) - support, 0, size - 1)
+    hi = np.clip(np.ceil(src.max(0)).astype(int) + support, 0, size - 1)
+    box = volume.array[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
+    affine = volume.ijk_to_ras.copy()
+    affine[:3, 3] = volume.ijk_to_ras[:3, :3] @ lo + volume.ijk_to_ras[:3, 3]
+    image = _sitk_image(box, affine)
+    for axis in range(3):
+        if sigma[axis] > 0 and image.GetSize()[axis] >= 4:
+            f = sitk.RecursiveGaussianImageFilter()
+            f.SetDirection(axis)
+            f.SetSigma(float(sigma[axis]))
+            f.SetOrder(f.ZeroOrder)
+            f.SetNormalizeAcrossScale(False)
+            image = f.Execute(image)
+    return image
+
+
+def to_model_space(volume: CTVolume, spec: ModelSpec | None = None, validate: bool = True) -> ModelImage:
+    """Resample, crop to the body, pad and normalise a CT for the model (see module docstring)."""
+    import SimpleITK as sitk
+
+    spec = spec or ModelSpec()
+    if validate:
+        volume.validate()
+    s = float(spec.spacing_mm)
+    air = min(AIR_HU, spec.hu_min, spec.body_threshold_hu - 1.0)
+
+    # 1. body detection on the full lattice (plain linear resampling is enough here)
+    full = _full_lattice(volume, s)
+    coarse = _resample(_sitk_image(volume.array, volume.ijk_to_ras), full.shape, full.ijk_to_ras,
+                       nearest=False, default=air, pixel_type=sitk.sitkFloat32)
+    bbox = _largest_component_bbox(coarse > spec.body_threshold_hu)
+    del coarse
+    if bbox is None:
+        name = f" {volume.source}" if volume.source else ""
+        raise InputError(f"No body found in the volume{name}: no voxel is above {spec.body_threshold_hu:g} HU.")
+    lo, hi = bbox
+    margin = math.ceil(spec.margin_mm / s - _EPS)
+    lo, hi = lo - margin, hi + margin
+
+    # 2. cap the extent (centred on the body box), then pad to a multiple (centred)
+    max_vox = np.floor(np.asarray(spec.max_extent_mm[::-1]) / s + _EPS).astype(int)
+    size = hi - lo + 1
+    over = size > max_vox
+    if np.any(over):
+        log.warning("Body extent %s mm exceeds the model maximum %s mm; cropping around its centre.",
+                    (size * s)[::-1].round(1).tolist(), list(spec.max_extent_mm))
+        lo = np.where(over, lo + (size - max_vox) // 2, lo)
+        size = np.minimum(size, max_vox)
+    m = spec.pad_multiple
+    final = -(-size // m) * m
+    lo = lo - (final - size) // 2
+    origin = full.ijk_to_ras[:3, :3] @ lo[::-1].astype(np.float64) + full.ijk_to_ras[:3, 3]
+    grid = ModelGrid(tuple(int(v) for v in final), _grid_affine(s, origin))
+
+    # 3. anti-aliased resampling of the needed source box onto the final grid
+    image = _smoothed_source_box(volume, grid, spec)
+    hu = _resample(image, grid.shape, grid.ijk_to_ras, nearest=False, default=air, pixel_type=sitk.sitkFloat32)
+    hu[~_inside_hull(grid, volume)] = air  # ITK's half-open buffer test is not flip-symmetric
+    np.clip(hu, spec.hu_min, spec.hu_max, out=hu)
+    hu -= spec.hu_min
+    hu *= 1.0 / (spec.hu_max - spec.hu_min)
+    return ModelImage(hu.astype(np.float32, copy=False), grid, spec)
