@@ -1,0 +1,337 @@
+"""Clinical vocabulary: anatomies, findings, phrasings, colours and SNOMED CT codes.
+
+The data live in ``data/vocabulary.json`` (loaded once, validated, cached). Phrases in the JSON
+may contain ``{side}``; it is replaced by "left"/"right" or removed for unsided use.
+
+Keys are the stable identifiers of docs/architecture.md. Sided anatomies (``lung_left``) belong
+to a *group* (``lung``); sided findings name the group as their anatomy and are resolved to a
+concrete key with :func:`resolve_anatomy`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+from .errors import CTLanguageError
+from .resources import package_data_dir
+
+SIDES = ("left", "right")
+LATERALITIES = ("left", "right", "bilateral")
+
+ANATOMY_KEYS = (
+    "body", "lung_left", "lung_right", "lung_upper_lobe_left", "lung_lower_lobe_left",
+    "lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right", "heart", "aorta",
+    "esophagus", "trachea", "liver", "spleen", "kidney_left", "kidney_right", "gallbladder",
+    "pancreas", "stomach", "spine", "ribs", "pleural_space_left", "pleural_space_right",
+    "pericardium", "peritoneal_cavity",
+)
+FINDING_KEYS = (
+    "lung_nodule", "lung_mass", "pleural_effusion", "emphysema", "consolidation", "atelectasis",
+    "cardiomegaly", "pericardial_effusion", "aortic_aneurysm", "arterial_calcification",
+    "liver_lesion", "liver_cyst", "steatosis", "hepatomegaly", "splenomegaly", "kidney_cyst",
+    "kidney_stone", "ascites", "lymphadenopathy", "gallstone",
+)
+
+
+class VocabularyError(CTLanguageError):
+    """The vocabulary file is inconsistent, or a key / laterality is not known."""
+
+
+@dataclass(frozen=True)
+class Code:
+    """One coded concept: (value, scheme, meaning), plus where it was taken from."""
+
+    value: Optional[str]
+    scheme: str
+    meaning: Optional[str]
+    source: Optional[str] = None
+    note: Optional[str] = None
+
+    @property
+    def known(self) -> bool:
+        return bool(self.value)
+
+    def triple(self):
+        return (self.value, self.scheme, self.meaning)
+
+    def slicer(self) -> str:
+        return f"{self.scheme}^{self.value}^{self.meaning}" if self.known else "^^"
+
+
+@dataclass(frozen=True)
+class Term:
+    """One anatomy or finding."""
+
+    key: str
+    kind: str                      # "anatomy" | "finding"
+    display: str
+    color: tuple
+    category: Code
+    type: Code
+    synonyms: tuple                # may contain "{side}"
+    lay: tuple = ()
+    negated: tuple = ()
+    heads: tuple = ()              # head words that, next to an anatomy word, name this finding
+    abbreviations: tuple = ()
+    adjectives: tuple = ()         # anatomies: parser-only adjective forms ("hepatic")
+    side: Optional[str] = None     # anatomies: fixed side of a concrete sided structure
+    group: Optional[str] = None    # anatomies: sided group ("lung"); findings: see anatomy
+    anatomy: Optional[str] = None  # findings: anatomy key or group it is judged in
+    sided: bool = False            # findings: needs left/right to resolve its anatomy
+    region: Optional[Code] = None  # findings: anatomic region
+    type_modifier: Optional[Code] = None
+
+
+def _phrase(template: str, side: Optional[str]) -> str:
+    text = template.replace("{side}", side or "")
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _code(d) -> Optional[Code]:
+    if d is None:
+        return None
+    return Code(d.get("value"), d.get("scheme", "SCT"), d.get("meaning"), d.get("source"), d.get("note"))
+
+
+@lru_cache(maxsize=1)
+def _load():
+    path = package_data_dir() / "vocabulary.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise VocabularyError(f"Cannot read the vocabulary file {path}: {exc}.") from exc
+    groups = raw["groups"]
+    terms = {}
+    for key, d in raw["anatomies"].items():
+        terms[key] = Term(
+            key=key, kind="anatomy", display=d["display"], color=tuple(d["color"]),
+            category=_code(d["category"]), type=_code(d["type"]), synonyms=tuple(d["synonyms"]),
+            abbreviations=tuple(d.get("abbreviations", ())),
+            adjectives=tuple(d.get("adjectives", ())), side=d.get("side"), group=d.get("group"))
+    for key, d in raw["findings"].items():
+        typ = _code(d["type"]) or Code(None, "SCT", None, None, d.get("type_note"))
+        terms[key] = Term(
+            key=key, kind="finding", display=d["display"], color=tuple(d["color"]),
+            category=_code(d["category"]), type=typ, synonyms=tuple(d["synonyms"]),
+            lay=tuple(d.get("lay", ())), negated=tuple(d.get("negated", ())),
+            heads=tuple(d.get("heads", ())), anatomy=d["anatomy"], sided=bool(d["sided"]),
+            region=_code(d.get("region")), type_modifier=_code(d.get("type_modifier")))
+    modifiers = {k: _code(v) for k, v in raw["modifiers"].items()}
+    _validate(terms, groups, modifiers)
+    return terms, groups, modifiers, raw["slicer_terminology"]
+
+
+def _validate(terms, groups, modifiers):
+    anat = [k for k, t in terms.items() if t.kind == "anatomy"]
+    find = [k for k, t in terms.items() if t.kind == "finding"]
+    if set(anat) != set(ANATOMY_KEYS) or set(find) != set(FINDING_KEYS):
+        raise VocabularyError(
+            "vocabulary.json keys differ from docs/architecture.md: missing "
+            f"{sorted(set(ANATOMY_KEYS + FINDING_KEYS) - set(terms))}, extra "
+            f"{sorted(set(terms) - set(ANATOMY_KEYS + FINDING_KEYS))}.")
+    for side in SIDES:
+        if side not in modifiers:
+            raise VocabularyError(f"vocabulary.json lacks the '{side}' modifier code.")
+    for name, g in groups.items():
+        for side in SIDES:
+            if side in g and (g[side] not in terms or terms[g[side]].side != side):
+                raise VocabularyError(f"Group '{name}' maps {side} to an unknown or wrong-sided key.")
+    for key, t in terms.items():
+        if not t.synonyms:
+            raise VocabularyError(f"Term '{key}' has no synonyms.")
+        if len(t.color) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in t.color):
+            raise VocabularyError(f"Term '{key}' has an invalid RGB colour {t.color}.")
+        if t.kind == "finding":
+            if t.sided and t.anatomy not in groups:
+                raise VocabularyError(f"Sided finding '{key}' must name an anatomy group.")
+            if not t.sided and t.anatomy not in terms:
+                raise VocabularyError(f"Finding '{key}' is judged in unknown anatomy '{t.anatomy}'.")
+
+
+# ----------------------------------------------------------------------------------- lookups
+
+def anatomies() -> list:
+    """Anatomy keys, in the order of docs/architecture.md."""
+    return list(ANATOMY_KEYS)
+
+
+def findings() -> list:
+    """Finding keys, in the order of docs/architecture.md."""
+    return list(FINDING_KEYS)
+
+
+def groups() -> dict:
+    """Sided anatomy groups: {"lung": {"display":..., "left": "lung_left", "right": "lung_right"}}."""
+    return {k: dict(v) for k, v in _load()[1].items()}
+
+
+def get(key: str) -> Term:
+    terms = _load()[0]
+    if key not in terms:
+        raise VocabularyError(f"'{key}' is not a CTLanguage anatomy or finding key.")
+    return terms[key]
+
+
+def is_sided(key: str) -> bool:
+    """True for sided findings and for anatomy keys/groups that have a side."""
+    if key in _load()[1]:
+        return True
+    t = get(key)
+    return t.sided if t.kind == "finding" else t.side is not None
+
+
+def _check_laterality(laterality):
+    if laterality is not None and laterality not in LATERALITIES:
+        raise VocabularyError(f"Laterality must be one of {LATERALITIES} or None, not {laterality!r}.")
+
+
+def resolve_anatomies(key: str, laterality: Optional[str] = None) -> tuple:
+    """Concrete anatomy keys for a finding, group or anatomy; unsided -> both sides."""
+    _check_laterality(laterality)
+    grps = _load()[1]
+    if key in grps:
+        group = key
+    else:
+        t = get(key)
+        if t.kind == "anatomy":
+            return (key,)
+        if not t.sided:
+            return (t.anatomy,)
+        group = t.anatomy
+    sides = [laterality] if laterality in SIDES else list(SIDES)
+    return tuple(grps[group][s] for s in sides if s in grps[group])
+
+
+def resolve_anatomy(finding_key: str, laterality: Optional[str] = None) -> str:
+    """The one concrete anatomy key a finding (or group) is judged in, e.g.
+    ('pleural_effusion', 'left') -> 'pleural_space_left'. Sided findings need left or right."""
+    keys = resolve_anatomies(finding_key, laterality)
+    if len(keys) != 1:
+        raise VocabularyError(
+            f"'{finding_key}' is sided: give laterality 'left' or 'right' to resolve its anatomy "
+            f"(use resolve_anatomies for both sides).")
+    return keys[0]
+
+
+def color(key: str) -> tuple:
+    return get(key).color
+
+
+# -------------------------------------------------------------------------------------- codes
+
+def _codes(key: str, laterality: Optional[str]):
+    """(category, type, type modifier, region, region modifier) Code objects (or None)."""
+    _check_laterality(laterality)
+    t = get(key)
+    mods = _load()[2]
+    side = t.side if t.kind == "anatomy" else (laterality if t.sided else None)
+    if t.kind == "anatomy" and laterality in SIDES and t.side and laterality != t.side:
+        raise VocabularyError(f"'{key}' is on the {t.side}, not the {laterality}.")
+    side_code = mods.get(side) if side in SIDES else None
+    if t.kind == "anatomy":
+        # a structure's side is a type modifier, except where the type already says it
+        modifier = None if (side_code and t.type.meaning and side in t.type.meaning.lower()) else side_code
+        return t.category, t.type, modifier, None, None
+    return t.category, t.type, t.type_modifier, t.region, side_code
+
+
+def slicer_terminology_string(key: str, laterality: Optional[str] = None) -> str:
+    """Slicer terminology entry string (vtkSlicerTerminologiesModuleLogic format):
+    context~category~type~typeModifier~regionContext~region~regionModifier, codes as SCT^value^meaning."""
+    ctx = _load()[3]
+    cat, typ, mod, region, region_mod = _codes(key, laterality)
+    parts = [ctx["category_context"], cat.slicer(), typ.slicer(), mod.slicer() if mod else "^^",
+             ctx["region_context"], region.slicer() if region else "^^",
+             region_mod.slicer() if region_mod else "^^"]
+    return "~".join(parts)
+
+
+def dicom_seg_codes(key: str, laterality: Optional[str] = None) -> dict:
+    """Codes for a DICOM SEG segment description, as (value, scheme, meaning) triples or None:
+    {"category", "type", "type_modifier", "anatomic_region", "anatomic_region_modifier",
+     "complete": bool}. ``complete`` is False where no authoritative type code is known; callers
+    should then fall back to a generic type and keep the display name as segment label."""
+    cat, typ, mod, region, region_mod = _codes(key, laterality)
+    tri = lambda c: c.triple() if (c is not None and c.known) else None  # noqa: E731
+    return {"category": tri(cat), "type": tri(typ), "type_modifier": tri(mod),
+            "anatomic_region": tri(region), "anatomic_region_modifier": tri(region_mod),
+            "complete": bool(cat.known and typ.known)}
+
+
+# ---------------------------------------------------------------------------------- phrasings
+
+def _side_for(t: Term, laterality: Optional[str]) -> Optional[str]:
+    _check_laterality(laterality)
+    if t.kind == "anatomy":
+        return t.side
+    return laterality if (t.sided and laterality in SIDES) else None
+
+
+def display_name(key: str, laterality: Optional[str] = None) -> str:
+    t = get(key)
+    side = _side_for(t, laterality)
+    if t.kind == "finding" and side:
+        return f"{side.capitalize()} {t.display[0].lower()}{t.display[1:]}"
+    return t.display
+
+
+def _dedupe(seq):
+    seen, out = set(), []
+    for s in seq:
+        if s and s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+def training_phrases(key: str, laterality: Optional[str] = None) -> list:
+    """Phrasings used to train the text side of the model (lower case, deduplicated)."""
+    t = get(key)
+    side = _side_for(t, laterality)
+    if t.kind == "anatomy":
+        base = list(t.synonyms)
+        if side:
+            out = [f"{side} {s}" for s in base] + [f"{s} on the {side}" for s in base[:1]]
+        else:
+            out = base
+        out += [a for a in t.abbreviations if len(a) > 3]  # "lingula"; 3-letter codes stay parser-only
+        return _dedupe([t.display.lower()] + out)
+    phrases = [_phrase(p, side) for p in t.synonyms + t.lay]
+    return _dedupe([display_name(key, laterality).lower()] + phrases)
+
+
+def negated_phrases(key: str, laterality: Optional[str] = None) -> list:
+    t = get(key)
+    side = _side_for(t, laterality)
+    if t.kind == "anatomy":
+        return [f"no {p}" for p in training_phrases(key, laterality)[:2]]
+    return _dedupe(_phrase(p, side) for p in t.negated)
+
+
+def prompt_ensemble(finding: str, laterality: Optional[str] = None, n: int = 6) -> tuple:
+    """(positive phrases, negated phrases) for zero-shot presence scoring: a few clinical
+    phrasings and one lay phrasing, against the explicit negatives ("no left pleural effusion",
+    "the left pleural space is clear")."""
+    t = get(finding)
+    if t.kind != "finding":
+        raise VocabularyError(f"'{finding}' is an anatomy; prompt ensembles are built for findings.")
+    side = _side_for(t, laterality)
+    clinical = [_phrase(p, side) for p in t.synonyms]
+    lay = [_phrase(p, side) for p in t.lay]
+    pos = _dedupe([display_name(finding, laterality).lower()] + clinical[: max(1, n - 2)] + lay[:1])
+    return pos[:n], negated_phrases(finding, laterality)[:n]
+
+
+def all_training_phrases() -> set:
+    """Every phrase any call of training_phrases / prompt_ensemble can return."""
+    out = set()
+    for key in ANATOMY_KEYS + FINDING_KEYS:
+        lats = [None] + (list(SIDES) if get(key).kind == "finding" and get(key).sided else [])
+        for lat in lats:
+            out.update(training_phrases(key, lat))
+            out.update(negated_phrases(key, lat))
+    return out
