@@ -113,7 +113,7 @@ def _load():
             abbreviations=tuple(d.get("abbreviations", ())),
             adjectives=tuple(d.get("adjectives", ())), side=d.get("side"), group=d.get("group"))
     for key, d in raw["findings"].items():
-        typ = _code(d["type"]) or Code(None, "SCT", None, None, d.get("type_note"))
+        typ = _code(d["type"])
         terms[key] = Term(
             key=key, kind="finding", display=d["display"], color=tuple(d["color"]),
             category=_code(d["category"]), type=typ, synonyms=tuple(d["synonyms"]),
@@ -121,6 +121,7 @@ def _load():
             heads=tuple(d.get("heads", ())), anatomy=d["anatomy"], sided=bool(d["sided"]),
             region=_code(d.get("region")), type_modifier=_code(d.get("type_modifier")))
     modifiers = {k: _code(v) for k, v in raw["modifiers"].items()}
+    modifiers["_fallback_type"] = _code(raw["fallback_type"])
     _validate(terms, groups, modifiers)
     return terms, groups, modifiers, raw["slicer_terminology"]
 
@@ -133,6 +134,8 @@ def _validate(terms, groups, modifiers):
             "vocabulary.json keys differ from docs/architecture.md: missing "
             f"{sorted(set(ANATOMY_KEYS + FINDING_KEYS) - set(terms))}, extra "
             f"{sorted(set(terms) - set(ANATOMY_KEYS + FINDING_KEYS))}.")
+    if not (modifiers.get("_fallback_type") and modifiers["_fallback_type"].known):
+        raise VocabularyError("vocabulary.json lacks a usable fallback_type code.")
     for side in SIDES:
         if side not in modifiers:
             raise VocabularyError(f"vocabulary.json lacks the '{side}' modifier code.")
@@ -145,6 +148,13 @@ def _validate(terms, groups, modifiers):
             raise VocabularyError(f"Term '{key}' has no synonyms.")
         if len(t.color) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in t.color):
             raise VocabularyError(f"Term '{key}' has an invalid RGB colour {t.color}.")
+        for c in (t.category, t.type, t.region, t.type_modifier):
+            if c is not None and not c.known and not c.note:
+                raise VocabularyError(f"Term '{key}' has a missing code without a note saying why.")
+            if c is not None and c.known and not (c.source and c.meaning and c.value.isdigit()):
+                raise VocabularyError(f"Term '{key}' has a code without source or meaning: {c}.")
+        if not t.category.known:
+            raise VocabularyError(f"Term '{key}' has no segmented property category code.")
         if t.kind == "finding":
             if t.sided and t.anatomy not in groups:
                 raise VocabularyError(f"Sided finding '{key}' must name an anatomy group.")
@@ -224,7 +234,8 @@ def color(key: str) -> tuple:
 # -------------------------------------------------------------------------------------- codes
 
 def _codes(key: str, laterality: Optional[str]):
-    """(category, type, type modifier, region, region modifier) Code objects (or None)."""
+    """(category, type, type modifier, region, region modifier) Code objects (or None).
+    A finding without an authoritative type code gets the generic fallback type (Lesion)."""
     _check_laterality(laterality)
     t = get(key)
     mods = _load()[2]
@@ -236,7 +247,14 @@ def _codes(key: str, laterality: Optional[str]):
         # a structure's side is a type modifier, except where the type already says it
         modifier = None if (side_code and t.type.meaning and side in t.type.meaning.lower()) else side_code
         return t.category, t.type, modifier, None, None
-    return t.category, t.type, t.type_modifier, t.region, side_code
+    typ = t.type if t.type.known else mods["_fallback_type"]
+    return t.category, typ, t.type_modifier, t.region, side_code
+
+
+def code_notes(key: str) -> list:
+    """Caveats recorded for a term's codes (missing or approximate codes)."""
+    t = get(key)
+    return [c.note for c in (t.category, t.type, t.region, t.type_modifier) if c is not None and c.note]
 
 
 def slicer_terminology_string(key: str, laterality: Optional[str] = None) -> str:
@@ -253,13 +271,14 @@ def slicer_terminology_string(key: str, laterality: Optional[str] = None) -> str
 def dicom_seg_codes(key: str, laterality: Optional[str] = None) -> dict:
     """Codes for a DICOM SEG segment description, as (value, scheme, meaning) triples or None:
     {"category", "type", "type_modifier", "anatomic_region", "anatomic_region_modifier",
-     "complete": bool}. ``complete`` is False where no authoritative type code is known; callers
-    should then fall back to a generic type and keep the display name as segment label."""
+     "complete": bool, "notes": [str]}. Where no authoritative type code is known the type is
+    the generic fallback (SCT 52988006 Lesion) and ``complete`` is False; keep the display name
+    as the segment label then."""
     cat, typ, mod, region, region_mod = _codes(key, laterality)
     tri = lambda c: c.triple() if (c is not None and c.known) else None  # noqa: E731
     return {"category": tri(cat), "type": tri(typ), "type_modifier": tri(mod),
             "anatomic_region": tri(region), "anatomic_region_modifier": tri(region_mod),
-            "complete": bool(cat.known and typ.known)}
+            "complete": bool(cat.known and get(key).type.known), "notes": code_notes(key)}
 
 
 # ---------------------------------------------------------------------------------- phrasings
