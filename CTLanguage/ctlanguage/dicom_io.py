@@ -1,0 +1,413 @@
+"""DICOM CT series: discovery, geometry-checked reading, and a writer for valid CT series.
+
+Headers are read with pydicom. Pixels come from pydicom (uncompressed) or, for compressed
+transfer syntaxes pydicom cannot decode here, from SimpleITK/GDCM. Rescale slope/intercept are
+applied per slice. Geometry is taken from ImagePositionPatient/ImageOrientationPatient/
+PixelSpacing and checked: one orientation, no gantry tilt, regular slice spacing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ExportError, GeometryError, InputError
+from .volume import LPS_TO_RAS, CTVolume
+
+log = logging.getLogger(__name__)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+_SOP_CLASS_FOR_MODALITY = {
+    "CT": CT_IMAGE_STORAGE,
+    "MR": "1.2.840.10008.5.1.4.1.1.4",
+    "PT": "1.2.840.10008.5.1.4.1.1.128",
+}
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+# Tolerances for geometry checks (mm / relative)
+_ORIENTATION_TOL = 1e-4
+_TILT_TOL_MM = 0.05
+_GAP_REL_TOL = 0.02
+
+
+@dataclass
+class SeriesInfo:
+    """One DICOM series found in a folder."""
+
+    series_uid: str
+    modality: str
+    sop_class_uid: str
+    description: str = ""
+    files: list[Path] = field(default_factory=list)
+    is_image: bool = True
+    frames: int = 1
+
+    def __str__(self) -> str:
+        desc = f" '{self.description}'" if self.description else ""
+        return f"{self.modality} series{desc} ({len(self.files)} files, UID {self.series_uid})"
+
+
+# --- discovery ---------------------------------------------------------------------------------
+
+def _read_header(path: Path):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    except Exception:  # pydicom raises assorted errors on corrupt headers; treat as non-DICOM
+        return None
+
+
+def find_series(folder) -> list[SeriesInfo]:
+    """All DICOM series under ``folder`` (recursive), in a stable order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"No such folder: {folder}")
+    series: dict[str, SeriesInfo] = {}
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in sorted(names):
+            if name.startswith(".") or name.upper() == "DICOMDIR":
+                continue
+            path = Path(root) / name
+            ds = _read_header(path)
+            if ds is None or "SOPClassUID" not in ds:
+                continue
+            uid = str(ds.get("SeriesInstanceUID", "")) or f"(no series UID) {path.parent}"
+            info = series.get(uid)
+            if info is None:
+                info = series[uid] = SeriesInfo(
+                    series_uid=uid,
+                    modality=str(ds.get("Modality", "")).upper() or "unknown",
+                    sop_class_uid=str(ds.SOPClassUID),
+                    description=str(ds.get("SeriesDescription", "")),
+                    is_image="Rows" in ds and "Columns" in ds,
+                    frames=int(ds.get("NumberOfFrames", 1) or 1),
+                )
+            info.files.append(path)
+    return sorted(series.values(), key=lambda s: (-len(s.files), s.series_uid))
+
+
+def _pick_ct_series(folder: Path, series: list[SeriesInfo]) -> SeriesInfo:
+    if not series:
+        raise InputError(f"The folder {folder} contains no DICOM files.")
+    ct = [s for s in series if s.modality == "CT" and s.is_image]
+    if not ct:
+        found = "; ".join(str(s) for s in series)
+        raise InputError(f"The folder {folder} contains no CT image series (found: {found}); only CT is supported.")
+    chosen = max(ct, key=lambda s: (len(s.files) * s.frames, s.series_uid))
+    log.info("Reading %s from %s", chosen, folder)
+    for s in series:
+        if s is not chosen:
+            why = "fewer slices" if (s.modality == "CT" and s.is_image) else (
+                "not an image" if not s.is_image else f"modality {s.modality}")
+            log.info("Skipped %s (%s)", s, why)
+    return chosen
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+def read_dicom_series(folder, series_uid: str | None = None, validate: bool = True) -> CTVolume:
+    """Read the CT series with the most slices in ``folder`` (or the one with ``series_uid``)."""
+    folder = Path(folder)
+    series = find_series(folder)
+    if series_uid is not None:
+        matches = [s for s in series if s.series_uid == series_uid]
+        if not matches:
+            raise InputError(f"No series with UID {series_uid} in {folder}.")
+        chosen = matches[0]
+        if chosen.modality != "CT" or not chosen.is_image:
+            raise InputError(f"The series {chosen} is not a CT image series; only CT is supported.")
+    else:
+        chosen = _pick_ct_series(folder, series)
+    if chosen.frames > 1 or chosen.sop_class_uid == ENHANCED_CT_IMAGE_STORAGE:
+        raise InputError(
+            f"{chosen} is a multi-frame (enhanced) CT object; export it as classic single-frame "
+            "slices or as NIfTI/NRRD."
+        )
+    volume = _read_slices(chosen)
+    volume.source = str(folder)
+    if validate:
+        volume.validate()
+    return volume
+
+
+def _floats(ds, keyword: str, n: int, path: Path) -> np.ndarray:
+    value = ds.get(keyword)
+    try:
+        arr = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = np.zeros(0)
+    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+        raise InputError(f"The DICOM file {path.name} has a missing or invalid {keyword}.")
+    return arr
+
+
+def _read_slices(info: SeriesInfo) -> CTVolume:
+    import pydicom
+
+    headers = []
+    for path in info.files:
+        ds = _read_header(path)
+        if ds is None:
+            raise InputError(f"The DICOM file {path} became unreadable while loading.")
+        headers.append((path, ds))
+    if len(headers) < 2:
+        raise InputError(f"{info} has only {len(headers)} slice; a 3D CT needs several slices.")
+
+    p0, d0 = headers[0]
+    iop = _floats(d0, "ImageOrientationPatient", 6, p0)
+    rows, cols = int(d0.Rows), int(d0.Columns)
+    spacing = _floats(d0, "PixelSpacing", 2, p0)  # [between rows (j), between columns (i)]
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    positions = []
+    for path, ds in headers:
+        if not np.allclose(_floats(ds, "ImageOrientationPatient", 6, path), iop, atol=_ORIENTATION_TOL):
+            raise GeometryError(f"{info} mixes slice orientations (first differs at {path.name}); it is not one volume.")
+        if int(ds.Rows) != rows or int(ds.Columns) != cols:
+            raise GeometryError(f"{info} mixes slice sizes ({rows}x{cols} and {ds.Rows}x{ds.Columns} at {path.name}).")
+        if not np.allclose(_floats(ds, "PixelSpacing", 2, path), spacing, rtol=1e-4):
+            raise GeometryError(f"{info} mixes pixel spacings (at {path.name}).")
+        positions.append(_floats(ds, "ImagePositionPatient", 3, path))
+    positions = np.array(positions)
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    positions, along = positions[order], along[order]
+    headers = [headers[n] for n in order]
+
+    gaps = np.diff(along)
+    if np.any(gaps < 1e-3):
+        n = int(np.argmin(gaps))
+        raise GeometryError(
+            f"{info} has two slices at the same position ({along[n]:.2f} mm along the slice normal: "
+            f"{headers[n][0].name}, {headers[n + 1][0].name}); it mixes several acquisitions."
+        )
+    # gantry tilt: slice positions must move along the normal only
+    lateral = positions - positions[0] - np.outer(along - along[0], normal)
+    drift = float(np.max(np.linalg.norm(lateral, axis=1)))
+    if drift > _TILT_TOL_MM:
+        angle = np.degrees(np.arctan2(drift, along[-1] - along[0]))
+        raise GeometryError(
+            f"{info} is acquired with gantry tilt (slice positions drift {drift:.2f} mm sideways, "
+            f"about {angle:.1f} degrees); resample it to an untilted grid first."
+        )
+    step = float(np.median(gaps))
+    bad = np.abs(gaps - step) > _GAP_REL_TOL * step + 1e-3
+    if np.any(bad):
+        n = int(np.flatnonzero(bad)[0])
+        hint = f" (about {round(gaps[n] / step) - 1} missing slice(s))" if gaps[n] > 1.5 * step else ""
+        raise GeometryError(
+            f"{info} has irregular slice spacing: gap of {gaps[n]:.3f} mm between slices at "
+            f"{along[n]:.2f} and {along[n + 1]:.2f} mm where {step:.3f} mm is usual{hint}."
+        )
+    # uniform spacing from the end points (less rounding than one gap)
+    k_vec = (positions[-1] - positions[0]) / (len(positions) - 1)
+
+    array = np.empty((len(headers), rows, cols), dtype=np.float32)
+    for n, (path, _) in enumerate(headers):
+        array[n] = _slice_hu(path, rows, cols)
+
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * spacing[1]
+    lps[:3, 1] = col_dir * spacing[0]
+    lps[:3, 2] = k_vec
+    lps[:3, 3] = positions[0]
+    affine = np.eye(4)
+    affine[:3] = LPS_TO_RAS[:3, :3] @ lps[:3]
+    first = headers[0][1]
+    meta = {
+        "series_description": str(first.get("SeriesDescription", "")),
+        "series_number": str(first.get("SeriesNumber", "")),
+        "n_slices": len(headers),
+        "slice_spacing_mm": round(float(np.linalg.norm(k_vec)), 6),
+        "convolution_kernel": str(first.get("ConvolutionKernel", "")),
+        "sop_class_uid": info.sop_class_uid,
+        "frame_of_reference_uid": str(first.get("FrameOfReferenceUID", "")),
+        "sop_instance_uids": [str(ds.get("SOPInstanceUID", "")) for _, ds in headers],
+        "files": [str(p) for p, _ in headers],
+    }
+    return CTVolume(array, affine, source=str(info.files[0].parent), modality="CT",
+                    series_uid=info.series_uid, study_uid=str(first.get("StudyInstanceUID", "")) or None,
+                    metadata=meta)
+
+
+def _slice_hu(path: Path, rows: int, cols: int) -> np.ndarray:
+    """HU values of one slice (per-slice RescaleSlope/Intercept applied)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    if "PixelData" not in ds:
+        raise InputError(f"The DICOM file {path.name} has no pixel data.")
+    try:
+        raw = ds.pixel_array
+        hu = raw.astype(np.float32) * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+    except Exception as exc:  # compressed syntax without a pydicom decoder, or truncated data
+        hu = _slice_hu_sitk(path, exc)
+    if hu.shape != (rows, cols):
+        raise InputError(f"The DICOM file {path.name} has pixel data of shape {hu.shape}, expected {(rows, cols)}.")
+    return hu
+
+
+def _slice_hu_sitk(path: Path, first_error: Exception) -> np.ndarray:
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(str(path))  # GDCM applies the rescale
+    except RuntimeError:
+        raise InputError(f"Cannot decode the pixel data of {path.name} ({first_error}).") from None
+    arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    return arr.reshape(arr.shape[-2:]) if arr.ndim == 3 and arr.shape[0] == 1 else arr
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def _ds(values) -> list:
+    from pydicom.valuerep import DSfloat
+
+    return [DSfloat(float(v), auto_format=True) for v in values]
+
+
+def _rescale_for(array: np.ndarray) -> tuple[float, float]:
+    """(slope, intercept) so that round((HU - intercept) / slope) fits int16.
+
+    The usual CT choice (slope 1, intercept -1024) whenever the HU range allows it; otherwise a
+    slope that spreads the range over int16.
+    """
+    lo, hi = float(array.min()), float(array.max())
+    if lo >= -32768 - 1024 and hi <= 32767 - 1024:
+        return 1.0, -1024.0
+    slope = (hi - lo) / 65000.0
+    return slope, lo + 32500 * slope
+
+
+def write_dicom_series(volume: CTVolume, folder, patient_name: str = "Phantom^CTLanguage",
+                       series_description: str = "CTLanguage synthetic CT", modality: str = "CT",
+                       patient_id: str = "CTL-PHANTOM", study_uid: str | None = None,
+                       series_number: int = 1, study_description: str = "CTLanguage synthetic study",
+                       frame_of_reference_uid: str | None = None) -> str:
+    """Write ``volume`` as a single-frame DICOM image series into ``folder``; return its SeriesInstanceUID.
+
+    Slices follow the volume's k axis; ImagePositionPatient/ImageOrientationPatient/PixelSpacing
+    come from ``ijk_to_ras``; values are stored as int16 with RescaleSlope/Intercept (slope 1,
+    intercept -1024 whenever the HU range allows, i.e. HU rounded to integers). Each file is
+    written atomically; on failure the files written so far are removed (ExportError).
+    """
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+    arr = np.asarray(volume.array)
+    if arr.ndim != 3 or arr.size == 0 or not np.all(np.isfinite(arr)):
+        raise ExportError(f"Cannot write a DICOM series from an array of shape {arr.shape} (3D and finite needed).")
+    affine = volume.ijk_to_ras
+    lps = LPS_TO_RAS[:3, :3] @ affine[:3, :3]
+    spacing = np.linalg.norm(lps, axis=0)
+    row_dir, col_dir, k_dir = (lps / spacing).T
+    normal = np.cross(row_dir, col_dir)
+    if abs(abs(float(normal @ k_dir)) - 1.0) > 1e-6:
+        raise GeometryError(
+            "Cannot write this volume as DICOM slices: its slice axis is not perpendicular to the "
+            "slice plane (sheared/tilted grid)."
+        )
+    modality = modality.upper()
+    sop_class = _SOP_CLASS_FOR_MODALITY.get(modality, SECONDARY_CAPTURE)
+    slope, intercept = _rescale_for(arr)
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"Cannot create the folder {folder}: {exc.strerror or exc}.") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportError(f"Cannot write into {folder}: the folder is not writable.")
+
+    study_uid = study_uid or volume.study_uid or generate_uid()
+    series_uid = generate_uid()
+    for_uid = frame_of_reference_uid or generate_uid()
+    now = _dt.datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    origin_lps = LPS_TO_RAS[:3, :3] @ affine[:3, 3]
+
+    written: list[Path] = []
+    try:
+        for k in range(arr.shape[0]):
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = sop_class
+            sop_uid = generate_uid()
+            meta.MediaStorageSOPInstanceUID = sop_uid
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+            ds = Dataset()
+            ds.file_meta = meta
+            ds.SpecificCharacterSet = "ISO_IR 100"
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+            ds.SOPClassUID = sop_class
+            ds.SOPInstanceUID = sop_uid
+            ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
+            ds.StudyTime = ds.SeriesTime = ds.ContentTime = time
+            ds.AccessionNumber = ""
+            ds.Modality = modality
+            ds.Manufacturer = "CTLanguage"
+            ds.ReferringPhysicianName = ""
+            ds.StudyDescription = study_description
+            ds.SeriesDescription = series_description
+            ds.PatientName = patient_name
+            ds.PatientID = patient_id
+            ds.PatientBirthDate = ""
+            ds.PatientSex = ""
+            ds.StudyInstanceUID = study_uid
+            ds.SeriesInstanceUID = series_uid
+            ds.StudyID = "1"
+            ds.SeriesNumber = int(series_number)
+            ds.InstanceNumber = k + 1
+            ds.AcquisitionNumber = 1
+            ds.FrameOfReferenceUID = for_uid
+            ds.PositionReferenceIndicator = ""
+            position = origin_lps + lps[:, 2] * k
+            ds.ImagePositionPatient = _ds(position)
+            ds.ImageOrientationPatient = _ds(np.concatenate([row_dir, col_dir]))
+            ds.PixelSpacing = _ds([spacing[1], spacing[0]])
+            ds.SliceThickness = _ds([spacing[2]])[0]
+            ds.SliceLocation = _ds([position @ normal])[0]
+            ds.KVP = ""
+            ds.SamplesPerPixel = 1
+            ds.PhotometricInterpretation = "MONOCHROME2"
+            ds.Rows, ds.Columns = int(arr.shape[1]), int(arr.shape[2])
+            ds.BitsAllocated = 16
+            ds.BitsStored = 16
+            ds.HighBit = 15
+            ds.PixelRepresentation = 1
+            ds.RescaleIntercept = _ds([intercept])[0]
+            ds.RescaleSlope = _ds([slope])[0]
+            ds.RescaleType = "HU"
+            ds.WindowCenter = _ds([40])[0]
+            ds.WindowWidth = _ds([400])[0]
+            stored = np.clip(np.rint((arr[k].astype(np.float64) - intercept) / slope), -32768, 32767)
+            ds.PixelData = stored.astype("<i2").tobytes()
+            path = folder / f"{series_uid[-12:]}_{k + 1:04d}.dcm"
+            tmp = folder / f".{path.name}.tmp"
+            try:
+                ds.save_as(tmp, enforce_file_format=True)
+                os.replace(tmp, path)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+            written.append(path)
+    except Exception as exc:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if isinstance(exc, ExportError):
+            raise
+        msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ExportError(f"Writing the DICOM series into {folder} failed: {msg}.") from None
+    return series_uid
