@@ -1,0 +1,514 @@
+"""MRML glue on a REAL vtkMRMLScene (slicer-core wheel), without the Slicer application.
+
+The input volume node is deliberately awkward: axes permuted and flipped (not RAS-aligned),
+anisotropic spacing (0.8 x 1.1 x 2.5 mm), origin far from zero. Everything the module shows comes
+back through MRML and is compared with what the engine produced on the source grid.
+
+Two engines drive the same assertions:
+* ``FakeEngine`` (masks made here with numpy) -- always runs, documents the glue contract;
+* the real ``ctlanguage.engine.Engine`` with the embedded default model -- runs when the engine
+  and its model are installed (skipped with the reason otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+import vtk  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "CTLanguage"))
+
+from CTLanguageLib import background, mrml_glue  # noqa: E402
+from CTLanguageLib.session import CTLanguageSession, split_prompts  # noqa: E402
+
+# Non-RAS orientation: i runs posterior->anterior? no: i -> -A (posterior), j -> -S (inferior)
+# along the second axis, k -> +R; anisotropic spacing; offset origin.
+IJK_TO_RAS = np.array([
+    [0.0, 0.0, 2.5, -61.0],
+    [-0.8, 0.0, 0.0, 37.5],
+    [0.0, -1.1, 0.0, 212.25],
+    [0.0, 0.0, 0.0, 1.0],
+])
+SHAPE = (18, 40, 33)  # [k, j, i]
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures
+# ----------------------------------------------------------------------------------------------
+
+def make_scene():
+    scene = slicer.vtkMRMLScene()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    scene._ctl_logics = [logic]  # keep alive with the scene's Python wrapper
+    return scene
+
+
+def synthetic_ct(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    k, j, i = np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij")
+    body = ((j - 20) / 17.0) ** 2 + ((i - 16) / 14.0) ** 2 < 1.0
+    ct = np.where(body, 40.0, -1000.0) + rng.normal(0, 15, SHAPE)
+    ct[((j - 15) / 5.0) ** 2 + ((i - 10) / 4.0) ** 2 + ((k - 9) / 6.0) ** 2 < 1.0] = -850.0
+    return ct.astype(np.int16)
+
+
+@pytest.fixture()
+def scene():
+    return make_scene()
+
+
+@pytest.fixture()
+def volume_node(scene):
+    node = mrml_glue.ctvolume_to_volume_node(scene, SimpleNamespace(array=synthetic_ct(), ijk_to_ras=IJK_TO_RAS), "CT awkward")
+    return node
+
+
+class FakeEncoding:
+    def __init__(self, volume):
+        self.volume = volume
+        self.hash = volume.content_hash() if hasattr(volume, "content_hash") else None
+
+
+class FakeEngine:
+    """Engine double with the documented API: masks are blobs whose size depends on the mask
+    threshold, placed asymmetrically so any axis flip in the glue would show."""
+
+    PROMPTS = {
+        "liver lesion": dict(anatomy="liver", finding="liver_lesion", laterality=None, p=0.83, centre=(5, 12, 22)),
+        "fluid around the left lung": dict(anatomy="pleural_space_left", finding="pleural_effusion", laterality="left", p=0.21, centre=(12, 30, 8)),
+        "liver": dict(anatomy="liver", finding=None, laterality=None, p=None, centre=(9, 25, 20)),
+    }
+
+    def __init__(self):
+        self.encode_calls = 0
+        self.query_calls = 0
+
+    def encode(self, volume, progress=None, cancel=None):
+        self.encode_calls += 1
+        if progress:
+            progress(1.0, "done")
+        return FakeEncoding(volume)
+
+    def query(self, encoding, text, mask_threshold=0.5):
+        self.query_calls += 1
+        out = []
+        shape = encoding.volume.array.shape
+        k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+        for p in split_prompts(text):
+            d = self.PROMPTS[p]
+            ck, cj, ci = d["centre"]
+            field = np.exp(-(((k - ck) / 3.0) ** 2 + ((j - cj) / 5.0) ** 2 + ((i - ci) / 2.0) ** 2))
+            mask = (field >= mask_threshold).astype(np.uint8)
+            ml = float(mask.sum() * abs(np.linalg.det(encoding.volume.ijk_to_ras[:3, :3])) / 1000.0)
+            out.append(SimpleNamespace(prompt=p, anatomy=d["anatomy"], finding=d["finding"], laterality=d["laterality"],
+                                       probability=d["p"], prompt_confidence=0.9, mask=mask, volume_ml=ml,
+                                       codes=None, color=(230, 80, 40), heatmap=lambda f=field: f.astype(np.float32)))
+        return out
+
+
+def terminology_logic():
+    return slicer.vtkSlicerTerminologiesModuleLogic()
+
+
+def assert_terminology_parses(s: str):
+    entry = slicer.vtkSlicerTerminologyEntry()
+    assert terminology_logic().DeserializeTerminologyEntry(s, entry), s
+    assert entry.GetCategoryObject().GetCodeValue(), s
+    assert entry.GetTypeObject().GetCodeValue(), s
+    assert entry.GetCategoryObject().GetCodingSchemeDesignator() in ("SCT", "DCM", "SRT"), s
+    return entry
+
+
+# ----------------------------------------------------------------------------------------------
+# geometry
+# ----------------------------------------------------------------------------------------------
+
+def test_volume_node_to_ctvolume_keeps_voxels_and_exact_affine(scene, volume_node):
+    vol = mrml_glue.volume_node_to_ctvolume(volume_node)
+    assert vol.array.dtype == np.float32 and vol.array.shape == SHAPE
+    np.testing.assert_array_equal(vol.array, synthetic_ct().astype(np.float32))
+    np.testing.assert_array_equal(vol.ijk_to_ras, IJK_TO_RAS)
+    # RAS of a voxel from MRML equals the engine's
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    np.testing.assert_allclose(m.MultiplyPoint((3, 7, 11, 1))[:3], vol.ijk_to_ras_points([[3, 7, 11]])[0])
+
+
+def test_linear_parent_transform_is_composed_and_segmentation_follows(scene, volume_node):
+    t = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = np.eye(4)
+    shift[:3, 3] = (5.0, -7.0, 11.0)
+    t.SetMatrixTransformToParent(mrml_glue.numpy_to_vtk_matrix(shift))
+    volume_node.SetAndObserveTransformNodeID(t.GetID())
+    vol = mrml_glue.volume_node_to_ctvolume(volume_node)
+    np.testing.assert_allclose(vol.ijk_to_ras, shift @ IJK_TO_RAS)
+    seg = mrml_glue.new_segmentation_node(scene, volume_node)
+    assert seg.GetTransformNodeID() == t.GetID()
+
+
+def test_rejects_non_volumes(scene):
+    label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    with pytest.raises(ValueError):
+        mrml_glue.volume_node_to_ctvolume(label)
+    with pytest.raises(ValueError):
+        mrml_glue.volume_node_to_ctvolume(None)
+
+
+# ----------------------------------------------------------------------------------------------
+# prompt -> segments / table / seg.nrrd, with the fake engine
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def fake_session(scene):
+    engine = FakeEngine()
+    session = CTLanguageSession(scene, engine_loader=lambda model, device: engine)
+    session.fake = engine
+    return session
+
+
+def check_segments_match(session, scene, volume_node):
+    seg = session.segmentation_node(volume_node)
+    assert seg is not None
+    ref = seg.GetSegmentation().GetConversionParameter("Reference image geometry")
+    assert ref, "segmentation has no reference geometry"
+    for r in session.results(volume_node):
+        segment = seg.GetSegmentation().GetSegment(r.segment_id)
+        assert segment.GetName() == r.prompt
+        back = mrml_glue.segment_mask_on_reference(scene, seg, r.segment_id, volume_node)
+        assert back.shape == r.finding.mask.shape
+        assert np.array_equal(back, (r.finding.mask > 0).astype(np.uint8)), r.prompt
+        assert_terminology_parses(segment.GetTerminology())
+
+
+def test_prompts_to_segments_exact_on_source_grid(fake_session, scene, volume_node):
+    fake_session.encode_inline(volume_node)
+    results = fake_session.run_prompts(volume_node, "liver lesion; fluid around the left lung ; liver")
+    assert [r.prompt for r in results] == ["liver lesion", "fluid around the left lung", "liver"]
+    assert all(r.finding.mask.sum() > 0 for r in results)
+    check_segments_match(fake_session, scene, volume_node)
+    seg = fake_session.segmentation_node(volume_node)
+    s = seg.GetSegmentation().GetSegment(results[0].segment_id)
+    np.testing.assert_allclose(s.GetColor(), (230 / 255, 80 / 255, 40 / 255))
+    # terminology of a known concept carries its SNOMED type; a sided finding its laterality
+    entry = assert_terminology_parses(s.GetTerminology())
+    assert entry.GetTypeObject().GetCodeMeaning()
+    effusion = assert_terminology_parses(seg.GetSegmentation().GetSegment(results[1].segment_id).GetTerminology())
+    assert effusion.GetTypeObject().GetCodeValue()
+    # jump target lies inside the finding (RAS of the mask centroid)
+    centre = fake_session.jump_target_ras(volume_node, 0)
+    expected = mrml_glue.mask_center_ras(results[0].finding.mask, IJK_TO_RAS)
+    assert np.linalg.norm(np.subtract(centre, expected)) < 3.0
+
+
+def test_table_holds_the_numbers(fake_session, scene, volume_node):
+    fake_session.encode_inline(volume_node)
+    results = fake_session.run_prompts(volume_node, "liver lesion; fluid around the left lung; liver")
+    rows = mrml_glue.table_rows(fake_session.table_node(volume_node))
+    assert [r["prompt"] for r in rows] == [r.prompt for r in results]
+    for row, r in zip(rows, results):
+        f = r.finding
+        assert row["anatomy"] == f.anatomy
+        assert row["segment_id"] == r.segment_id
+        if f.probability is None:
+            assert np.isnan(row["probability"])
+        else:
+            assert row["probability"] == pytest.approx(f.probability, abs=1e-12)
+        assert row["prompt_confidence"] == pytest.approx(f.prompt_confidence)
+        assert row["volume_ml"] == pytest.approx(f.volume_ml)
+    assert fake_session.table_node(volume_node).GetAttribute("CTLanguage.ModelId") == "default"
+
+
+def test_thresholds_update_without_reencoding(fake_session, scene, volume_node):
+    fake_session.encode_inline(volume_node)
+    fake_session.run_prompts(volume_node, "liver lesion; fluid around the left lung")
+    before = [r.finding.mask.sum() for r in fake_session.results(volume_node)]
+    fake_session.set_thresholds(volume_node, mask_threshold=0.2, probability_threshold=0.5)
+    after = [r.finding.mask.sum() for r in fake_session.results(volume_node)]
+    assert all(a > b for a, b in zip(after, before))
+    assert fake_session.fake.encode_calls == 1
+    check_segments_match(fake_session, scene, volume_node)
+    display = fake_session.segmentation_node(volume_node).GetDisplayNode()
+    r0, r1 = fake_session.results(volume_node)
+    assert display.GetSegmentVisibility(r0.segment_id)          # p = 0.83 >= 0.5
+    assert not display.GetSegmentVisibility(r1.segment_id)      # p = 0.21 < 0.5
+    fake_session.set_thresholds(volume_node, probability_threshold=0.1)
+    assert display.GetSegmentVisibility(r1.segment_id)
+    fake_session.set_result_visible(volume_node, 0, False)
+    assert not display.GetSegmentVisibility(r0.segment_id)
+    with pytest.raises(ValueError):
+        fake_session.set_thresholds(volume_node, mask_threshold=1.5)
+
+
+def test_rerunning_a_prompt_replaces_its_segment(fake_session, scene, volume_node):
+    fake_session.encode_inline(volume_node)
+    fake_session.run_prompts(volume_node, "liver lesion")
+    fake_session.run_prompts(volume_node, "liver lesion; liver")
+    seg = fake_session.segmentation_node(volume_node)
+    assert seg.GetSegmentation().GetNumberOfSegments() == 2
+    assert fake_session.history[:2] == ["liver lesion", "liver"]
+
+
+def test_prompt_errors_are_value_errors(fake_session, volume_node):
+    with pytest.raises(ValueError, match="Encode"):
+        fake_session.run_prompts(volume_node, "liver")
+    fake_session.encode_inline(volume_node)
+    with pytest.raises(ValueError):
+        fake_session.run_prompts(volume_node, " ; ;")
+
+
+def test_seg_nrrd_through_storage_node_reads_back_identical(fake_session, scene, volume_node, tmp_path):
+    fake_session.encode_inline(volume_node)
+    results = fake_session.run_prompts(volume_node, "liver lesion; fluid around the left lung; liver")
+    path = fake_session.export_seg_nrrd(volume_node, str(tmp_path / "findings.seg.nrrd"))
+    original = fake_session.segmentation_node(volume_node).GetSegmentation()
+    loaded = mrml_glue.load_segmentation(scene, path)
+    seg2 = loaded.GetSegmentation()
+    assert seg2.GetNumberOfSegments() == len(results)
+    for r in results:
+        a, b = original.GetSegment(r.segment_id), seg2.GetSegment(r.segment_id)
+        assert b is not None and b.GetName() == a.GetName()
+        np.testing.assert_allclose(b.GetColor(), a.GetColor(), atol=1e-6)
+        assert b.GetTerminology() == a.GetTerminology()
+        back = mrml_glue.segment_mask_on_reference(scene, loaded, r.segment_id, volume_node)
+        assert np.array_equal(back, r.finding.mask)
+
+
+def test_heatmap_volume_on_source_grid(fake_session, scene, volume_node):
+    fake_session.encode_inline(volume_node)
+    fake_session.run_prompts(volume_node, "liver lesion")
+    node = fake_session.show_heatmap(volume_node, 0)
+    np.testing.assert_array_equal(mrml_glue.ijk_to_ras_of_node(node), IJK_TO_RAS)
+    np.testing.assert_allclose(mrml_glue.array_from_volume_node(node),
+                               fake_session.results(volume_node)[0].finding.heatmap())
+    color = scene.GetNodeByID(node.GetDisplayNode().GetColorNodeID())
+    assert color.GetName() == mrml_glue.HEATMAP_COLOR_NODE_NAME and color.GetNumberOfColors() == 256
+    assert fake_session.show_heatmap(volume_node, 0).GetID() == node.GetID()  # reused
+
+
+def test_findings_csv_json_and_html_exports(fake_session, volume_node, tmp_path):
+    pytest.importorskip("ctlanguage.exports.findings_table")
+    import json
+
+    fake_session.encode_inline(volume_node)
+    fake_session.run_prompts(volume_node, "liver lesion; liver")
+    j = fake_session.export_findings(volume_node, str(tmp_path / "f.json"))
+    doc = json.loads(Path(j).read_text())
+    assert doc["model"]["id"] == "default" and doc["mask_threshold"] == 0.5
+    assert [f["prompt"] for f in doc["findings"]] == ["liver lesion", "liver"]
+    c = fake_session.export_findings(volume_node, str(tmp_path / "f.csv"))
+    assert "liver lesion" in Path(c).read_text()
+    h = fake_session.export_html_report(volume_node, str(tmp_path / "r.html"))
+    assert "liver lesion" in Path(h).read_text(encoding="utf-8")
+    with pytest.raises(ValueError):
+        fake_session.export_findings(volume_node, str(tmp_path / "missing" / "f.csv"))
+
+
+# ----------------------------------------------------------------------------------------------
+# background process: progress, cancel, failure (stub worker scripts; no engine needed)
+# ----------------------------------------------------------------------------------------------
+
+def _stub_worker(tmp_path: Path, body: str) -> Path:
+    script = tmp_path / "stub_worker.py"
+    script.write_text(textwrap.dedent("""
+        import argparse, os, sys, time
+        p = argparse.ArgumentParser()
+        for a in ("--input", "--geometry", "--model", "--device", "--output", "--cancel-file"):
+            p.add_argument(a)
+        a = p.parse_args()
+        def say(s):
+            print(s, flush=True)
+    """) + textwrap.dedent(body))
+    return script
+
+
+def test_signal_class():
+    s = background.Signal()
+    got = []
+    s.connect(got.append)
+    s.connect(got.append)  # connected once
+    s.emit(1)
+    s.disconnect(got.append)
+    s.emit(2)
+    assert got == [1]
+
+
+def test_cancelled_encoding_leaves_scene_unchanged(fake_session, scene, volume_node, tmp_path):
+    script = _stub_worker(tmp_path, """
+        for n in range(600):
+            if os.path.exists(a.cancel_file):
+                say("CTLANGUAGE_ERROR cancelled by the user"); sys.exit(3)
+            say(f"CTLANGUAGE_PROGRESS {n/600:.3f} step {n}")
+            time.sleep(0.05)
+        say("CTLANGUAGE_DONE " + a.output)
+    """)
+    snapshot = mrml_glue.SceneSnapshot.take(scene)
+    progress, done = [], []
+    job = fake_session.start_encoding(volume_node, worker_script=script, on_progress=lambda f, m: progress.append(f),
+                                      on_done=lambda state, msg: done.append(state))
+    work = job.work_dir
+    assert (work / "volume.npy").exists()
+    t0 = time.monotonic()
+    while len(progress) < 3 and time.monotonic() - t0 < 20:
+        job.poll()
+        time.sleep(0.05)
+    assert len(progress) >= 3, job.log
+    job.cancel()
+    while job.poll():
+        time.sleep(0.05)
+    assert job.state == "cancelled" and done == ["cancelled"]
+    assert not work.exists()
+    assert mrml_glue.SceneSnapshot.take(scene) == snapshot
+    assert not fake_session.is_encoded(volume_node)
+
+
+def test_worker_that_ignores_cancel_is_killed(tmp_path, volume_node):
+    script = _stub_worker(tmp_path, """
+        say("CTLANGUAGE_PROGRESS 0.1 stuck")
+        time.sleep(60)
+    """)
+    vol = mrml_glue.volume_node_to_ctvolume(volume_node)
+    job = background.EncodingJob(vol, worker_script=script, cancel_grace_s=0.3).start()
+    time.sleep(0.3)
+    job.cancel()
+    t0 = time.monotonic()
+    while job.poll():
+        time.sleep(0.05)
+    assert job.state == "cancelled" and time.monotonic() - t0 < 10
+
+
+def test_worker_error_becomes_failed_state_with_message(tmp_path, volume_node):
+    script = _stub_worker(tmp_path, """
+        say("CTLANGUAGE_ERROR The checkpoint is corrupt (sha256 mismatch).")
+        sys.exit(2)
+    """)
+    vol = mrml_glue.volume_node_to_ctvolume(volume_node)
+    job = background.EncodingJob(vol, worker_script=script)
+    failed = []
+    job.failed.connect(failed.append)
+    with pytest.raises(ValueError, match="sha256"):
+        job.start(waitForCompletion=True)
+    assert failed == ["The checkpoint is corrupt (sha256 mismatch)."]
+
+
+def test_worker_crash_is_reported(tmp_path, volume_node):
+    script = _stub_worker(tmp_path, """
+        say("about to crash")
+        raise SystemExit(7)
+    """)
+    job = background.EncodingJob(mrml_glue.volume_node_to_ctvolume(volume_node), worker_script=script)
+    with pytest.raises(ValueError, match="exit code 7"):
+        job.start(waitForCompletion=True)
+
+
+def test_injected_process_object_drives_the_state_machine(volume_node):
+    class FakeProcess:
+        def __init__(self):
+            self.lines = ["CTLANGUAGE_PROGRESS 0.5 half", "noise", "CTLANGUAGE_DONE /tmp/enc"]
+            self.rc = None
+            self.argv = None
+
+        def start(self, argv, env):
+            self.argv = argv
+
+        def read_lines(self):
+            out, self.lines = self.lines, []
+            self.rc = 0
+            return out
+
+        def returncode(self):
+            return self.rc
+
+        def kill(self):
+            pass
+
+        def wait(self, timeout=None):
+            return self.rc
+
+    job = background.EncodingJob(mrml_glue.volume_node_to_ctvolume(volume_node), process_factory=FakeProcess,
+                                 model="ctlanguage-synth-v1", device="cpu")
+    seen, finished = [], []
+    job.progress.connect(lambda f, m: seen.append((f, m)))
+    job.finished.connect(finished.append)
+    job.start(waitForCompletion=True, poll_interval_s=0.0)
+    assert job.state == "finished" and finished == ["/tmp/enc"]
+    assert (0.5, "half") in seen and seen[-1][0] == 1.0
+    assert "--model" in job.process.argv and "ctlanguage-synth-v1" in job.process.argv
+    assert job.process.argv[job.process.argv.index("--device") + 1] == "cpu"
+    job.discard()
+
+
+# ----------------------------------------------------------------------------------------------
+# the real engine (embedded default model)
+# ----------------------------------------------------------------------------------------------
+
+def _real_engine_or_skip():
+    try:
+        from ctlanguage.engine import Engine
+    except Exception as exc:  # pragma: no cover - depends on what is installed
+        pytest.skip(f"ctlanguage.engine not importable: {exc}")
+    try:
+        return Engine.load(model="default", device="cpu")
+    except Exception as exc:  # pragma: no cover
+        pytest.skip(f"default model not available: {exc}")
+
+
+@pytest.fixture(scope="module")
+def real_engine():
+    return _real_engine_or_skip()
+
+
+@pytest.fixture(scope="module")
+def phantom_volume():
+    try:
+        from ctlanguage.phantom import generate_case
+    except Exception as exc:  # pragma: no cover
+        pytest.skip(f"phantom generator not available: {exc}")
+    case = generate_case(7)
+    return np.asarray(case.array), np.asarray(case.ijk_to_ras, dtype=float)
+
+
+def _reorient(array, ijk_to_ras):
+    """Same anatomy in a non-RAS voxel order: swap i<->k, flip j, coarser k spacing kept."""
+    arr = np.ascontiguousarray(np.flip(np.transpose(array, (2, 1, 0)), axis=1))  # [i, j', k] as new [k,j,i]
+    nk, nj, ni = arr.shape
+    m = np.asarray(ijk_to_ras, dtype=float)
+    # new index (i', j', k') = old (k, nj-1-j, i)  ->  old ijk = (k', nj-1-j', i')
+    p = np.zeros((4, 4))
+    p[0, 2] = 1.0
+    p[1, 1] = -1.0
+    p[1, 3] = nj - 1
+    p[2, 0] = 1.0
+    p[3, 3] = 1.0
+    new = m @ p
+    new[:3, 3] += (13.0, -27.5, 41.0)  # offset origin
+    return arr, new
+
+
+def test_real_engine_flow_on_awkward_volume(real_engine, phantom_volume, scene):
+    array, affine = _reorient(*phantom_volume)
+    node = mrml_glue.ctvolume_to_volume_node(scene, SimpleNamespace(array=array, ijk_to_ras=affine), "phantom")
+    assert not np.allclose(np.abs(affine[:3, :3]), np.diag(np.abs(np.diag(affine[:3, :3]))))  # not diagonal
+    session = CTLanguageSession(scene, engine_loader=lambda m, d: real_engine)
+    session.encode_inline(node)
+    results = session.run_prompts(node, "liver; fluid around the left lung; liver lesion")
+    assert len(results) == 3
+    for r in results:
+        assert r.finding.mask.dtype == np.uint8 and r.finding.mask.shape == array.shape
+    assert results[0].finding.mask.sum() > 0, "the liver prompt gave an empty mask"
+    check_segments_match(session, scene, node)
+    rows = mrml_glue.table_rows(session.table_node(node))
+    for row, r in zip(rows, results):
+        p = r.finding.probability
+        assert (np.isnan(row["probability"]) if p is None else row["probability"] == pytest.approx(p))
+        assert row["volume_ml"] == pytest.approx(r.finding.volume_ml)
