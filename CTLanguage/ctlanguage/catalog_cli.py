@@ -1,0 +1,127 @@
+"""`ctlanguage models list|verify|download` (see docs/cli.md)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .errors import CheckpointError, CTLanguageError
+
+
+def _status(entry) -> tuple[str, str]:
+    from . import catalog
+
+    if entry.embedded and catalog.embedded_model_dir(entry).is_dir():
+        return "embedded", str(catalog.embedded_model_dir(entry))
+    if entry.embedded and (entry.url or "").startswith("embedded:"):
+        return "missing", ""
+    d = catalog.cached_model_dir(entry)
+    if (d / catalog.WEIGHTS).is_file():
+        return "cached", str(d)
+    return "not downloaded", ""
+
+
+def _size(n) -> str:
+    if not n:
+        return "—"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024.0
+    return str(n)
+
+
+def cmd_list(args) -> int:
+    from . import catalog
+
+    entries = catalog.load_catalog(args.catalog)
+    if args.json:
+        out = []
+        for e in entries:
+            st, path = _status(e)
+            out.append(e.to_dict() | {"status": st, "local_path": path or None})
+        print(json.dumps(out, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"CTLanguage models (cache: {catalog.cache_dir()})")
+    for col in ("id", "version", "status", "size", "license", "text encoder"):
+        t.add_column(col, overflow="fold")
+    for i, e in enumerate(entries):
+        st, _ = _status(e)
+        enc = (e.text_encoder or "—").split(" (")[0].split("/")[-1]
+        t.add_row(e.id + (" *" if i == 0 else ""), e.version, st, _size(e.size), e.license, enc)
+    Console().print(t)
+    print("* default model. `ctlanguage models list --json` shows every field "
+          "(description, intended use, metrics).")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from . import catalog
+
+    entries = catalog.load_catalog(args.catalog)
+    targets = args.models or [e.id for e in entries if _status(e)[0] in ("embedded", "cached")]
+    failures = 0
+    for spec in targets:
+        try:
+            path, entry = catalog.resolve_model(spec, catalog=entries)
+            summary = catalog.verify_model_dir(path, entry)
+            if args.deep:
+                from .engine import Engine
+
+                Engine.load(model=str(path), device="cpu")
+            name = f"{entry.id} {entry.version}" if entry else str(path)
+            if not args.quiet:
+                print(f"ok      {name}: {summary['tensors']} tensors, "
+                      f"sha256 {summary['weights_sha256'][:16]}…  ({path})")
+        except CTLanguageError as exc:
+            failures += 1
+            print(f"error: {spec}: {exc}", file=sys.stderr)
+    if not targets:
+        print("error: no model is available locally; see `ctlanguage models list`", file=sys.stderr)
+        return 2
+    return 2 if failures else 0
+
+
+def cmd_download(args) -> int:
+    from . import catalog
+    from .query_cli import Reporter
+
+    entries = catalog.load_catalog(args.catalog)
+    entry = catalog.find_entry(args.model, entries)
+    if entry is None:
+        raise CTLanguageError(f"unknown model {args.model!r}; known: {', '.join(e.id for e in entries)}")
+    reporter = Reporter(args.quiet)
+    with reporter.bytes_progress(f"{entry.id} {entry.version}") as cb:
+        path = catalog.download(entry, progress=cb, force=args.force)
+    if not args.quiet:
+        print(f"ok      {entry.id} {entry.version} verified in {path}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("models", help="list, verify or download models from the catalog",
+                              description="Model catalog: embedded default + downloadable models "
+                                          "cached in $CTLANGUAGE_CACHE (default ~/.cache/ctlanguage).")
+    p.add_argument("--catalog", default=None, help="catalog JSON to use (default: Resources/catalog.json "
+                                                   "or $CTLANGUAGE_CATALOG)")
+    sub = p.add_subparsers(dest="models_command", metavar="ACTION")
+    q = sub.add_parser("list", help="show the catalog and what is available locally")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_list)
+    q = sub.add_parser("verify", help="check hashes and structure of local models")
+    q.add_argument("models", nargs="*", help="ids or folders (default: every local model)")
+    q.add_argument("--deep", action="store_true", help="also load the network (checks tensor shapes)")
+    q.set_defaults(func=cmd_verify)
+    q = sub.add_parser("download", help="download a model into the cache (resumable, sha256-verified)")
+    q.add_argument("model", help="catalog id")
+    q.add_argument("--force", action="store_true", help="download again even when cached")
+    q.set_defaults(func=cmd_download)
+
+    def _help(args, _p=p) -> int:
+        _p.print_help()
+        return 1
+
+    p.set_defaults(func=_help)
