@@ -33,6 +33,7 @@ _STOP = {
     "mark", "outline", "where", "please", "do", "does", "did", "patient", "have", "has", "sign",
     "evidence", "this", "that", "scan", "ct", "see", "can", "you", "i", "it", "its", "my",
     "side", "sided", "what", "which", "look", "seen", "present", "region", "area", "structure",
+    "size", "by", "from", "into",
 }
 # words that qualify a term without changing what it is: unmatched, they cost nothing
 _QUALIFIERS = {
@@ -252,7 +253,9 @@ def parse_prompt(text: str) -> ParsedPrompt:
                 unknown = unknown + tuple(content[s] for s, _, _ in head_hits)
                 coverage *= 0.6
     elif head_hits:
-        cands = set.union(*[c for _, _, c in head_hits])
+        # head words alone: decide only if the words that name a single finding agree
+        specific = [c for _, _, c in head_hits if len(c) == 1]
+        cands = set.union(*specific) if specific else set.union(*[c for _, _, c in head_hits])
         if len(cands) == 1:
             finding = next(iter(cands))
             matched, base = vocab.get(finding).display.lower(), 0.6
@@ -288,8 +291,12 @@ def parse_prompt(text: str) -> ParsedPrompt:
 
 def _fits(finding: str, anatomy_key: str) -> bool:
     """Is the anatomy (key or group) the one the finding is judged in, or a part of it (a lobe)?"""
-    target, group = _group_of(vocab.get(finding).anatomy), _group_of(anatomy_key)
-    return group == target or group.startswith(target + "_")
+    t = vocab.get(finding)
+    group = _group_of(anatomy_key)
+    for target in (_group_of(t.anatomy),) + t.also_in:
+        if group == target or group.startswith(target + "_"):
+            return True
+    return False
 
 
 def _region(anatomy_matches, finding: str, laterality) -> Optional[str]:
