@@ -115,15 +115,21 @@ def save_pretrained(model, directory: str | Path, extra_files: dict[str, str] | 
     return directory
 
 
-def _check_not_pickle(path: Path) -> None:
+def _check_safetensors_header(path: Path) -> None:
+    """Refuse pickles/zip archives and truncated files before handing the file to safetensors."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(16)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        ok = 0 < n <= size - 8 and n < (100 << 20)
+        first = f.read(1) if ok else b""
+    if ok and first == b"{":
+        return
+    if head[:2] == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         raise CheckpointError(
             f"{path} is a pickled PyTorch file, not safetensors; CTLanguage never loads pickles."
         )
-    if len(head) < 8:
-        raise CheckpointError(f"{path} is truncated (only {len(head)} bytes).")
+    raise CheckpointError(f"{path} is not a readable safetensors file (bad or truncated header).")
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -131,7 +137,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = Path(path)
-    _check_not_pickle(path)
+    _check_safetensors_header(path)
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

@@ -31,6 +31,10 @@ class GroundedCTModel(nn.Module):
         self.mask_head = DynamicMaskHead(config.embed_dim, config.dense_channels, config.mask_head_hidden)
         self.organ_pool = OrganAttentionPool(len(config.anatomies), config.dense_channels,
                                              config.pool_dim, config.embed_dim)
+        # training-only predictor of the negative-free view-consistency loss (GTGM / SimSiam)
+        self.consistency_predictor = nn.Sequential(
+            nn.Linear(config.embed_dim, config.embed_dim), nn.GELU(),
+            nn.Linear(config.embed_dim, config.embed_dim))
         # CLIP-style learnable temperature (stored as log of the scale), clamped in use
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
         # the frozen LM is deliberately not a sub-module: it is never saved in our checkpoint

@@ -1,0 +1,1 @@
+"""Training pipeline for the grounded CT-language model (see docs/training.md)."""

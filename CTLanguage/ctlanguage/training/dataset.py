@@ -1,0 +1,291 @@
+"""Training/evaluation data from any ``manifest.jsonl`` (docs/architecture.md "Manifest").
+
+Each case is brought to model space once with ``preprocess.to_model_space`` (image) and
+``ModelGrid.labels_to_model`` (structure label map, finding masks) and cached as an ``.npz`` in
+``<manifest dir>/.ctlanguage_cache/<spec hash>/`` so later epochs/runs skip resampling.
+Training samples get MONAI intensity jitter and a small random affine (rotation, scale,
+translation; never flips, which would swap left and right).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from . import phrases as PH
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"The manifest {path} does not exist.")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise InputError(f"Line {n} of {path} is not valid JSON ({exc.msg}).") from exc
+    return out
+
+
+@dataclass
+class Case:
+    case_id: str
+    image: np.ndarray            # float16 [D,H,W] in [0,1]
+    labels: np.ndarray          # uint8 [D,H,W] structure labels (model grid)
+    label_names: dict           # {int id: anatomy key}
+    finding_masks: np.ndarray   # uint8 [F,D,H,W] masks of the present findings that have one
+    finding_items: list         # per mask: (finding, laterality)
+    presence: np.ndarray        # float32 [len(finding_items())] 0/1 per finding x side
+    report: str
+    grid: dict                  # ModelGrid.to_dict()
+
+
+def _spec_hash(spec) -> str:
+    return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def presence_vector(entry: dict) -> np.ndarray:
+    items = PH.finding_items()
+    index = {(f, s): i for i, (f, s, _) in enumerate(items)}
+    y = np.zeros(len(items), np.float32)
+    for fd in entry.get("findings") or []:
+        name, lat = fd.get("name"), fd.get("laterality")
+        sides = ["left", "right"] if lat in (None, "bilateral") else [lat]
+        for s in sides:
+            if (name, s) in index:
+                y[index[(name, s)]] = 1.0
+        if (name, None) in index:
+            y[index[(name, None)]] = 1.0
+    labels = entry.get("labels") or {}
+    for (f, s), i in index.items():
+        if s is None and labels.get(f) == 1:
+            y[i] = 1.0
+    return y
+
+
+def _preprocess_case(entry: dict, root: Path, spec) -> dict:
+    from ..io import read_ct
+    from ..preprocess import to_model_space
+
+    vol = read_ct(root / entry["image"])
+    mi = to_model_space(vol, spec)
+    grid = mi.grid
+    n_items = len(PH.finding_items())
+    labels = np.zeros(grid.shape, np.uint8)
+    names = {}
+    if entry.get("structures"):
+        lv = read_ct(root / entry["structures"], validate=False)
+        lab = np.rint(lv.array).astype(np.int32)
+        if lab.shape != vol.shape:
+            raise InputError(f"Structure map of {entry.get('case_id')} does not match its image grid.")
+        labels = grid.labels_to_model(lab, vol).astype(np.uint8)
+        names = {int(k): v for k, v in (entry.get("structure_labels") or {}).items()}
+    masks, items = [], []
+    for fd in entry.get("findings") or []:
+        if not fd.get("mask"):
+            continue
+        mv = read_ct(root / fd["mask"], validate=False)
+        m = (mv.array > 0.5).astype(np.uint8)
+        masks.append(grid.labels_to_model(m, vol).astype(np.uint8))
+        items.append((fd["name"], fd.get("laterality")))
+    report = ""
+    if entry.get("report"):
+        rp = root / entry["report"]
+        report = rp.read_text() if rp.is_file() else str(entry["report"])
+    fm = np.stack(masks) if masks else np.zeros((0,) + grid.shape, np.uint8)
+    return dict(image=mi.array.astype(np.float16), labels=labels, label_names=json.dumps(names),
+                finding_masks=fm, finding_items=json.dumps(items), presence=presence_vector(entry),
+                report=report, grid=json.dumps(grid.to_dict()), n_items=n_items)
+
+
+def load_case(entry: dict, root: Path, spec, cache: bool = True) -> Case:
+    cache_file = root / ".ctlanguage_cache" / _spec_hash(spec) / f"{entry['case_id']}.npz"
+    data = None
+    if cache and cache_file.is_file():
+        try:
+            with np.load(cache_file, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except (OSError, ValueError):
+            data = None
+    if data is None:
+        data = _preprocess_case(entry, root, spec)
+        if cache:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npz")
+            np.savez_compressed(tmp, **{k: (np.asarray(v) if not isinstance(v, str) else np.array(v))
+                                        for k, v in data.items()})
+            os.replace(tmp, cache_file)
+    return Case(
+        case_id=entry["case_id"], image=np.asarray(data["image"]), labels=np.asarray(data["labels"]),
+        label_names={int(k): v for k, v in json.loads(str(data["label_names"])).items()},
+        finding_masks=np.asarray(data["finding_masks"]),
+        finding_items=[tuple(x) for x in json.loads(str(data["finding_items"]))],
+        presence=np.asarray(data["presence"], np.float32), report=str(data["report"]),
+        grid=json.loads(str(data["grid"])),
+    )
+
+
+def anatomy_masks(case: Case, anatomies: list[str]) -> np.ndarray:
+    """[A,D,H,W] uint8 binary masks; lung_left/lung_right are unions of their lobes and body is
+    every labelled voxel (plus an explicit 'body' label if present)."""
+    by_key: dict[str, list[int]] = {}
+    for i, k in case.label_names.items():
+        by_key.setdefault(k, []).append(i)
+    out = np.zeros((len(anatomies),) + case.labels.shape, np.uint8)
+    for a_i, a in enumerate(anatomies):
+        if a == "body":
+            out[a_i] = case.labels > 0
+            continue
+        ids = list(by_key.get(a, []))
+        if a in ("lung_left", "lung_right"):
+            side = a.split("_")[1]
+            ids += [i for k, v in by_key.items() if k.startswith("lung_") and "lobe" in k
+                    and k.endswith(side) for i in v]
+        if ids:
+            out[a_i] = np.isin(case.labels, ids)
+    return out
+
+
+def finding_targets(case: Case) -> tuple[np.ndarray, np.ndarray]:
+    """[I,D,H,W] masks per finding item (zeros when absent) and [I] bool 'target known'."""
+    items = PH.finding_items()
+    index = {(f, s): i for i, (f, s, _) in enumerate(items)}
+    shape = case.labels.shape
+    out = np.zeros((len(items),) + shape, np.uint8)
+    known = case.presence < 0.5  # absent findings: the empty mask is a known target
+    for m, (name, lat) in zip(case.finding_masks, case.finding_items):
+        sides = [lat] if lat in ("left", "right") else ["left", "right", None]
+        for s in sides:
+            if (name, s) in index:
+                i = index[(name, s)]
+                if lat in (None, "bilateral") and s is not None:
+                    continue  # bilateral mask without a split: leave the sided targets unknown
+                out[i] |= m
+                known[i] = True
+    return out, known
+
+
+def _plain(x) -> torch.Tensor:
+    """MONAI MetaTensor -> plain torch.Tensor."""
+    if hasattr(x, "as_tensor"):
+        x = x.as_tensor()
+    return torch.as_tensor(x)
+
+
+class Augmenter:
+    """Seeded MONAI intensity jitter + small affine (no flips)."""
+
+    def __init__(self, affine_prob: float = 0.5, rotate: float = 0.06, scale: float = 0.06,
+                 translate_vox: float = 4.0):
+        from monai.transforms import (RandAdjustContrast, RandAffine, RandGaussianNoise,
+                                      RandScaleIntensity, RandShiftIntensity)
+
+        self.affine = RandAffine(prob=affine_prob, rotate_range=(rotate,) * 3,
+                                 scale_range=(scale,) * 3, translate_range=(translate_vox,) * 3,
+                                 padding_mode="zeros", cache_grid=False)
+        self.intensity = [RandScaleIntensity(factors=0.1, prob=0.8),
+                          RandShiftIntensity(offsets=0.04, prob=0.8),
+                          RandAdjustContrast(prob=0.5, gamma=(0.85, 1.15)),
+                          RandGaussianNoise(prob=0.5, std=0.015)]
+
+    def seed(self, seed: int):
+        self.affine.set_random_state(seed)
+        for i, t in enumerate(self.intensity):
+            t.set_random_state(seed + 1 + i)
+
+    def geometry(self, image: torch.Tensor, targets: torch.Tensor):
+        """image [1,D,H,W] float, targets [K,D,H,W] float -> same shapes (one shared affine)."""
+        self.affine.randomize(None)
+        if not self.affine._do_transform:
+            return image, targets
+        img = self.affine(image, randomize=False, mode="bilinear")
+        tgt = self.affine(targets, randomize=False, mode="nearest") if targets.shape[0] else targets
+        return _plain(img), _plain(tgt)
+
+    def intensity_jitter(self, image: torch.Tensor) -> torch.Tensor:
+        x = image
+        for t in self.intensity:
+            x = t(x)
+        return _plain(x).clamp(0.0, 1.0)
+
+
+class ManifestDataset(torch.utils.data.Dataset):
+    """Model-space samples: image, targets on the feature grid (model grid / 2), texts."""
+
+    def __init__(self, manifest: str | Path, spec, anatomies: list[str], augment: bool = False,
+                 cache: bool = True, preload: bool = True, seed: int = 0, two_views: bool = False):
+        self.manifest = Path(manifest)
+        self.root = self.manifest.parent
+        self.entries = read_manifest(self.manifest)
+        self.spec, self.anatomies, self.cache = spec, list(anatomies), cache
+        self.augment = Augmenter() if augment else None
+        self.seed = seed
+        self.two_views = two_views
+        self.epoch_step = 0
+        self._cases = [load_case(e, self.root, spec, cache) for e in self.entries] if preload else None
+
+    def __len__(self):
+        return len(self.entries)
+
+    def case(self, i: int) -> Case:
+        if self._cases is not None:
+            return self._cases[i]
+        return load_case(self.entries[i], self.root, self.spec, self.cache)
+
+    def sample(self, i: int, aug_seed: int | None = None) -> dict:
+        c = self.case(i)
+        img = torch.from_numpy(c.image.astype(np.float32))[None]
+        am = anatomy_masks(c, self.anatomies)
+        ft, known = finding_targets(c)
+        tg = torch.from_numpy(np.concatenate([am, ft], 0).astype(np.float32))
+        img2 = None
+        if self.augment is not None and aug_seed is not None:
+            self.augment.seed(aug_seed)
+            img, tg = self.augment.geometry(img, tg)
+            base = img
+            img = self.augment.intensity_jitter(base)
+            if self.two_views:
+                img2 = self.augment.intensity_jitter(base)
+        # targets on the feature grid: block average (soft) over 2x2x2 model voxels
+        tg_f = F.avg_pool3d(tg[None], 2)[0]
+        A = len(self.anatomies)
+        out = dict(case_id=c.case_id, image=img.float(), anat=tg_f[:A], find=tg_f[A:],
+                   anat_full=tg[:A] > 0.5, find_full=tg[A:] > 0.5,
+                   find_known=torch.from_numpy(known), presence=torch.from_numpy(c.presence),
+                   report=c.report)
+        if img2 is not None:
+            out["image2"] = img2.float()
+        return out
+
+
+def _pad_to(x: torch.Tensor, shape) -> torch.Tensor:
+    pads = []
+    for s, t in zip(reversed(x.shape[-3:]), reversed(shape)):
+        d = t - s
+        pads += [d // 2, d - d // 2]
+    return F.pad(x, pads) if any(pads) else x
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack samples, centre-padding volumes to the largest grid in the batch."""
+    shape = [max(s["image"].shape[-3 + k] for s in samples) for k in range(3)]
+    fshape = [v // 2 for v in shape]
+    out = {"case_id": [s["case_id"] for s in samples], "report": [s["report"] for s in samples]}
+    for k in ("image", "image2", "anat_full", "find_full"):
+        if k in samples[0]:
+            out[k] = torch.stack([_pad_to(s[k], shape) for s in samples])
+    for k in ("anat", "find"):
+        out[k] = torch.stack([_pad_to(s[k], fshape) for s in samples])
+    for k in ("find_known", "presence"):
+        out[k] = torch.stack([s[k] for s in samples])
+    return out
