@@ -26,7 +26,8 @@ MAX_TOKENS = 40
 _LEFT = {"left", "l", "lt", "sinistral"}
 _RIGHT = {"right", "r", "rt", "dextral"}
 _BOTH = {"bilateral", "bilaterally", "both", "bibasilar", "bibasal"}
-_NEG = {"no", "not", "without", "absence", "absent", "negative", "free", "never", "nor", "none"}
+_NEG = {"no", "not", "without", "absence", "absent", "never", "nor", "none"}
+_NEG_BEFORE_OF = {"free", "negative", "clear"}   # negation only as "free of", "negative for"...
 _STOP = {
     "the", "a", "an", "of", "in", "on", "at", "to", "for", "and", "or", "with", "within", "around",
     "about", "is", "are", "be", "there", "any", "show", "me", "find", "segment", "highlight",
@@ -183,7 +184,7 @@ def parse_prompt(text: str) -> ParsedPrompt:
             sides.add("right")
         elif w in _BOTH:
             sides.update(("left", "right"))
-        elif w in _NEG:
+        elif w in _NEG or (w in _NEG_BEFORE_OF and nxt in ("of", "for")):
             negated = True
         elif w == "rule" and nxt == "out":
             continue
