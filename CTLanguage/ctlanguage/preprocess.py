@@ -241,7 +241,7 @@ def _largest_component_bbox(mask: np.ndarray):
     counts = np.bincount(labels.ravel())
     counts[0] = 0
     best = int(np.argmax(counts))
-    sl = ndimage.find_objects(labels == best)[0] if n > 1 else ndimage.find_objects(labels)[0]
+    sl = ndimage.find_objects(labels)[best - 1]
     return np.array([s.start for s in sl]), np.array([s.stop - 1 for s in sl])
 
 
