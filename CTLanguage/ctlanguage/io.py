@@ -60,6 +60,8 @@ def read_ct(path, validate: bool = True) -> CTVolume:
         )
     if path.stat().st_size == 0:
         raise InputError(f"The file {path} is empty (0 bytes).")
+    if suffix in (".nii", ".nii.gz"):
+        _check_nifti_complete(path, suffix)
     volume = _read_with_sitk(path)
     if validate:
         volume.validate()
@@ -73,6 +75,39 @@ def _looks_like_dicom(path: Path) -> bool:
         return len(head) == 132 and head[128:132] == b"DICM"
     except OSError:
         return False
+
+
+def _check_nifti_complete(path: Path, suffix: str) -> None:
+    """Refuse truncated NIfTI files: ITK silently fills missing voxel data with zeros."""
+    import gzip
+    import struct
+    import zlib
+
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header
+        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    except Exception as exc:  # nibabel raises many types on corrupt headers
+        raise InputError(f"Cannot read {path.name}: the NIfTI header is corrupt ({exc}).") from None
+    if suffix == ".nii":
+        actual = path.stat().st_size
+    else:
+        with open(path, "rb") as fh:  # gzip trailer: uncompressed size mod 2**32 (last member)
+            fh.seek(-4, os.SEEK_END)
+            if struct.unpack("<I", fh.read(4))[0] == expected % 2**32:
+                return
+        actual = 0  # multi-member or damaged: count exactly by streaming
+        try:
+            with gzip.open(path, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    actual += len(chunk)
+        except (EOFError, OSError, zlib.error):
+            raise InputError(f"Cannot read {path.name}: the compressed file is truncated or corrupt.") from None
+    if actual < expected:
+        raise InputError(
+            f"Cannot read {path.name}: the file is truncated ({actual} of {expected} bytes of header and voxel data)."
+        )
 
 
 def _read_with_sitk(path: Path) -> CTVolume:
