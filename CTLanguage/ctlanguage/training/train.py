@@ -337,20 +337,21 @@ def heldout_ensembles() -> dict | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    recs = data.get("paraphrases", data.get("prompts", data)) if isinstance(data, dict) else data
+    recs = data.get("items", data.get("paraphrases", data)) if isinstance(data, dict) else data
     out: dict = {}
-    finding_keys = {f for f, _, _ in PH.finding_items()}
+    keys = {(f, s) for f, s, _ in PH.finding_items()}
     if isinstance(recs, list):
         for r in recs:
-            if isinstance(r, dict):
-                f = r.get("finding")
-                text = r.get("text") or r.get("prompt") or r.get("phrase")
-                if f in finding_keys and text:
-                    out.setdefault((f, r.get("laterality")), []).append(text)
-    elif isinstance(recs, dict):
-        for f, v in recs.items():
-            if f in finding_keys and isinstance(v, list):
-                out.setdefault((f, None), []).extend(x for x in v if isinstance(x, str))
+            if not isinstance(r, dict) or r.get("kind", "finding") != "finding":
+                continue
+            f = r.get("finding") or r.get("key")
+            text = r.get("text") or r.get("prompt") or r.get("phrase")
+            lat = r.get("laterality")
+            if not text:
+                continue
+            for s in ([lat] if lat in ("left", "right") else [None, "left", "right"]):
+                if (f, s) in keys:
+                    out.setdefault((f, s), []).append(text)
     # sided items without sided paraphrases: nothing (keeps the comparison honest)
     return out or None
 
