@@ -1,0 +1,273 @@
+"""Case generation (``generate_case``) and corpus writing (``write_corpus`` + ``manifest.jsonl``).
+
+A case is fully determined by its seed.  Geometry is built on a canonical RAS-aligned grid; the
+optional re-orientation at the end permutes / flips the voxel axes and adjusts ``ijk_to_ras``
+exactly (no resampling), and a random origin offset moves the patient in scanner space.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import ExportError, InputError
+from . import anatomy as an
+from . import findings as fd
+from .report_writer import write_report
+from .texture import scanner, tissue_table
+
+
+@dataclass
+class PhantomCase:
+    seed: int
+    volume: np.ndarray  # float32 HU, [k, j, i]
+    ijk_to_ras: np.ndarray  # 4x4
+    structures: np.ndarray  # uint8 label map, [k, j, i]
+    structure_labels: dict  # {int: name}
+    findings: list  # list[findings.Finding]
+    labels: dict  # {finding key: 0/1}
+    report: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def volume_array(self) -> np.ndarray:
+        return self.volume
+
+    def anatomy_mask(self, name: str) -> np.ndarray:
+        return an.anatomy_mask(self.structures, name)
+
+
+def _spacing(spacing, rng):
+    if spacing is None:
+        s = rng.uniform(1.8, 2.4)
+        return np.array([s, s, rng.uniform(2.0, 3.0)])
+    if np.isscalar(spacing):
+        s = float(spacing)
+        if not (0.3 <= s <= 10):
+            raise InputError(f"Spacing {s} mm is outside the supported range 0.3-10 mm.")
+        return np.array([s, s, s])
+    sp = np.asarray(spacing, float).reshape(-1)
+    if sp.size != 3 or np.any(sp < 0.3) or np.any(sp > 10):
+        raise InputError("Spacing must be one number or three numbers (x, y, z) between 0.3 and 10 mm.")
+    return sp
+
+
+def _make_grid(P, rng, sp):
+    u = rng.uniform
+    zs = np.linspace(P["z_bif"] - 50, P["z_apex"] + 50, 64)
+    a, ba, bp = an.body_radii(P, zs)
+    amax, bamax, bpmax = float(np.max(a)), float(np.max(ba)), float(np.max(bp))
+    mx, my = u(-5, 35), u(5, 40)
+    x0, x1 = -(amax + mx), amax + mx
+    y0, y1 = -(bpmax + my) + u(-10, 5), bamax + my
+    r = rng.random()
+    if r < 0.7:
+        kind = "chest_abdomen"
+        z1 = P["z_apex"] + u(5, 35)
+        z0 = P["z_kidney_r"] - u(60, 100)
+    elif r < 0.85:
+        kind = "chest"
+        z1 = P["z_apex"] + u(5, 35)
+        z0 = P["z_dome_r"] - u(60, 110)
+    else:
+        kind = "abdomen"
+        z1 = P["z_dome_r"] + u(30, 70)
+        z0 = P["z_kidney_r"] - u(60, 120)
+    n = np.floor((np.array([x1 - x0, y1 - y0, z1 - z0])) / sp).astype(int) + 1
+    return an.Grid((n[2], n[1], n[0]), sp, (x0, y0, z0)), kind
+
+
+def orient_transform(shape_kji, rng):
+    """Random axis permutation + flips of a [k, j, i] array.
+
+    Returns (perm, flips, T) where ``new = flip(transpose(old_ijk_order, perm))`` and ``T`` maps
+    new homogeneous (i, j, k) indices to old ones: ``old = T @ new``.
+    """
+    perm = rng.permutation(3)
+    flips = rng.random(3) < 0.5
+    n_old_ijk = np.array(shape_kji[::-1])
+    T = np.zeros((4, 4))
+    T[3, 3] = 1
+    for a in range(3):  # new index axis a takes old index axis perm[a]
+        if flips[a]:
+            T[perm[a], a] = -1
+            T[perm[a], 3] = n_old_ijk[perm[a]] - 1
+        else:
+            T[perm[a], a] = 1
+    return perm, flips, T
+
+
+def apply_orientation(arr: np.ndarray, perm, flips) -> np.ndarray:
+    a = np.transpose(arr, (2, 1, 0))  # -> [i, j, k]
+    a = np.transpose(a, perm)
+    for ax in range(3):
+        if flips[ax]:
+            a = np.flip(a, axis=ax)
+    return np.ascontiguousarray(np.transpose(a, (2, 1, 0)))
+
+
+def generate_case(seed: int, spacing=None, orient: bool = True) -> PhantomCase:
+    """One synthetic torso CT with label map, exact finding masks and a generated report."""
+    seed = int(seed)
+    ss = np.random.SeedSequence(seed)
+    r_pat, r_find, r_anat, r_apply, r_scan, r_geo, r_rep = (np.random.default_rng(s) for s in ss.spawn(7))
+    P = an.sample_patient(r_pat)
+    plan = fd.plan_findings(r_find, P)
+    T = tissue_table(r_pat, P["contrast"])
+    sp = _spacing(spacing, r_geo)
+    grid, fov = _make_grid(P, r_geo, sp)
+    thickness = float(sp[2] * r_geo.uniform(1.0, 1.25))
+    noise_sd = float(r_geo.uniform(8, 25))
+    fwhm = float(r_geo.uniform(1.0, 1.6)) * float(min(sp[0], 2.0))
+    perm, flips, Tm = orient_transform(grid.shape, r_geo)
+    offset = r_geo.uniform(-150, 150, 3)
+
+    A = an.build_anatomy(grid, P, T, r_anat)
+    finds = fd.apply_findings(A, plan, r_apply)
+    counts = np.bincount(A.lab.reshape(-1), minlength=len(an.STRUCTURE_NAMES) + 1)
+    visible = {an.STRUCTURE_LABELS[i] for i in range(1, len(counts)) if counts[i] >= 20}
+    if counts[1:6].sum() >= 20:
+        visible |= {"lung_left", "lung_right"}
+    report = write_report(finds, visible, r_rep, P["contrast"])
+    vol = scanner(A.hu, grid.spacing, thickness, noise_sd, r_scan, fwhm)
+    np.clip(vol, -1024, 3071, out=vol)
+
+    m = grid.ijk_to_ras()
+    m[:3, 3] += offset
+    lab = A.lab
+    if orient:
+        m = m @ Tm
+        vol = apply_orientation(vol, perm, flips)
+        lab = apply_orientation(lab, perm, flips)
+        for f in finds:
+            f.mask = apply_orientation(f.mask, perm, flips)
+    for f in finds:
+        if f.info.get("centroid") is not None:
+            f.info["centroid"] = [float(v) for v in (np.array(f.info["centroid"]) + offset)]
+    labels = {k: 0 for k in fd.FINDING_KEYS}
+    for f in finds:
+        labels[f.name] = 1
+    meta = dict(spacing=[float(v) for v in sp], slice_thickness=thickness, noise_sd=noise_sd, psf_fwhm_mm=fwhm,
+                contrast=bool(P["contrast"]), fov=fov, oriented=bool(orient), axis_perm=[int(v) for v in perm],
+                axis_flips=[bool(v) for v in flips], visible=sorted(visible))
+    return PhantomCase(seed, vol, m, lab, dict(an.STRUCTURE_LABELS), finds, labels, report, meta)
+
+
+# ----------------------------------------------------------------------------- writing
+def _atomic_tmp(path: str, suffix: str) -> str:
+    d = os.path.dirname(os.path.abspath(path))
+    fd_, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=d)
+    os.close(fd_)
+    return tmp
+
+
+def write_nifti(array: np.ndarray, ijk_to_ras: np.ndarray, path: str, compression_level: int = 1) -> None:
+    """Atomic NIfTI write with SimpleITK (RAS affine converted to ITK's LPS)."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(array)
+    m = np.asarray(ijk_to_ras, float)
+    lps = np.diag([-1.0, -1.0, 1.0]) @ m[:3, :]
+    spacing = np.linalg.norm(lps[:, :3], axis=0)
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetDirection(tuple(float(v) for v in (lps[:, :3] / spacing).ravel()))
+    img.SetOrigin(tuple(float(v) for v in lps[:, 3]))
+    tmp = _atomic_tmp(path, ".nii.gz")
+    try:
+        sitk.WriteImage(img, tmp, True, compression_level)
+        os.replace(tmp, path)
+    except Exception as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise ExportError(f"Could not write {path}: {exc}") from exc
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = _atomic_tmp(path, ".txt")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except Exception as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise ExportError(f"Could not write {path}: {exc}") from exc
+
+
+def write_case(case: PhantomCase, out_dir: str, montage: bool = True) -> dict:
+    """Write one case folder; returns its manifest record (paths relative to ``out_dir``)."""
+    cid = f"case_{case.seed:05d}"
+    cdir = os.path.join(out_dir, cid)
+    os.makedirs(os.path.join(cdir, "findings"), exist_ok=True)
+    write_nifti(np.rint(case.volume).astype(np.int16), case.ijk_to_ras, os.path.join(cdir, "ct.nii.gz"))
+    write_nifti(case.structures, case.ijk_to_ras, os.path.join(cdir, "structures.nii.gz"))
+    recs = []
+    for f in case.findings:
+        rel = f"{cid}/findings/{f.key}.nii.gz"
+        write_nifti(f.mask, case.ijk_to_ras, os.path.join(out_dir, rel))
+        recs.append({"name": f.name, "anatomy": f.anatomy, "laterality": f.laterality, "mask": rel,
+                     "volume_ml": round(float(f.volume_ml), 3)})
+    _write_text(os.path.join(cdir, "report.txt"), case.report)
+    rec = {"case_id": cid, "seed": case.seed, "image": f"{cid}/ct.nii.gz", "report": f"{cid}/report.txt",
+           "structures": f"{cid}/structures.nii.gz",
+           "structure_labels": {str(k): v for k, v in case.structure_labels.items()},
+           "findings": recs, "labels": dict(case.labels)}
+    if montage:
+        from .montage import render_montage, save_png
+
+        img = render_montage(case.volume, case.ijk_to_ras, case.findings, title=cid)
+        save_png(img, os.path.join(cdir, "montage.png"))
+        rec["montage"] = f"{cid}/montage.png"
+    return rec
+
+
+def _work(args):
+    seed, out_dir, spacing, orient, montage = args
+    t = time.perf_counter()
+    case = generate_case(seed, spacing=spacing, orient=orient)
+    tg = time.perf_counter() - t
+    rec = write_case(case, out_dir, montage=montage)
+    return rec, tg, time.perf_counter() - t
+
+
+def write_corpus(out_dir: str, n: int, seed: int = 0, spacing=None, orient: bool = True, montage: bool = True,
+                 workers: int = 1, progress=None) -> dict:
+    """Write ``n`` cases (seeds ``seed .. seed+n-1``) and ``out_dir/manifest.jsonl``.
+
+    ``progress(fraction, message)`` is called after each case.  Returns timing statistics.
+    """
+    if n < 0:
+        raise InputError("The number of cases must be zero or more.")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"Cannot create output folder {out_dir}: {exc}") from exc
+    if not os.access(out_dir, os.W_OK):
+        raise ExportError(f"Output folder {out_dir} is not writable.")
+    jobs = [(seed + i, out_dir, spacing, orient, montage) for i in range(n)]
+    recs, tgen, ttot = [], [], []
+    t0 = time.perf_counter()
+    if workers > 1 and n > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for i, (rec, tg, tt) in enumerate(pool.imap(_work, jobs)):
+                recs.append(rec), tgen.append(tg), ttot.append(tt)
+                if progress:
+                    progress((i + 1) / n, rec["case_id"])
+    else:
+        for i, job in enumerate(jobs):
+            rec, tg, tt = _work(job)
+            recs.append(rec), tgen.append(tg), ttot.append(tt)
+            if progress:
+                progress((i + 1) / n, rec["case_id"])
+    path = os.path.join(out_dir, "manifest.jsonl")
+    _write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
+    wall = time.perf_counter() - t0
+    return dict(n=n, manifest=path, wall_s=wall, generate_s_mean=float(np.mean(tgen)) if tgen else 0.0,
+                case_s_mean=float(np.mean(ttot)) if ttot else 0.0, cases_per_s=n / wall if wall > 0 else 0.0)
