@@ -250,7 +250,9 @@ def _slice_hu(path: Path, rows: int, cols: int) -> np.ndarray:
         raise InputError(f"The DICOM file {path.name} has no pixel data.")
     try:
         raw = ds.pixel_array
-        hu = raw.astype(np.float32) * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        hu = (raw.astype(np.float64) * slope + intercept).astype(np.float32)
     except Exception as exc:  # compressed syntax without a pydicom decoder, or truncated data
         hu = _slice_hu_sitk(path, exc)
     if hu.shape != (rows, cols):
@@ -321,7 +323,8 @@ def write_dicom_series(volume: CTVolume, folder, patient_name: str = "Phantom^CT
         )
     modality = modality.upper()
     sop_class = _SOP_CLASS_FOR_MODALITY.get(modality, SECONDARY_CAPTURE)
-    slope, intercept = _rescale_for(arr)
+    # use the values exactly as they will read back from their decimal strings
+    slope, intercept = (float(v) for v in _ds(_rescale_for(arr)))
 
     folder = Path(folder)
     try:
