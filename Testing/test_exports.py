@@ -325,3 +325,14 @@ def test_mask_shape_mismatch_is_refused(tmp_path):
     with pytest.raises(ExportError, match="shape"):
         export_all(synthetic_volume(SHAPE), fs, tmp_path / "out", model=MODEL_INFO)
     assert not (tmp_path / "out").exists()
+
+
+def test_seg_nrrd_non_ascii_and_long_names_round_trip_in_slicer(tmp_path):
+    vol = synthetic_volume(SHAPE)
+    fs = synthetic_findings(SHAPE)[:2]
+    fs[0].prompt = "épanchement pleural — 肺"
+    fs[1].prompt = "lesion " * 300
+    export_all(vol, fs, tmp_path / "out", model=MODEL_INFO, formats=("seg_nrrd",))
+    segs = _read_seg_with_slicer(tmp_path / "out" / "segmentation.seg.nrrd")
+    assert segs[0]["name"] == "épanchement pleural — 肺"
+    assert segs[1]["name"] == fs[1].prompt.strip()

@@ -51,17 +51,23 @@ class Reporter:
         from rich.progress import (BarColumn, Progress, SpinnerColumn, TextColumn,
                                    TimeElapsedColumn)
 
+        t0 = time.perf_counter()
+        last = {"msg": ""}
+        # transient: a failed step leaves no half-drawn bar above the one-line error
         with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                       TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
                       TextColumn("[dim]{task.fields[msg]}"), console=self.console,
-                      transient=False) as prog:
+                      transient=True) as prog:
             task = prog.add_task(description, total=1.0, msg="")
 
             def cb(fraction: float = 0.0, message: str = "") -> None:
+                last["msg"] = message or last["msg"]
                 prog.update(task, completed=max(0.0, min(float(fraction), 1.0)), msg=message or "")
 
             yield cb
-            prog.update(task, completed=1.0, msg="done")
+        msg = f" [dim]{last['msg']}[/dim]" if last["msg"] and last["msg"] != "done" else ""
+        self.console.print(f"[green]✓[/green] {description} ({time.perf_counter() - t0:.1f} s){msg}",
+                           highlight=False)
 
     def bytes_progress(self, description: str):
         """Context manager yielding a (done, total, message) callback for downloads."""

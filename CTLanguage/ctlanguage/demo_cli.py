@@ -1,0 +1,154 @@
+"""`ctlanguage demo --out DIR`: the main job end to end, offline, on the embedded default model.
+
+1. make a synthetic torso CT with the phantom (seeded) and write it as NIfTI and as a DICOM series;
+2. read the DICOM series back (exactly as a user's scanner export would be read);
+3. encode it once on the embedded default model;
+4. answer several free-text prompts;
+5. write every export (findings.json/.csv, masks/*.nii.gz, segmentation.seg.nrrd, report.html,
+   segmentation.dcm referencing the series) and print a table of findings and where files are.
+Nothing interactive is opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+DEFAULT_PROMPTS = [
+    "liver",
+    "left lung",
+    "liver lesion",
+    "fluid around the right lung",
+    "kidney stone",
+    "enlarged heart",
+    "spleen",
+]
+
+
+def _phantom_volume(case):
+    for name in ("volume", "ct", "image"):
+        v = getattr(case, name, None)
+        if v is not None and hasattr(v, "array"):
+            return v
+    raise RuntimeError("phantom case has no CT volume")
+
+
+def _truth_text(case) -> str:
+    for name in ("report", "report_text"):
+        v = getattr(case, name, None)
+        if isinstance(v, str) and v.strip():
+            return v.strip()
+    return ""
+
+
+def _truth_labels(case) -> dict:
+    v = getattr(case, "labels", None)
+    return dict(v) if isinstance(v, dict) else {}
+
+
+def cmd_demo(args) -> int:
+    from . import io as ctio
+    from .dicom_io import write_dicom_series
+    from .exports.atomic import check_writable_dir
+    from .query_cli import Reporter, findings_table, load_model, query_and_export, split_prompt_args
+
+    reporter = Reporter(args.quiet)
+    prompts = split_prompt_args(args.prompt) if args.prompt else list(DEFAULT_PROMPTS)
+    out = Path(args.out)
+    check_writable_dir(out)
+    case_dir = out / "case"
+    results = out / "results"
+    timings: dict[str, float] = {}
+
+    # 1. synthetic case
+    t = time.perf_counter()
+    with reporter.step(f"phantom case (seed {args.seed})") as cb:
+        from .phantom import generate_case
+
+        case = generate_case(args.seed)
+        cb(0.6, "writing NIfTI")
+        volume = _phantom_volume(case)
+        case_dir.mkdir(parents=True, exist_ok=True)
+        ctio.write_volume(volume, case_dir / "ct.nii.gz")
+        report = _truth_text(case)
+        if report:
+            (case_dir / "report.txt").write_text(report + "\n", encoding="utf-8")
+        cb(0.8, "writing DICOM series")
+        dicom_dir = case_dir / "dicom"
+        if dicom_dir.exists():
+            import shutil
+
+            shutil.rmtree(dicom_dir)
+        write_dicom_series(volume, dicom_dir, series_description=f"CTLanguage phantom seed {args.seed}")
+    timings["phantom + NIfTI + DICOM"] = time.perf_counter() - t
+
+    # 2. read it back as a user's DICOM folder
+    t = time.perf_counter()
+    with reporter.step("reading the DICOM series") as cb:
+        volume = ctio.read_ct(dicom_dir)
+        cb(1.0, "")
+    timings["read DICOM"] = time.perf_counter() - t
+
+    # 3. encode once
+    t = time.perf_counter()
+    model = load_model(args.model, args.device, reporter)
+    timings["load model"] = time.perf_counter() - t
+    t = time.perf_counter()
+    with reporter.step("encoding") as cb:
+        enc = model.engine.encode(volume, progress=cb)
+    timings["encode"] = time.perf_counter() - t
+
+    # 4. + 5. prompts and exports
+    findings, result = query_and_export(model, enc, volume, prompts, results, reporter,
+                                        mask_threshold=args.mask_threshold,
+                                        input_path=str(dicom_dir),
+                                        extra={"demo": {"phantom_seed": args.seed}})
+    timings[f"query ({len(prompts)} prompts)"] = result.timings["query"]
+    timings["per prompt (mean)"] = result.timings["query"] / max(len(prompts), 1)
+    timings["exports"] = result.timings["export"]
+
+    if not args.quiet:
+        from rich.table import Table
+
+        con = reporter.console
+        con.print(findings_table(findings, result,
+                                 title=f"CTLanguage demo — model {model.info['id']} {model.info['version']}"))
+        truth = _truth_labels(case)
+        if truth:
+            present = sorted(k for k, v in truth.items() if v)
+            con.print(f"phantom truth (findings present): {', '.join(present) or 'none'}")
+        tt = Table(title="timings (this machine)")
+        tt.add_column("step")
+        tt.add_column("seconds", justify="right")
+        for k, v in timings.items():
+            tt.add_row(k, f"{v:.3f}")
+        con.print(tt)
+        con.print(f"[bold]case[/bold]     {case_dir}/ (ct.nii.gz, dicom/{', report.txt' if report else ''})")
+        con.print(f"[bold]results[/bold]  {results}/")
+        for name in sorted(result.files):
+            con.print(f"  {result.files[name]}")
+        con.print(f"  {results / 'masks'}/ ({len(result.masks)} masks)")
+        con.print("Research use only — synthetic data, not for diagnosis.")
+    with contextlib.suppress(Exception):
+        import json
+
+        (out / "timings.json").write_text(json.dumps({k: round(v, 4) for k, v in timings.items()},
+                                                     indent=2) + "\n")
+    return 0
+
+
+def register(subparsers) -> None:
+    from .query_cli import _add_model_args, _threshold
+
+    p = subparsers.add_parser(
+        "demo", help="synthetic case -> encode -> several prompts -> all exports (offline)",
+        description="Make a synthetic CT (NIfTI + DICOM series) with the phantom, encode it once on the "
+                    "embedded default model, answer several prompts and write every export into DIR.")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (case/ and results/)")
+    p.add_argument("--seed", type=int, default=7, help="phantom seed (default 7)")
+    p.add_argument("--prompt", "-p", action="append",
+                   help="prompt(s) to run instead of the default demo set (repeatable)")
+    p.add_argument("--mask-threshold", type=_threshold, default=0.5, metavar="X")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_demo)
