@@ -19,6 +19,7 @@ DEFAULT_PROMPTS = [
     "liver",
     "left lung",
     "liver lesion",
+    "fluid around the left lung",
     "fluid around the right lung",
     "kidney stone",
     "enlarged heart",
@@ -27,11 +28,44 @@ DEFAULT_PROMPTS = [
 
 
 def _phantom_volume(case):
-    for name in ("volume", "ct", "image"):
-        v = getattr(case, name, None)
-        if v is not None and hasattr(v, "array"):
-            return v
-    raise RuntimeError("phantom case has no CT volume")
+    from .volume import CTVolume
+
+    v = case.volume
+    if hasattr(v, "array"):
+        return v
+    return CTVolume(v, case.ijk_to_ras, source=f"phantom seed {case.seed}", modality="CT")
+
+
+def _dice(a, b) -> float | None:
+    import numpy as np
+
+    a = a.astype(bool)
+    b = b.astype(bool)
+    s = int(a.sum()) + int(b.sum())
+    return None if s == 0 else 2.0 * int(np.count_nonzero(a & b)) / s
+
+
+def _truth_for(case, f) -> str:
+    """What the phantom really contains for this finding (present/absent, Dice of the mask)."""
+    import numpy as np
+
+    try:
+        if getattr(f, "finding", None):
+            hits = [t for t in case.findings if t.name == f.finding
+                    and (not f.laterality or not t.laterality or t.laterality == f.laterality)]
+            if not hits:
+                return "absent"
+            union = np.zeros_like(hits[0].mask)
+            for t in hits:
+                union |= t.mask
+            d = _dice(f.mask, union) if getattr(f, "mask", None) is not None else None
+            return "present" + (f", Dice {d:.2f}" if d is not None else "")
+        if getattr(f, "anatomy", None):
+            d = _dice(f.mask, case.anatomy_mask(f.anatomy))
+            return "—" if d is None else f"Dice {d:.2f}"
+    except Exception:  # noqa: BLE001 - truth is a bonus column
+        return "?"
+    return "—"
 
 
 def _truth_text(case) -> str:
@@ -112,8 +146,10 @@ def cmd_demo(args) -> int:
         from rich.table import Table
 
         con = reporter.console
-        con.print(findings_table(findings, result,
-                                 title=f"CTLanguage demo — model {model.info['id']} {model.info['version']}"))
+        table = findings_table(findings, result,
+                               title=f"CTLanguage demo — model {model.info['id']} {model.info['version']}",
+                               extra={"phantom truth": [_truth_for(case, f) for f in findings]})
+        con.print(table)
         truth = _truth_labels(case)
         if truth:
             present = sorted(k for k, v in truth.items() if v)

@@ -245,23 +245,27 @@ def query_and_export(model: LoadedModel, enc: Any, volume: Any, prompts: list[st
     return findings, result
 
 
-def findings_table(findings: Sequence[Any], result: Any, title: str = "Findings"):
+def findings_table(findings: Sequence[Any], result: Any, title: str = "Findings",
+                   extra: dict[str, list[str]] | None = None):
     from rich.table import Table
 
     t = Table(title=title, show_lines=False)
     for col, just in (("prompt", "left"), ("anatomy", "left"), ("finding", "left"),
                       ("side", "left"), ("probability", "right"), ("understood", "right"),
-                      ("volume ml", "right"), ("mask", "left")):
+                      ("volume ml", "right")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for col in (extra or {}):
+        t.add_column(col)
     slugs = getattr(result, "slugs", [None] * len(findings))
-    for f, slug in zip(findings, slugs):
+    for n, (f, slug) in enumerate(zip(findings, slugs)):
         p = getattr(f, "probability", None)
         c = getattr(f, "prompt_confidence", None)
         v = getattr(f, "volume_ml", None)
         t.add_row(str(f.prompt), str(getattr(f, "anatomy", None) or "—"),
                   str(getattr(f, "finding", None) or "—"), str(getattr(f, "laterality", None) or "—"),
                   "—" if p is None else f"{p:.2f}", "—" if c is None else f"{c:.2f}",
-                  "—" if v is None else f"{v:.1f}", f"masks/{slug}.nii.gz" if slug else "—")
+                  "—" if v is None else f"{v:.1f}",
+                  *[str(vals[n]) for vals in (extra or {}).values()])
     return t
 
 
