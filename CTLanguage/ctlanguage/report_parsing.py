@@ -156,7 +156,7 @@ def _clause_bounds(words: list, terms: list) -> list:
 
 
 def _mentions(words: list):
-    """Finding and anatomy mentions: [(pos, kind, key, side_or_None)]."""
+    """Finding and anatomy mentions [(pos, kind, key, side_or_None, end)], head-word hits."""
     phrases, heads, _ = _index()
     content = [(i, w) for i, w in enumerate(words) if w not in _STOP and w not in (";", ":")
                and w not in _LEFT | _RIGHT | _BOTH]
@@ -170,7 +170,7 @@ def _mentions(words: list):
             entry = phrases.get(tuple(toks[s:s + length]))
             if entry and not (length == 1 and toks[s] in ("l", "r")):
                 key, kind, _, side = entry
-                found.append((content[s][0], kind, key, side))
+                found.append((content[s][0], kind, key, side, content[s + length - 1][0] + 1))
                 covered[s:s + length] = [True] * length
     head_hits = []
     for length in (2, 1):
@@ -181,10 +181,11 @@ def _mentions(words: list):
     return sorted(found), head_hits
 
 
-def _side_near(words: list, pos: int, lo: int) -> Optional[str]:
-    """Laterality word closest before pos (within the clause, at most 6 words back)."""
+def _side_near(words: list, pos: int, lo: int, end: Optional[int] = None) -> Optional[str]:
+    """Laterality word inside the mention [pos, end) or closest before it (within the clause,
+    at most 6 words back)."""
     sides = set()
-    for i in range(pos - 1, max(lo, pos - 7) - 1, -1):
+    for i in range((end or pos + 1) - 1, max(lo, pos - 6) - 1, -1):
         w = words[i]
         if w in _BOTH:
             return "bilateral"
@@ -216,25 +217,25 @@ def analyse_sentence(text: str, section: Optional[str] = None) -> Sentence:
         return lo, hi
 
     mentions, head_hits = _mentions(words)
-    anat = [(p, k, s) for p, kind, k, s in mentions if kind == "anatomy"]
-    finds = [(p, k) for p, kind, k, _ in mentions if kind == "finding"]
+    anat = [(p, k, s, e) for p, kind, k, s, e in mentions if kind == "anatomy"]
+    finds = [(p, k, e) for p, kind, k, _, e in mentions if kind == "finding"]
     # anatomy + head word in the same clause -> finding judged there
     for pos, cands in head_hits:
         lo, hi = clause(pos)
-        for apos, akey, _ in sorted(anat, key=lambda a: abs(a[0] - pos)):
+        for apos, akey, _, _ in sorted(anat, key=lambda a: abs(a[0] - pos)):
             if lo <= apos < hi:
                 fit = [f for f in sorted(cands) if _fits(f, akey)]
                 if fit:
-                    finds.append((pos, fit[0]))
+                    finds.append((pos, fit[0], pos + 1))
                     break
         else:
-            if len(cands) > 1 and _side_near(words, pos + 1, lo):
+            if len(cands) > 1 and _side_near(words, pos, lo):
                 cands = {c for c in cands if vocab.get(c).sided}   # "left calculus": a kidney
                 if len(cands) == 1:
-                    finds.append((pos, next(iter(cands))))
+                    finds.append((pos, next(iter(cands)), pos + 1))
                     continue
             if len(cands) == 1 and next(iter(cands)) in _STANDALONE_HEADS:
-                finds.append((pos, next(iter(cands))))
+                finds.append((pos, next(iter(cands)), pos + 1))
 
     def status_at(pos):
         lo, hi = clause(pos)
@@ -253,27 +254,27 @@ def analyse_sentence(text: str, section: Optional[str] = None) -> Sentence:
         return st
 
     # anatomy mentions with their side (abbreviation, or a side word just before them)
-    anat = [(p, k, side or _side_near(words, p + 1, clause(p)[0])) for p, k, side in anat]
+    anat = [(p, k, side or _side_near(words, p, clause(p)[0], e)) for p, k, side, e in anat]
     context = _section_anatomies(section) if section else []
 
     def side_from_anatomy(key, pos):
         """Side of the anatomies that fit a sided finding: same clause, sentence, then section."""
-        fitting = [(p, s) for p, k, s in anat if s in ("left", "right") and _fits(key, k)]
+        fitting = [(p, s) for p, k, s in anat if s and _fits(key, k)]
         for pool in ([s for p, s in fitting if clause(p) == clause(pos)], [s for _, s in fitting],
                      [vocab.get(c).side for c in context if _fits(key, c) and vocab.get(c).side]):
             sides = set(pool)
             if sides:
-                return "bilateral" if len(sides) > 1 else sides.pop()
+                return "bilateral" if len(sides) > 1 or "bilateral" in sides else sides.pop()
         return None
 
     fstatus, flat = {}, {}
     rank = {PRESENT: 3, UNCERTAIN: 2, ABSENT: 1}
-    for pos, key in finds:
+    for pos, key, end in finds:
         lo, _ = clause(pos)
         st = status_at(pos)
         lat = None
         if vocab.get(key).sided:
-            lat = _side_near(words, pos + 1, lo) or side_from_anatomy(key, pos)
+            lat = _side_near(words, pos, lo, end) or side_from_anatomy(key, pos)
         if key not in fstatus or rank[st] > rank[fstatus[key]]:
             fstatus[key], flat[key] = st, lat
         elif st == fstatus[key] and lat != flat[key]:
@@ -283,7 +284,8 @@ def analyse_sentence(text: str, section: Optional[str] = None) -> Sentence:
     for group, phrases_, finding in _NORMAL_RULES:
         if finding in fstatus:
             continue
-        if any(_fits_group(k, group) for _, k, _ in anat) and any(
+        named = [k for _, k, _ in anat] or context
+        if any(_fits_group(k, group) for k in named) and any(
                 re.search(rf"\b{re.escape(p)}\b", joined) for p in phrases_):
             fstatus[finding], flat[finding] = ABSENT, None
 
@@ -308,8 +310,10 @@ def analyse_sentence(text: str, section: Optional[str] = None) -> Sentence:
         elif w in _BOTH:
             sides.update(("left", "right"))
     for _, _, s in anat:
-        if s:
+        if s in ("left", "right"):
             sides.add(s)
+        elif s == "bilateral":
+            sides.update(("left", "right"))
     lat = "bilateral" if len(sides) == 2 else (next(iter(sides)) if sides else None)
     return Sentence(text=text, anatomies=anatomies, findings=dict(fstatus), laterality=lat,
                     finding_laterality=dict(flat), section=section)
@@ -338,9 +342,9 @@ def _section_anatomies(section: str) -> list:
     words = _words(section)
     mentions, _ = _mentions(words)
     out = []
-    for pos, kind, key, side in mentions:
+    for pos, kind, key, side, end in mentions:
         if kind == "anatomy":
-            out.extend(_concrete(key, side or _side_near(words, pos + 1, 0)))
+            out.extend(_concrete(key, side or _side_near(words, pos, 0, end)))
     return out
 
 
