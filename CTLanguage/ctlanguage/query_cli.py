@@ -53,6 +53,13 @@ class Reporter:
 
         t0 = time.perf_counter()
         last = {"msg": ""}
+        if not self.console.is_terminal:  # logs/pipes: one line per finished step, no bars
+            def note(fraction: float = 0.0, message: str = "") -> None:
+                last["msg"] = message or last["msg"]
+
+            yield note
+            self._done(description, t0, last["msg"])
+            return
         # transient: a failed step leaves no half-drawn bar above the one-line error
         with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                       TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
@@ -65,7 +72,10 @@ class Reporter:
                 prog.update(task, completed=max(0.0, min(float(fraction), 1.0)), msg=message or "")
 
             yield cb
-        msg = f" [dim]{last['msg']}[/dim]" if last["msg"] and last["msg"] != "done" else ""
+        self._done(description, t0, last["msg"])
+
+    def _done(self, description: str, t0: float, message: str) -> None:
+        msg = f" [dim]{message}[/dim]" if message and message != "done" else ""
         self.console.print(f"[green]✓[/green] {description} ({time.perf_counter() - t0:.1f} s){msg}",
                            highlight=False)
 

@@ -205,6 +205,9 @@ def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], sour
     from highdicom.sr import CodedConcept
     from pydicom.sr.codedict import codes as dcm_codes
 
+    import logging
+
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # per-attribute INFO chatter
     path = Path(path)
     if source is None:
         source = getattr(volume, "source", None)
