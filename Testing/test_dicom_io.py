@@ -217,3 +217,37 @@ def test_written_series_is_accepted_by_highdicom_seg(tmp_path):
     )
     assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
     assert int(seg.NumberOfFrames) == 3
+
+
+def test_compressed_series_rle_and_jpeg_lossless(tmp_path):
+    vol = ct_volume()
+    # RLE Lossless (pydicom encodes and decodes it natively)
+    write_dicom_series(vol, tmp_path / "rle")
+    for p in files_of(tmp_path / "rle"):
+        ds = pydicom.dcmread(p)
+        ds.compress("1.2.840.10008.1.2.5")
+        ds.save_as(p)
+    assert pydicom.dcmread(files_of(tmp_path / "rle")[0]).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"
+    back = read_ct(tmp_path / "rle")
+    assert np.abs(back.array - vol.array).max() <= 0.5 + 1e-4
+
+    # JPEG Lossless (process 14): pydicom has no decoder here, the reader falls back to GDCM
+    write_dicom_series(vol, tmp_path / "jpeg")
+    for n, p in enumerate(files_of(tmp_path / "jpeg")):
+        ds = pydicom.dcmread(p)
+        writer = sitk.ImageFileWriter()
+        writer.SetImageIO("GDCMImageIO")
+        writer.SetUseCompression(True)
+        writer.SetCompressor("JPEG")
+        writer.SetFileName(str(tmp_path / f"c{n}.dcm"))
+        writer.Execute(sitk.GetImageFromArray(ds.pixel_array[None]))
+        c = pydicom.dcmread(tmp_path / f"c{n}.dcm")
+        ds["PixelData"] = c["PixelData"]
+        ds.file_meta.TransferSyntaxUID = c.file_meta.TransferSyntaxUID
+        ds.save_as(p)
+        (tmp_path / f"c{n}.dcm").unlink()
+    ts = pydicom.dcmread(files_of(tmp_path / "jpeg")[0]).file_meta.TransferSyntaxUID
+    assert ts == "1.2.840.10008.1.2.4.70"
+    back = read_ct(tmp_path / "jpeg")
+    np.testing.assert_allclose(back.ijk_to_ras, vol.ijk_to_ras, atol=1e-4)
+    assert np.abs(back.array - vol.array).max() <= 0.5 + 1e-4

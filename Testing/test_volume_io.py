@@ -224,3 +224,18 @@ def test_write_errors_leave_nothing_behind(tmp_path, monkeypatch):
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "keep.nii.gz"]
     assert gzip.decompress(before)[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c")  # NIfTI-1 header
+
+
+@pytest.mark.parametrize("suffix", [".mhd", ".nhdr"])
+def test_read_detached_headers(tmp_path, suffix):
+    vol = CTVolume(ct_array(), oblique_affine())
+    img = vol.to_sitk()
+    sitk.WriteImage(sitk.Cast(img, sitk.sitkInt16), str(tmp_path / f"ct{suffix}"), useCompression=suffix == ".nhdr")
+    assert len(list(tmp_path.iterdir())) == 2  # header + detached data file
+    back = ctio.read_ct(tmp_path / f"ct{suffix}")
+    np.testing.assert_array_equal(back.array, vol.array)
+    np.testing.assert_allclose(back.ijk_to_ras, vol.ijk_to_ras, atol=1e-9)
+    data = next(p for p in tmp_path.iterdir() if p.suffix != suffix)
+    data.write_bytes(data.read_bytes()[:1000])  # truncated detached data file
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        ctio.read_ct(tmp_path / f"ct{suffix}")
