@@ -57,6 +57,15 @@ def test_lobe_is_kept_as_region():
 def test_question_flag():
     assert parse_prompt("any ascites?").question
     assert not parse_prompt("ascites").question
+    r = parse_prompt("rule out pneumonia")
+    assert r.question and not r.negated and r.finding == "consolidation" and r.confidence == 1.0
+
+
+def test_negation_words_need_their_context():
+    assert not parse_prompt("free fluid in the abdomen").negated
+    assert parse_prompt("liver free of lesions").negated
+    assert parse_prompt("lungs negative for nodules").negated
+    assert parse_prompt("not enlarged heart").negated
 
 
 def test_typos_are_corrected_with_lower_confidence():

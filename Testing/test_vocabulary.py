@@ -111,6 +111,8 @@ def test_slicer_terminology_string_format():
     assert f[1] == "SCT^49755003^Morphologically Altered Structure"
     assert f[2] == "SCT^41699000^Effusion" and f[5] == "SCT^91381003^Pleural cavity"
     assert f[6] == "SCT^24028007^Right"
+    b = v.slicer_terminology_string("pleural_effusion", "bilateral").split("~")
+    assert b[6] == "SCT^51440002^Bilateral"
     # the middle lobe's type already says "right": no extra modifier
     assert v.slicer_terminology_string("lung_middle_lobe_right").split("~")[3] == "^^"
 

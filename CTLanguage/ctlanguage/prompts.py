@@ -188,8 +188,8 @@ def parse_prompt(text: str) -> ParsedPrompt:
             sides.update(("left", "right"))
         elif w in _NEG or (w in _NEG_BEFORE_OF and nxt in ("of", "for")):
             negated = True
-        elif w == "rule" and nxt == "out":
-            continue
+        elif (w == "rule" and nxt == "out") or (w == "out" and i and words[i - 1] == "rule"):
+            question = True   # "rule out X" asks whether X is there
         elif w not in _STOP:
             content.append(w)
     content = content[:MAX_TOKENS]

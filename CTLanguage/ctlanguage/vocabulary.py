@@ -243,7 +243,7 @@ def _codes(key: str, laterality: Optional[str]):
     side = t.side if t.kind == "anatomy" else (laterality if t.sided else None)
     if t.kind == "anatomy" and laterality in SIDES and t.side and laterality != t.side:
         raise VocabularyError(f"'{key}' is on the {t.side}, not the {laterality}.")
-    side_code = mods.get(side) if side in SIDES else None
+    side_code = mods.get(side) if side in LATERALITIES else None   # bilateral: SCT 51440002
     if t.kind == "anatomy":
         # a structure's side is a type modifier, except where the type already says it
         modifier = None if (side_code and t.type.meaning and side in t.type.meaning.lower()) else side_code
