@@ -19,6 +19,7 @@ describe its ``model.safetensors``. ``weights_sha256`` is always the sha256 of m
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -344,7 +345,7 @@ def _fetch(url: str, part: Path, size: int | None, progress: ProgressFn | None,
                     done += len(block)
                     if progress:
                         progress(done, total, "downloading")
-        except (OSError, urllib.error.URLError) as exc:
+        except (OSError, urllib.error.URLError, http.client.HTTPException) as exc:
             raise CTLanguageError(
                 f"download of {url} was interrupted after {done} bytes ({exc}); run the same "
                 "command again to resume") from None
