@@ -276,9 +276,7 @@ def _smoothed_source_box(volume: CTVolume, grid: ModelGrid, spec: ModelSpec):
     import SimpleITK as sitk
 
     src_spacing = np.asarray(volume.spacing)
-    sigma = np.where(src_spacing < spec.spacing_mm, (spec.spacing_mm - src_spacing) / 2.0, 0.0)
-    if not spec.antialias:
-        sigma[:] = 0.0
+    sigma = _antialias_sigma_mm(volume, spec)
     support = np.ceil(4.0 * sigma / src_spacing).astype(int) + 2
     d = np.asarray(grid.shape[::-1]) - 1
     corners = np.array([[a, b, c] for a in (0, d[0]) for b in (0, d[1]) for c in (0, d[2])], dtype=np.float64)
@@ -313,10 +311,18 @@ def to_model_space(volume: CTVolume, spec: ModelSpec | None = None, validate: bo
 
     # 1. body detection on the full lattice (plain linear resampling is enough here)
     full = _full_lattice(volume, s)
-    coarse = _resample(_sitk_image(volume.array, volume.ijk_to_ras), full.shape, full.ijk_to_ras,
-                       nearest=False, default=air, pixel_type=sitk.sitkFloat32)
+    # axis-aligned sources (nearly all CTs): anti-aliased resampling in one separable pass whose
+    # result is cut to the final grid below; oblique sources: SimpleITK in two steps
+    fast = _smoothed_aligned(volume, full, _antialias_sigma_mm(volume, spec), air)
+    if fast is not None:
+        coarse = fast
+    else:
+        coarse = _resample(_sitk_image(volume.array, volume.ijk_to_ras), full.shape,
+                           full.ijk_to_ras, nearest=False, default=air,
+                           pixel_type=sitk.sitkFloat32)
     bbox = _largest_component_bbox(coarse > spec.body_threshold_hu)
-    del coarse
+    if fast is None:
+        del coarse
     if bbox is None:
         name = f" {volume.source}" if volume.source else ""
         raise InputError(f"No body found in the volume{name}: no voxel is above {spec.body_threshold_hu:g} HU.")
@@ -340,9 +346,16 @@ def to_model_space(volume: CTVolume, spec: ModelSpec | None = None, validate: bo
     grid = ModelGrid(tuple(int(v) for v in final), _grid_affine(s, origin))
 
     # 3. anti-aliased resampling of the needed source box onto the final grid
-    image = _smoothed_source_box(volume, grid, spec)
-    hu = _resample(image, grid.shape, grid.ijk_to_ras, nearest=False, default=air, pixel_type=sitk.sitkFloat32)
-    hu[~_inside_hull(grid, volume)] = air  # ITK's half-open buffer test is not flip-symmetric
+    if fast is not None:  # the final grid is the full lattice shifted by whole voxels
+        hu = np.full(grid.shape, air, dtype=np.float32)
+        src_lo, src_hi = np.maximum(lo, 0), np.minimum(lo + final, full.shape)
+        hu[tuple(slice(a - b, c - b) for a, c, b in zip(src_lo, src_hi, lo))] = \
+            fast[tuple(slice(a, c) for a, c in zip(src_lo, src_hi))]
+    else:
+        image = _smoothed_source_box(volume, grid, spec)
+        hu = _resample(image, grid.shape, grid.ijk_to_ras, nearest=False, default=air,
+                       pixel_type=sitk.sitkFloat32)
+        hu[~_inside_hull(grid, volume)] = air  # ITK's half-open buffer test is not flip-symmetric
     np.clip(hu, spec.hu_min, spec.hu_max, out=hu)
     hu -= spec.hu_min
     hu *= 1.0 / (spec.hu_max - spec.hu_min)
@@ -407,3 +420,77 @@ def _interp_axis(t: np.ndarray, axis: int, x: np.ndarray, nearest: bool):
     a1 *= f
     a1 += a0
     return a1, ok
+
+
+def _antialias_sigma_mm(volume: CTVolume, spec: ModelSpec) -> np.ndarray:
+    """Gaussian sigma (mm) per source axis (i, j, k): (s_model - s_src) / 2 where the source is
+    finer than the model grid, else 0."""
+    src = np.asarray(volume.spacing, dtype=np.float64)
+    sigma = np.where(src < spec.spacing_mm, (spec.spacing_mm - src) / 2.0, 0.0)
+    return sigma if spec.antialias else np.zeros(3)
+
+
+def _smoothed_aligned(volume: CTVolume, grid: ModelGrid, sigma_mm: np.ndarray, air: float):
+    """Gaussian pre-filter + linear interpolation of ``volume`` onto ``grid`` as one separable
+    linear map per axis (three matrix products), or None when the axes are not aligned.
+
+    Positions outside the hull of the source voxel centres get ``air``; the filter clamps at the
+    edges. Both rules are symmetric, so axis flips/permutations give the same result."""
+    amap = _axis_map(volume.ijk_to_ras, grid.ijk_to_ras)  # per grid axis: source axis, scale, off
+    if amap is None:
+        return None
+    t = np.asarray(volume.array, dtype=np.float32)
+    valid = np.ones((1, 1, 1), dtype=bool)
+    src_axis_of = {}  # source voxel axis -> grid voxel axis
+    for g_ax, (s_ax, scale, offset) in enumerate(amap):
+        src_axis_of[s_ax] = g_ax
+    # reduce the longest source axes first: later products then work on smaller arrays
+    for s_ax in sorted(range(3), key=lambda a: -t.shape[2 - a]):
+        g_ax = src_axis_of[s_ax]
+        _, scale, offset = amap[g_ax]
+        n_in = t.shape[2 - s_ax]
+        pos = scale * np.arange(grid.shape[2 - g_ax], dtype=np.float64) + offset
+        w, ok = _smooth_interp_matrix(pos, n_in, sigma_mm[s_ax] / volume.spacing[s_ax])
+        t = _apply_along(t, w, 2 - s_ax)
+        shape = [1, 1, 1]
+        shape[2 - s_ax] = -1
+        valid = valid & ok.reshape(shape)
+    t = np.where(valid, t, np.float32(air)).astype(np.float32, copy=False)
+    # array axis (2 - s_ax) now holds grid axis g_ax; move it to array axis (2 - g_ax)
+    order = [0, 0, 0]
+    for s_ax, g_ax in src_axis_of.items():
+        order[2 - g_ax] = 2 - s_ax
+    return np.ascontiguousarray(t.transpose(order))
+
+
+def _smooth_interp_matrix(pos: np.ndarray, n_in: int, sigma_vox: float, tol: float = 1e-3):
+    """Dense [len(pos), n_in] weights: sample at continuous index ``pos`` the signal smoothed by a
+    normalised discrete Gaussian (clamped edges), with linear interpolation between samples."""
+    ok = (pos >= -tol) & (pos <= n_in - 1 + tol)
+    p = np.clip(pos, 0.0, n_in - 1.0)
+    i0 = np.minimum(np.floor(p).astype(np.intp), max(n_in - 2, 0))
+    f = p - i0
+    radius = int(math.ceil(3.0 * sigma_vox)) if sigma_vox > 1e-3 else 0
+    offsets = np.arange(-radius, radius + 1)
+    g = np.exp(-0.5 * (offsets / sigma_vox) ** 2) if radius else np.ones(1)
+    g /= g.sum()
+    w = np.zeros((len(pos), n_in), dtype=np.float64)
+    rows = np.arange(len(pos))
+    for base, wt in ((i0, 1.0 - f), (np.minimum(i0 + 1, n_in - 1), f)):
+        for d, gd in zip(offsets, g):
+            np.add.at(w, (rows, np.clip(base + d, 0, n_in - 1)), wt * gd)
+    return w.astype(np.float32), ok
+
+
+def _apply_along(t: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray:
+    """Contract array axis ``axis`` of ``t`` with ``w`` [n_out, n_in] (BLAS matrix products)."""
+    if axis == 2:
+        d0, d1, n = t.shape
+        return (np.ascontiguousarray(t).reshape(-1, n) @ w.T).reshape(d0, d1, -1)
+    if axis == 1:  # per-slice 2D products (numpy's broadcast matmul does not use BLAS well)
+        out = np.empty((t.shape[0], w.shape[0], t.shape[2]), dtype=np.float32)
+        for k in range(t.shape[0]):
+            np.matmul(w, t[k], out=out[k])
+        return out
+    n, d1, d2 = t.shape
+    return (w @ np.ascontiguousarray(t).reshape(n, -1)).reshape(-1, d1, d2)
