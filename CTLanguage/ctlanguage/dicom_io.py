@@ -45,6 +45,7 @@ class SeriesInfo:
     sop_class_uid: str
     description: str = ""
     files: list[Path] = field(default_factory=list)
+    headers: list = field(default_factory=list, repr=False)  # pydicom datasets without pixel data
     is_image: bool = True
     frames: int = 1
 
@@ -94,6 +95,7 @@ def find_series(folder) -> list[SeriesInfo]:
                     frames=int(ds.get("NumberOfFrames", 1) or 1),
                 )
             info.files.append(path)
+            info.headers.append(ds)
     return sorted(series.values(), key=lambda s: (-len(s.files), s.series_uid))
 
 
@@ -155,12 +157,7 @@ def _floats(ds, keyword: str, n: int, path: Path) -> np.ndarray:
 def _read_slices(info: SeriesInfo) -> CTVolume:
     import pydicom
 
-    headers = []
-    for path in info.files:
-        ds = _read_header(path)
-        if ds is None:
-            raise InputError(f"The DICOM file {path} became unreadable while loading.")
-        headers.append((path, ds))
+    headers = list(zip(info.files, info.headers))
     if len(headers) < 2:
         raise InputError(f"{info} has only {len(headers)} slice; a 3D CT needs several slices.")
 
@@ -245,11 +242,16 @@ def _slice_hu(path: Path, rows: int, cols: int) -> np.ndarray:
     """HU values of one slice (per-slice RescaleSlope/Intercept applied)."""
     import pydicom
 
-    ds = pydicom.dcmread(path)
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:
+        raise InputError(f"The DICOM file {path.name} became unreadable while loading ({exc}).") from None
     if "PixelData" not in ds:
         raise InputError(f"The DICOM file {path.name} has no pixel data.")
     try:
-        raw = ds.pixel_array
+        raw = _native_pixels(ds, rows, cols)
+        if raw is None:
+            raw = ds.pixel_array
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         hu = (raw.astype(np.float64) * slope + intercept).astype(np.float32)
@@ -258,6 +260,23 @@ def _slice_hu(path: Path, rows: int, cols: int) -> np.ndarray:
     if hu.shape != (rows, cols):
         raise InputError(f"The DICOM file {path.name} has pixel data of shape {hu.shape}, expected {(rows, cols)}.")
     return hu
+
+
+_NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit / explicit VR little endian
+
+
+def _native_pixels(ds, rows: int, cols: int):
+    """Stored values of an uncompressed 16-bit little-endian slice, without pydicom's pixel
+    machinery (a few ms per slice); None for anything else (then pydicom/GDCM decode it)."""
+    if (str(ds.file_meta.get("TransferSyntaxUID", "")) not in _NATIVE_LE or ds.get("BitsAllocated") != 16
+            or ds.get("BitsStored") != 16 or ds.get("SamplesPerPixel", 1) != 1
+            or int(ds.get("NumberOfFrames", 1) or 1) != 1):
+        return None
+    data = ds.PixelData
+    if len(data) < rows * cols * 2:
+        raise InputError(f"The pixel data of {ds.filename} is truncated ({len(data)} of {rows * cols * 2} bytes).")
+    dtype = "<i2" if ds.get("PixelRepresentation", 0) == 1 else "<u2"
+    return np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)
 
 
 def _slice_hu_sitk(path: Path, first_error: Exception) -> np.ndarray:
