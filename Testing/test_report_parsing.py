@@ -53,6 +53,17 @@ SENTENCES = [
     ("Pulmonary nodules are not seen.", {"lung_nodule": A}, set(), {}),
     ("The pleural spaces are clear.", {"pleural_effusion": A}, set(), {}),
     ("Bibasilar subsegmental atelectasis.", {"atelectasis": P}, set(), {"atelectasis": "bilateral"}),
+    ("Left lower lobe opacity, atelectasis versus pneumonia.", {"atelectasis": U, "consolidation": U},
+     {"lung_lower_lobe_left"}, {"atelectasis": "left", "consolidation": "left"}),
+    ("No suspicious pulmonary nodules or masses.", {"lung_nodule": A, "lung_mass": A}, set(), {}),
+    ("Emphysematous changes are noted in the upper lobes bilaterally.", {"emphysema": P},
+     {"lung_upper_lobe_left", "lung_upper_lobe_right"}, {"emphysema": "bilateral"}),
+    ("Small pleural effusion on the right.", {"pleural_effusion": P}, {"pleural_space_right"},
+     {"pleural_effusion": "right"}),
+    ("Interval resolution of the previously seen left pleural effusion.", {"pleural_effusion": A},
+     {"pleural_space_left"}, {"pleural_effusion": "left"}),
+    ("Mediastinal lymph nodes are not enlarged.", {"lymphadenopathy": A}, {"body"}, {}),
+    ("No CT evidence of acute cholecystitis; cholelithiasis is present.", {"gallstone": P}, {"gallbladder"}, {}),
 ]
 
 

@@ -41,7 +41,7 @@ _TRIGGERS = [
     ("could represent", "unc", "fwd"), ("might represent", "unc", "fwd"), ("concerning for", "unc", "fwd"),
     ("questionable", "unc", "fwd"), ("equivocal", "unc", "fwd"), ("suggestive of", "unc", "fwd"),
     ("question of", "unc", "fwd"), ("differential includes", "unc", "fwd"), ("indeterminate", "unc", "fwd"),
-    ("versus", "unc", "fwd"), ("cannot be excluded", "unc", "bwd"), ("can not be excluded", "unc", "bwd"),
+    ("versus", "unc", "both"), ("vs", "unc", "both"), ("cannot be excluded", "unc", "bwd"), ("can not be excluded", "unc", "bwd"),
     ("not excluded", "unc", "bwd"), ("cannot be ruled out", "unc", "bwd"), ("is suspected", "unc", "bwd"),
     ("are suspected", "unc", "bwd"), ("is questioned", "unc", "bwd"), ("is not excluded", "unc", "bwd"),
     # pseudo-triggers: look like triggers, negate nothing
@@ -200,6 +200,13 @@ def _side_near(words: list, pos: int, lo: int, end: Optional[int] = None) -> Opt
         span = words[max(lo, pos - 7):pos]
         if ("left" in span and "right" in span):
             return "bilateral"
+    if not sides:   # trailing side: "... upper lobes bilaterally", "... on the left"
+        after = words[(end or pos + 1):(end or pos + 1) + 3]
+        if after[:1] and after[0] in _BOTH:
+            return "bilateral"
+        if after[:2] in (["on", "left"], ["on", "right"]) or (
+                len(after) == 3 and after[:2] == ["on", "the"] and after[2] in ("left", "right")):
+            return after[-1] if after[-1] in ("left", "right") else after[1]
     return next(iter(sides)) if sides else None
 
 
@@ -220,6 +227,7 @@ def analyse_sentence(text: str, section: Optional[str] = None) -> Sentence:
     anat = [(p, k, s, e) for p, kind, k, s, e in mentions if kind == "anatomy"]
     finds = [(p, k, e) for p, kind, k, _, e in mentions if kind == "finding"]
     # anatomy + head word in the same clause -> finding judged there
+    pending = []
     for pos, cands in head_hits:
         lo, hi = clause(pos)
         for apos, akey, _, _ in sorted(anat, key=lambda a: abs(a[0] - pos)):
@@ -236,13 +244,22 @@ def analyse_sentence(text: str, section: Optional[str] = None) -> Sentence:
                     continue
             if len(cands) == 1 and next(iter(cands)) in _STANDALONE_HEADS:
                 finds.append((pos, next(iter(cands)), pos + 1))
+            elif len(cands) > 1:
+                pending.append((pos, cands))
+
+    for pos, cands in pending:   # "nodules or masses": the organ of the finding listed with it
+        groups = {_group_of_finding(k) for p, k, _ in finds if clause(p) == clause(pos)}
+        fit = sorted(c for c in cands if _group_of_finding(c) in groups)
+        if len(fit) == 1:
+            finds.append((pos, fit[0], pos + 1))
 
     def status_at(pos):
         lo, hi = clause(pos)
         st = PRESENT
         for s, e, p in triggers:
             kind, direction = kinds[p]
-            in_scope = (direction == "fwd" and lo <= s < pos) or (direction == "bwd" and pos < s < hi)
+            in_scope = ((direction in ("fwd", "both") and lo <= s < pos)
+                        or (direction in ("bwd", "both") and pos < s < hi))
             if not in_scope:
                 continue
             if kind == "pseudo":
@@ -322,6 +339,11 @@ def analyse_sentence(text: str, section: Optional[str] = None) -> Sentence:
 # heads that name a finding on their own, without an anatomy word ("Cardiomegaly.")
 _STANDALONE_HEADS = {"cardiomegaly", "lymphadenopathy", "emphysema", "atelectasis", "consolidation",
                      "ascites", "gallstone", "steatosis", "hepatomegaly", "splenomegaly"}
+
+
+def _group_of_finding(key: str) -> str:
+    a = vocab.get(key).anatomy
+    return a if a in vocab.groups() else (vocab.get(a).group or a)
 
 
 def _fits_group(anatomy_key: str, group: str) -> bool:
