@@ -117,6 +117,12 @@ class ModelGrid:
         self.shape = tuple(int(v) for v in self.shape)
         self.ijk_to_ras = np.array(self.ijk_to_ras, dtype=np.float64).reshape(4, 4)
 
+    def __eq__(self, other) -> bool:  # the dataclass default compares arrays ambiguously
+        return (isinstance(other, ModelGrid) and self.shape == other.shape
+                and bool(np.allclose(self.ijk_to_ras, other.ijk_to_ras, rtol=0, atol=1e-9)))
+
+    __hash__ = None
+
     @property
     def spacing(self) -> tuple[float, float, float]:
         return tuple(np.linalg.norm(self.ijk_to_ras[:3, :3], axis=0).tolist())
