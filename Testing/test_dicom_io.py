@@ -251,3 +251,15 @@ def test_compressed_series_rle_and_jpeg_lossless(tmp_path):
     back = read_ct(tmp_path / "jpeg")
     np.testing.assert_allclose(back.ijk_to_ras, vol.ijk_to_ras, atol=1e-4)
     assert np.abs(back.array - vol.array).max() <= 0.5 + 1e-4
+
+
+def test_a_single_file_stands_for_its_own_series(tmp_path):
+    small, big = ct_volume((9, 20, 24)), ct_volume((14, 20, 24), seed=1)
+    uid_small = write_dicom_series(small, tmp_path, series_description="small")
+    write_dicom_series(big, tmp_path, series_description="big")
+    one = next(p for p in files_of(tmp_path) if pydicom.dcmread(p).SeriesInstanceUID == uid_small)
+    vol = read_ct(one)
+    assert vol.series_uid == uid_small and vol.shape == small.shape
+    (tmp_path / "junk.dcm").write_bytes(b"\0" * 64)
+    with pytest.raises(InputError, match="junk.dcm"):
+        read_ct(tmp_path / "junk.dcm")

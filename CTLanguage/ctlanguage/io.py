@@ -51,9 +51,7 @@ def read_ct(path, validate: bool = True) -> CTVolume:
     suffix = _suffix(path, READ_SUFFIXES)
     if suffix is None:
         if path.suffix.lower() == ".dcm" or _looks_like_dicom(path):
-            from . import dicom_io
-
-            return dicom_io.read_dicom_series(path.parent, validate=validate)
+            return _read_series_of_file(path, validate)
         raise InputError(
             f"Unsupported file type {path.name!r}; expected one of {', '.join(READ_SUFFIXES)} "
             "or a DICOM folder."
@@ -66,6 +64,19 @@ def read_ct(path, validate: bool = True) -> CTVolume:
     if validate:
         volume.validate()
     return volume
+
+
+def _read_series_of_file(path: Path, validate: bool) -> CTVolume:
+    """A DICOM file stands for its whole series (found in the same folder tree)."""
+    import pydicom
+
+    from . import dicom_io
+
+    try:
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True).get("SeriesInstanceUID", ""))
+    except Exception as exc:  # pydicom raises assorted types on corrupt files
+        raise InputError(f"Cannot read the DICOM file {path.name}: {exc}.") from None
+    return dicom_io.read_dicom_series(path.parent, series_uid=uid or None, validate=validate)
 
 
 def _looks_like_dicom(path: Path) -> bool:
