@@ -77,13 +77,22 @@ def test_typos_are_corrected_with_lower_confidence():
 
 
 @pytest.mark.parametrize("text", ["purple elephant", "quantum chromodynamics", "brain tumor glioma",
-                                  "xyzzy", "how are you today", "Lebermetastase"])
+                                  "xyzzy", "how are you today", "Lebermetastase", "medical material",
+                                  "left adrenal", "hiatal hernia", "interlobular septal thickening"])
 def test_unknown_phrases_are_not_forced(text):
     p = parse_prompt(text)
     assert p.kind == "unknown"
     assert p.anatomy is None and p.finding is None
     assert p.confidence < 0.2
     assert p.unknown_tokens or not p.matched
+
+
+def test_bare_head_words():
+    p = parse_prompt("no nodules?")
+    assert (p.finding, p.negated, p.question) == ("lung_nodule", True, True)
+    assert 0.4 < p.confidence < 0.8          # a head word alone is less sure than a phrase
+    assert parse_prompt("mass").kind == "unknown"      # lung mass or liver lesion: not guessed
+    assert parse_prompt("liver nodules").finding == "liver_lesion"
 
 
 def test_partly_unknown_prompt_loses_confidence():

@@ -44,6 +44,8 @@ _QUALIFIERS = {
     "mediastinal", "hilar", "diffuse", "scattered", "few", "some", "lesion", "lobe", "lobar",
     "upper", "lower", "middle", "base", "basal", "apical", "apex", "segmental", "subsegmental",
 }
+# a head word alone that radiologists read one way ("nodules" are lung nodules)
+_HEAD_DEFAULTS = {"nodule": "lung_nodule", "nodular": "lung_nodule", "micronodule": "lung_nodule"}
 _IRREGULAR = {
     "metastases": "metastasis", "calculi": "calculus", "bullae": "bulla", "vertebrae": "vertebra",
     "lymphadenopathies": "lymphadenopathy", "diagnoses": "diagnosis", "ribs": "rib",
@@ -152,7 +154,8 @@ def _group_of(key: str) -> str:
 def _correct(tok: str, lexicon) -> Optional[str]:
     if tok in lexicon or tok in _STOP or tok.isdigit() or len(tok) < 4:
         return None
-    close = difflib.get_close_matches(tok, lexicon, n=1, cutoff=0.8)
+    # typos rarely change the first letter; requiring it keeps "material" from becoming "arterial"
+    close = difflib.get_close_matches(tok, [w for w in lexicon if w[0] == tok[0]], n=1, cutoff=0.8)
     return close[0] if close else None
 
 
@@ -259,6 +262,10 @@ def parse_prompt(text: str) -> ParsedPrompt:
         # head words alone: decide only if the words that name a single finding agree
         specific = [c for _, _, c in head_hits if len(c) == 1]
         cands = set.union(*specific) if specific else set.union(*[c for _, _, c in head_hits])
+        defaults = {_HEAD_DEFAULTS[content[s]] for s, n, _ in head_hits
+                    if n == 1 and content[s] in _HEAD_DEFAULTS}
+        if len(cands) > 1 and len(defaults) == 1:
+            cands = defaults
         if len(cands) == 1:
             finding = next(iter(cands))
             matched, base = vocab.get(finding).display.lower(), 0.6
