@@ -223,14 +223,19 @@ def stamp_spheres(grid: Grid, centers: np.ndarray, radii: np.ndarray, out: np.nd
 
 
 def polyline_points(points: np.ndarray, radii: np.ndarray, step: float):
-    """Dense samples along a polyline with linearly interpolated radii."""
-    pts, rs = [], []
-    for a, b, ra, rb in zip(points[:-1], points[1:], radii[:-1], radii[1:]):
-        n = max(2, int(np.ceil(np.linalg.norm(b - a) / step)) + 1)
-        t = np.linspace(0, 1, n)[:, None]
-        pts.append(a + t * (b - a))
-        rs.append(ra + t[:, 0] * (rb - ra))
-    return np.concatenate(pts), np.concatenate(rs)
+    """Samples along a polyline at a uniform arc-length step, with interpolated radii.
+
+    The step is ``max(step, 0.4 * smallest radius)``: thick tubes need few balls (the scalloping
+    between balls 0.4 r apart is < 2 % of r)."""
+    points = np.asarray(points, float)
+    radii = np.asarray(radii, float)
+    seg = np.linalg.norm(np.diff(points, axis=0), axis=1)
+    s = np.concatenate([[0.0], np.cumsum(seg)])
+    st = max(step, 0.4 * float(radii.min()))
+    n = max(2, int(np.ceil(s[-1] / st)) + 1)
+    t = np.linspace(0.0, s[-1], n)
+    pts = np.stack([np.interp(t, s, points[:, a]) for a in range(3)], axis=1)
+    return pts, np.interp(t, s, radii)
 
 
 def smooth_curve(ctrl: np.ndarray, n: int = 60) -> np.ndarray:
@@ -386,7 +391,12 @@ def _body_wall(A: Anatomy, rng):
     mus = q_of(wall_a, b_ant - fat * 0.75 - (b_ant - P["b_ant"]) * 0.3, b_post - fat * 0.5) < 1
     A.hu[mus] = T["muscle"]
     t_w = P["wall"]
-    ca, cba, cbp = wall_a - t_w, b_ant - fat * 0.75 - (b_ant - P["b_ant"]) * 0.3 - t_w, b_post - fat * 0.5 - t_w - 22 * P["h"]
+    # the bony thorax narrows towards the thoracic inlet (shoulder girdle muscles fill the rest)
+    ztap = np.clip((z - P["z_carina"] + 30) / (P["z_apex"] - P["z_carina"] + 30), 0, 1)
+    taper = 1 - 0.3 * ztap ** 1.6
+    ca = (wall_a - t_w) * taper
+    cba = (b_ant - fat * 0.75 - (b_ant - P["b_ant"]) * 0.3 - t_w) * (1 - 0.15 * ztap ** 1.6)
+    cbp = b_post - fat * 0.5 - t_w - 10 * P["h"]
     qc = q_of(ca, cba, cbp, lam=0.3)
     cav = qc < 1
     A.hu[cav] = T["fat"]
@@ -402,8 +412,8 @@ def _body_wall(A: Anatomy, rng):
     dia = cav & (z >= zd - 5) & (z < zd)
     A.hu[dia] = T["muscle"]
     # peritoneal cavity: abdominal cavity anterior to the retroperitoneum
-    cbp_s = P["b_post"] + fat * 0.4 - fat * 0.5 - t_w - 22 * P["h"]
-    ysp = P["y_vb"] = -cbp_s + 14 * P["h"]
+    cbp_s = P["b_post"] + fat * 0.4 - fat * 0.5 - t_w - 10 * P["h"]
+    ysp = P["y_vb"] = -cbp_s + 16 * P["h"]
     retro = (y < ysp + 30 + 0.002 * x * x) | (np.abs(x) < 25) & (y < ysp + 45)
     perit = abd & ~retro
     A.lab[perit] = LABEL["peritoneal_cavity"]
@@ -481,7 +491,7 @@ def _spine(A: Anatomy, rng):
     canal = cq < 1
     arch = (cq < 2.6) & ~canal & ~disc & (b.y < yc - ry + 2)
     spinous = (np.abs(b.x) < 3.5 * h) & (b.y < canal_y - 6 * h) & (b.y > canal_y - 33 * h) & (s > 0.3) & (s < 0.85)
-    trans = (np.abs(np.abs(b.x) - 24 * h) < 12 * h) & (np.abs(b.y - canal_y - 3) < 4.5 * h) & (s > 0.35) & (s < 0.75)
+    trans = (np.abs(np.abs(b.x) - 20 * h) < 8 * h) & (np.abs(b.y - canal_y - 2) < 3.5 * h) & (s > 0.4) & (s < 0.7)
     post = (arch | spinous | trans) & ~canal
     # paraspinal muscles and psoas
     para = ((np.abs(b.x) - 30 * h) / (22 * h)) ** 2 + ((b.y - canal_y + 14 * h) / (22 * h)) ** 2 < 1
@@ -520,7 +530,7 @@ def _mediastinum_geometry(A: Anatomy, rng):
     e2 = tmp / np.linalg.norm(tmp)
     e3 = np.cross(axis, e2)
     rot = np.stack([axis, e2, e3], axis=1)
-    c = np.array([-18.0 * h, 22.0 * h, 0.0]) + P["heart_shift"]
+    c = np.array([-24.0 * h, 30.0 * h, 0.0]) + P["heart_shift"]
     low = np.sqrt(((rot * radii) ** 2)[2].sum())
     c[2] = zd_mid + low * 0.8
     heart = Ellipsoid(c, radii, rot, SmoothField(rng, 0.05, (60, 150), 2))
@@ -673,11 +683,12 @@ def _lungs(A: Anatomy, rng):
         m = A.geo["lung_region"][side]
         core = ndimage.binary_erosion(m, st, iterations=1, border_value=0)
         shell = m & ~core
-        lobes = _lobe_split(A, b, side, rng)
+        kk, jj, ii = np.nonzero(core)
+        pts = Box(None, b.x[0, 0, ii], b.y[0, jj, 0], b.z[kk, 0, 0])  # 1-D coordinates of lung voxels
+        lobes = _lobe_split(A, pts, side, rng)
+        hu[kk, jj, ii] = T["lung"]
         for name, lm in lobes.items():
-            sel = core & lm
-            lab[sel] = LABEL[name]
-            hu[sel] = T["lung"]
+            lab[kk[lm], jj[lm], ii[lm]] = LABEL[name]
         lab[shell] = LABEL[f"pleural_space_{side}"]
         hu[shell] = T["lung"] * 0.9 + T["soft"] * 0.1
 
@@ -835,7 +846,7 @@ def _abdomen(A: Anatomy, rng):
     ctrl += rng.normal(0, 4, ctrl.shape)
     line = smooth_curve(ctrl, 12)
     rads = np.interp(np.linspace(0, 1, len(line)), [0, 0.25, 1], [15, 11, 9]) * h
-    pts, rs = polyline_points(line, rads, 0.5 * float(g.spacing.min()))
+    pts, rs = polyline_points(line, rads, 0.7 * float(g.spacing.min()))
     pm = stamp_indices(g, pts, rs)
     pm = pm[A.geo["abdomen"].reshape(-1)[pm] & np.isin(A.lab.reshape(-1)[pm], abd_ids + [LABEL["liver"]])]
     A.lab.reshape(-1)[pm] = LABEL["pancreas"]
@@ -917,45 +928,66 @@ def _bowel(A: Anatomy, rng):
         huf[lm] = (T["fluid"] + rng.uniform(5, 30)) if rng.random() < 0.7 else T["air"]
 
 
-def vessel_tree(rng, root, directions, length0, radius0, generations):
-    """Random bifurcating tree: returns (points, radii) densely sampled later by polyline_points."""
-    segs = []
-    frontier = [(np.asarray(root, float), np.asarray(d, float) / np.linalg.norm(d), length0, radius0) for d in directions]
-    for gen in range(generations):
-        nxt = []
-        for p, d, L, r in frontier:
-            q = p + d * L
-            segs.append((p, q, r, r * 0.85))
-            for sgn in (-1, 1):
-                perp = np.cross(d, rng.normal(size=3))
-                perp /= np.linalg.norm(perp) + 1e-9
-                ang = np.deg2rad(rng.uniform(20, 42))
-                nd = np.cos(ang) * d + sgn * np.sin(ang) * perp
-                nxt.append((q, nd / np.linalg.norm(nd), L * rng.uniform(0.7, 0.88), r * rng.uniform(0.66, 0.8)))
-        frontier = nxt
-    return segs
-
-
 def _lung_vessels(A: Anatomy, rng):
+    """Pulmonary vessels: hierarchical branches from the hilum towards random targets inside the
+    lung (so every branch stays in the lung), radii tapering 5 mm -> <1 mm. The bigger branches'
+    centrelines double as bronchi (for air bronchograms in consolidation)."""
     P, T, g = A.P, A.T, A.grid
     h = P["h"]
-    pts_all, r_all, air_pts, air_r = [], [], [], []
     step = 0.8 * float(g.spacing.min())
-    for side, sgn in (("right", 1.0), ("left", -1.0)):
-        hil = A.geo["hilum"][side]
-        dirs = [(sgn * 0.3, 0.05, 1.0), (sgn * 1.0, 0.15, 0.1), (sgn * 0.4, -0.7, -0.7), (sgn * 0.35, 0.7, -0.6), (sgn * 0.6, -0.3, 0.5)]
-        segs = vessel_tree(rng, hil, dirs, 32 * h, 5.5 * h, 6)
-        for p, q, r0, r1 in segs:
-            pp, rr = polyline_points(np.array([p, q]), np.array([r0, r1]), step)
-            pts_all.append(pp)
-            r_all.append(rr)
-            if r0 > 1.6:
-                air_pts.append(pp)
-                air_r.append(rr * 0.5)
+    pts_all, r_all, air_pts, air_r = [], [], [], []
+    for side in ("right", "left"):
+        ids = anatomy_labels(f"lung_{side}")
+        cand = np.flatnonzero(np.isin(A.lab, ids))
+        if cand.size < 200:
+            continue
+        cand = cand[rng.choice(cand.size, size=min(cand.size, 2500), replace=False)]
+        kk, jj, ii = np.unravel_index(cand, g.shape)
+        L = np.stack([g.x[ii], g.y[jj], g.z[kk]], axis=1).astype(np.float64)
+        hil = A.geo["hilum"][side].astype(np.float64)
+        dh = np.linalg.norm(L - hil, axis=1)
+        parents = [(hil, 5.5 * h)]
+        fan = [6, 3, 3, 3]
+        radius = [5.0, 3.2, 2.0, 1.2]
+        reach = [np.inf, 55.0, 35.0, 22.0]
+        for lev, nchild in enumerate(fan):
+            nxt = []
+            for p, rp in parents:
+                dp = np.linalg.norm(L - p, axis=1)
+                ok = (dp < reach[lev]) & (dp > 0.4 * min(reach[lev], 80.0)) & (dh > np.linalg.norm(p - hil) + 5)
+                if lev == 0:
+                    ok = dh > 30
+                idx = np.flatnonzero(ok)
+                if idx.size == 0:
+                    continue
+                pick = idx[rng.choice(idx.size, size=min(nchild, idx.size), replace=False)]
+                for q in L[pick]:
+                    if lev == 0:  # lobar trunks: stop part-way
+                        q = hil + (q - hil) * rng.uniform(0.35, 0.55)
+                    mid = 0.5 * (p + q) + rng.normal(0, 0.08 * np.linalg.norm(q - p), 3)
+                    r1 = radius[lev] * h
+                    pp, rr = polyline_points(np.array([p, mid, q]), np.array([rp, 0.5 * (rp + r1), r1]), step)
+                    pts_all.append(pp)
+                    r_all.append(rr)
+                    if lev <= 1:
+                        air_pts.append(pp)
+                        air_r.append(rr * 0.55)
+                    nxt.append((q, r1))
+            parents = nxt
+        # terminal twigs towards the pleura
+        for p, rp in parents:
+            for _ in range(2):
+                d = rng.normal(size=3)
+                d /= np.linalg.norm(d)
+                q = p + d * rng.uniform(8, 18)
+                pp, rr = polyline_points(np.array([p, q]), np.array([rp * 0.8, 0.5]), step)
+                pts_all.append(pp)
+                r_all.append(rr)
+    if not pts_all:
+        A.geo["airways"] = (np.zeros((0, 3)), np.zeros(0))
+        return
     pts, rs = np.concatenate(pts_all), np.concatenate(r_all)
-    keep = rs > 0.6
-    vm = stamp_indices(g, pts[keep], rs[keep])
+    vm = stamp_indices(g, pts, rs)
     vm = vm[np.isin(A.lab.reshape(-1)[vm], LUNG_IDS)]
     A.hu.reshape(-1)[vm] = T["lung_vessel"]
-    A.geo["vessels"] = vm
-    A.geo["airways"] = (np.concatenate(air_pts), np.concatenate(air_r))
+    A.geo["airways"] = (np.concatenate(air_pts), np.concatenate(air_r)) if air_pts else (np.zeros((0, 3)), np.zeros(0))

@@ -57,7 +57,7 @@ def _spacing(spacing, rng):
     return sp
 
 
-def _make_grid(P, rng, sp):
+def _make_grid(P, rng, sp, fov=None):
     u = rng.uniform
     zs = np.linspace(P["z_bif"] - 50, P["z_apex"] + 50, 64)
     a, ba, bp = an.body_radii(P, zs)
@@ -66,6 +66,8 @@ def _make_grid(P, rng, sp):
     x0, x1 = -(amax + mx), amax + mx
     y0, y1 = -(bpmax + my) + u(-10, 5), bamax + my
     r = rng.random()
+    if fov is not None:
+        r = {"chest_abdomen": 0.0, "chest": 0.75, "abdomen": 0.9}[fov]
     if r < 0.7:
         kind = "chest_abdomen"
         z1 = P["z_apex"] + u(5, 35)
@@ -111,16 +113,24 @@ def apply_orientation(arr: np.ndarray, perm, flips) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(a, (2, 1, 0)))
 
 
-def generate_case(seed: int, spacing=None, orient: bool = True) -> PhantomCase:
-    """One synthetic torso CT with label map, exact finding masks and a generated report."""
+def generate_case(seed: int, spacing=None, orient: bool = True, findings=None, fov=None) -> PhantomCase:
+    """One synthetic torso CT with label map, exact finding masks and a generated report.
+
+    spacing: None (random ~2 mm in-plane, 2-3 mm slices), one number (isotropic mm) or (x, y, z).
+    orient: randomly permute/flip the voxel axes (affine adjusted exactly).
+    findings: optional list of finding keys to force (default: random per seed).
+    fov: optional "chest_abdomen" | "chest" | "abdomen" (default: random per seed).
+    """
+    if fov not in (None, "chest_abdomen", "chest", "abdomen"):
+        raise InputError(f"Unknown field of view {fov!r}; use chest_abdomen, chest or abdomen.")
     seed = int(seed)
     ss = np.random.SeedSequence(seed)
     r_pat, r_find, r_anat, r_apply, r_scan, r_geo, r_rep = (np.random.default_rng(s) for s in ss.spawn(7))
     P = an.sample_patient(r_pat)
-    plan = fd.plan_findings(r_find, P)
+    plan = fd.plan_findings(r_find, P, force=findings)
     T = tissue_table(r_pat, P["contrast"])
     sp = _spacing(spacing, r_geo)
-    grid, fov = _make_grid(P, r_geo, sp)
+    grid, fov = _make_grid(P, r_geo, sp, fov)
     thickness = float(sp[2] * r_geo.uniform(1.0, 1.25))
     noise_sd = float(r_geo.uniform(8, 25))
     fwhm = float(r_geo.uniform(1.0, 1.6)) * float(min(sp[0], 2.0))

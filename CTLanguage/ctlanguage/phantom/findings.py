@@ -72,19 +72,27 @@ def _side(rng) -> str:
     return "left" if rng.random() < 0.5 else "right"
 
 
-def plan_findings(rng: np.random.Generator, P: dict) -> dict:
-    """Choose the findings of a case; organ-level ones are written into the patient params."""
+def plan_findings(rng: np.random.Generator, P: dict, force=None) -> dict:
+    """Choose the findings of a case; organ-level ones are written into the patient params.
+
+    ``force``: optional list of finding keys to place instead of the random choice (tests, docs).
+    """
     u = rng.uniform
     plan: dict[str, dict] = {}
-    if rng.random() < NORMAL_FRACTION:
-        return plan
-    for grp, names in GROUPS.items():
-        if rng.random() >= GROUP_PROB[grp]:
-            continue
+    normal = rng.random() < NORMAL_FRACTION
+    for grp, names in GROUPS.items():  # always draw, so that forcing does not shift the stream
+        hit = rng.random() < GROUP_PROB[grp]
         k = 1 if (len(names) == 1 or rng.random() < 0.7) else 2
-        for n in rng.choice(names, size=min(k, len(names)), replace=False):
-            plan[str(n)] = {}
-    if "atelectasis" in plan and "pleural_effusion" not in plan and rng.random() < 0.3:
+        pick = rng.choice(names, size=min(k, len(names)), replace=False)
+        if hit and not normal and force is None:
+            for n in pick:
+                plan[str(n)] = {}
+    if force is not None:
+        unknown = [n for n in force if n not in FINDING_ANATOMY]
+        if unknown:
+            raise ValueError(f"unknown finding keys: {unknown}")
+        plan = {str(n): {} for n in force}
+    elif "atelectasis" in plan and "pleural_effusion" not in plan and rng.random() < 0.3:
         plan["pleural_effusion"] = {}
     for n, p in plan.items():
         if n in ("lung_nodule", "lung_mass", "consolidation", "atelectasis", "kidney_cyst", "kidney_stone"):
@@ -156,7 +164,11 @@ def _blob(A, center, diameter, rng, lobulation=0.08, elong=0.15):
 
 def measure(mask: np.ndarray, grid) -> dict:
     """Longest diameter, perpendicular short axes (mm, PCA extents) and volume (ml) of a mask."""
-    idx = np.argwhere(mask)
+    kz = np.flatnonzero(mask.any(axis=(1, 2)))
+    if kz.size == 0:
+        return dict(long_mm=0.0, short_mm=0.0, volume_ml=0.0, centroid=None)
+    idx = np.argwhere(mask[kz[0]:kz[-1] + 1])
+    idx[:, 0] += kz[0]
     if len(idx) == 0:
         return dict(long_mm=0.0, short_mm=0.0, volume_ml=0.0, centroid=None)
     pts = idx[:, ::-1] * grid.spacing + grid.origin  # x, y, z
@@ -168,7 +180,7 @@ def measure(mask: np.ndarray, grid) -> dict:
     sub = pts if len(pts) < 20000 else pts[:: len(pts) // 20000 + 1]
     cov = np.cov((sub - c).T)
     w, v = np.linalg.eigh(cov)
-    proj = (pts - c) @ v
+    proj = (sub - c) @ v
     ext = proj.max(0) - proj.min(0) + float(grid.spacing.mean())
     return dict(long_mm=float(ext[2]), short_mm=float(ext[1]), min_mm=float(ext[0]), volume_ml=vol, centroid=c)
 
@@ -485,23 +497,25 @@ def _effusion(A, side, rng, plan):
     space = np.isin(lab, ids)
     if space.sum() < 200:
         return None
-    nj = space.shape[1]
-    any_y = space.any(axis=1)  # (nk, ni)
-    first = np.argmax(space, axis=1)  # most posterior voxel index per (k, i) column
-    yb = A.grid.y[b.sl[1]][first]  # (nk, ni) mm
+    # supine patient: the fluid surface is (nearly) horizontal, i.e. y = const, slightly tilted
+    # cranio-caudally; fluid fills the dependent (posterior) part of the hemithorax
+    kk, jj, ii = np.nonzero(space)
+    ys = A.grid.y[b.sl[1]][jj]
+    y_back = float(np.quantile(ys, 0.01))
     zs = b.z[:, 0, 0]
-    zlow = zs[np.nonzero(any_y.any(axis=1))[0][0]]
-    depth = rng.uniform(10, 75)
-    height = rng.uniform(60, 180)
-    zt = np.clip(1 - (zs - zlow) / height, 0, 1)[:, None]
-    lvl = yb + depth * np.sqrt(zt)  # fluid surface height (mm) per column
-    # meniscus: fluid climbs along the lateral wall
-    lvl = lvl + 0.25 * depth * np.clip((np.abs(b.x[0]) - 60) / 60, 0, 1)
-    fluid = space & (b.y < lvl[:, None, :]) & any_y[:, None, :]
+    zlow = float(zs[kk.min()])
+    depth = rng.uniform(12, 75)
+    tilt = rng.uniform(0.05, 0.25)
+    xs = A.grid.x[b.sl[2]][ii]
+    xc, xw = 0.5 * (xs.min() + xs.max()), 0.5 * (xs.max() - xs.min()) + 1e-3
+    # meniscus: the surface climbs towards the lateral and medial walls (lung floats on the fluid)
+    men = depth * rng.uniform(0.5, 1.1) * ((b.x - xc) / xw) ** 2
+    lvl = y_back + depth * 0.75 + men - tilt * np.maximum(b.z - zlow - 30, 0)
+    fluid = space & (b.y < lvl)
     if not fluid.any():
         return None
     plan.setdefault("_eff_depth", {})[side] = depth
-    comp = space & ~fluid & (b.y < lvl[:, None, :] + rng.uniform(6, 14)) & any_y[:, None, :] & np.isin(lab, LUNG_IDS)
+    comp = space & ~fluid & (b.y < lvl + rng.uniform(6, 14)) & np.isin(lab, LUNG_IDS)
     lab[fluid] = LABEL[f"pleural_space_{side}"]
     A.hu[b.sl][fluid] = A.T["fluid"] + rng.uniform(0, 8)
     full = np.zeros(A.grid.shape, bool)
