@@ -64,6 +64,15 @@ SENTENCES = [
      {"pleural_space_left"}, {"pleural_effusion": "left"}),
     ("Mediastinal lymph nodes are not enlarged.", {"lymphadenopathy": A}, {"body"}, {}),
     ("No CT evidence of acute cholecystitis; cholelithiasis is present.", {"gallstone": P}, {"gallbladder"}, {}),
+    # CT-RATE-like wording
+    ("No pleural or pericardial effusion was detected.", {"pleural_effusion": A, "pericardial_effusion": A},
+     {"pericardium"}, {}),
+    ("Heart contour and size are normal.", {"cardiomegaly": A}, {"heart"}, {}),
+    ("A nodule with a diameter of 6 mm was observed in the upper lobe of the right lung.",
+     {"lung_nodule": P}, {"lung_upper_lobe_right", "lung_right"}, {"lung_nodule": "right"}),
+    ("Atelectatic changes were observed in the lower lobes of both lungs.", {"atelectasis": P},
+     {"lung_lower_lobe_left", "lung_lower_lobe_right"}, {"atelectasis": "bilateral"}),
+    ("No hepatic or renal cysts.", {"liver_cyst": A, "kidney_cyst": A}, {"liver"}, {}),
 ]
 
 

@@ -54,15 +54,17 @@ _TERMINATORS = ["but", "however", "although", "though", "except", "aside from", 
                 "which", "whereas", "while", "yet", "otherwise", "there is", "there are",
                 "is present", "are present", "is seen", "are seen", "is noted", "are noted"]
 # statements of normality that rule out a finding: (anatomy group, words, finding)
-_NORMAL_RULES = [
-    ("heart", {"normal size", "normal in size", "size is normal", "size normal", "normal heart size",
-               "not enlarged", "within normal limits"}, "cardiomegaly"),
-    ("liver", {"normal size", "normal in size", "size is normal", "not enlarged"}, "hepatomegaly"),
-    ("spleen", {"normal size", "normal in size", "size is normal", "not enlarged"}, "splenomegaly"),
-    ("aorta", {"normal caliber", "normal calibre", "normal in caliber", "normal in calibre",
-               "normal diameter", "not dilated", "not aneurysmal"}, "aortic_aneurysm"),
-    ("pleural_space", {"clear", "unremarkable"}, "pleural_effusion"),
-    ("pericardium", {"unremarkable", "normal", "clear"}, "pericardial_effusion"),
+_SIZE_NORMAL = (r"normal (in )?size|size (is |are |was |were )?(normal|within normal)|not enlarged"
+                r"|within normal limits")
+_NORMAL_RULES = [   # regular expressions over the sentence's lemmatised words
+    ("heart", _SIZE_NORMAL + "|normal heart size", "cardiomegaly"),
+    ("liver", _SIZE_NORMAL, "hepatomegaly"),
+    ("spleen", _SIZE_NORMAL, "splenomegaly"),
+    ("aorta", r"normal (in )?calib(er|re)|calib(er|re|ration) (is |was )?normal|normal diameter"
+              r"|diameter (is |was )?(normal|within normal|at the upper limit of normal)"
+              r"|not dilated|not aneurysmal", "aortic_aneurysm"),
+    ("pleural_space", r"\bclear\b|unremarkable", "pleural_effusion"),
+    ("pericardium", r"unremarkable|\bnormal\b|\bclear\b", "pericardial_effusion"),
 ]
 _ABBREVIATIONS = {"e.g", "i.e", "approx", "dr", "vs", "nos", "fig", "cf", "etc", "mr", "mrs",
                   "st", "ca", "incl", "max", "min", "sec", "ser", "img", "im"}
@@ -224,6 +226,7 @@ def analyse_sentence(text: str, section: Optional[str] = None) -> Sentence:
         return lo, hi
 
     mentions, head_hits = _mentions(words)
+    heads = _index()[1]
     anat = [(p, k, s, e) for p, kind, k, s, e in mentions if kind == "anatomy"]
     finds = [(p, k, e) for p, kind, k, _, e in mentions if kind == "finding"]
     # anatomy + head word in the same clause -> finding judged there
@@ -246,6 +249,14 @@ def analyse_sentence(text: str, section: Optional[str] = None) -> Sentence:
                 finds.append((pos, next(iter(cands)), pos + 1))
             elif len(cands) > 1:
                 pending.append((pos, cands))
+
+    for apos, akey, _, aend in anat:   # "pleural or pericardial effusion": shared head word
+        if aend < len(words) and words[aend] in ("or", "and"):
+            nxt = [(p, k, e) for p, k, e in finds if p == aend + 1]
+            if nxt:
+                fit = [f for f in sorted(heads.get((words[nxt[0][2] - 1],), ())) if _fits(f, akey)]
+                if fit and fit[0] not in {k for _, k, _ in finds}:
+                    finds.append((apos, fit[0], aend))
 
     for pos, cands in pending:   # "nodules or masses": the organ of the finding listed with it
         groups = {_group_of_finding(k) for p, k, _ in finds if clause(p) == clause(pos)}
@@ -298,12 +309,11 @@ def analyse_sentence(text: str, section: Optional[str] = None) -> Sentence:
             flat[key] = "bilateral" if lat and flat[key] else (lat or flat[key])
     # normality statements ("heart size is normal", "pleural spaces are clear")
     joined = " ".join(words)
-    for group, phrases_, finding in _NORMAL_RULES:
+    for group, pattern, finding in _NORMAL_RULES:
         if finding in fstatus:
             continue
         named = [k for _, k, _ in anat] or context
-        if any(_fits_group(k, group) for k in named) and any(
-                re.search(rf"\b{re.escape(p)}\b", joined) for p in phrases_):
+        if any(_fits_group(k, group) for k in named) and re.search(pattern, joined):
             fstatus[finding], flat[finding] = ABSENT, None
 
     anatomies = []
