@@ -1,0 +1,555 @@
+"""Evaluation harness: finding AUC, Dice on the source grid, calibration error, paraphrase robustness.
+
+``evaluate_model(model, manifest)`` runs the real inference path (``Engine.encode`` +
+``Engine.query`` with text prompts) on every case of a manifest and compares
+
+* anatomy prompts ("liver", "left lung", ...) with the manifest's structure label map,
+* finding prompts ("liver lesion", "left pleural effusion", ...) with the finding masks,
+* finding probabilities with the case-level labels (AUC per finding, expected calibration error),
+* the same finding probabilities for the held-out paraphrase set (``data/paraphrases_heldout.json``)
+
+All Dice values are computed on the *source* voxel grid (the masks the user would get), never on
+the model grid. ``compare_models`` puts several evaluated models into one Markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[float, str], None]
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics (pure numpy)
+# ------------------------------------------------------------------------------------------------
+def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
+    """Area under the ROC curve (Mann-Whitney U with mid-ranks for ties).
+
+    Returns NaN when only one class is present (AUC undefined)."""
+    y = np.asarray(labels, dtype=bool).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError("labels and scores must have the same length")
+    n_pos = int(y.sum())
+    n_neg = int(y.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(s.size, dtype=np.float64)
+    sorted_s = s[order]
+    # mid-ranks for ties
+    i = 0
+    n = s.size
+    while i < n:
+        j = i
+        while j + 1 < n and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0
+        i = j + 1
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice coefficient of two binary masks of the same shape (NaN if both are empty)."""
+    p = np.asarray(pred).astype(bool, copy=False)
+    t = np.asarray(truth).astype(bool, copy=False)
+    if p.shape != t.shape:
+        raise ValueError(f"mask shapes differ: {p.shape} vs {t.shape}")
+    sp = int(np.count_nonzero(p))
+    st = int(np.count_nonzero(t))
+    if sp + st == 0:
+        return float("nan")
+    inter = int(np.count_nonzero(p & t))
+    return 2.0 * inter / (sp + st)
+
+
+def expected_calibration_error(probs: Sequence[float], labels: Sequence[int], n_bins: int = 10) -> float:
+    """ECE with ``n_bins`` equal-width confidence bins on [0, 1] (the last bin includes 1.0):
+    sum over bins of |mean label - mean probability| weighted by the bin's share of samples."""
+    p = np.asarray(probs, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    if p.size == 0:
+        return float("nan")
+    if p.shape != y.shape:
+        raise ValueError("probs and labels must have the same length")
+    idx = np.clip(np.floor(p * n_bins).astype(int), 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        sel = idx == b
+        nb = int(sel.sum())
+        if nb:
+            ece += nb / p.size * abs(float(y[sel].mean()) - float(p[sel].mean()))
+    return float(ece)
+
+
+def reliability_table(probs: Sequence[float], labels: Sequence[int], n_bins: int = 10) -> list[dict]:
+    """Per-bin counts, mean probability and observed frequency (for the Markdown report)."""
+    p = np.asarray(probs, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    idx = np.clip(np.floor(p * n_bins).astype(int), 0, n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        sel = idx == b
+        nb = int(sel.sum())
+        rows.append({
+            "bin": f"[{b / n_bins:.1f}, {(b + 1) / n_bins:.1f}{']' if b == n_bins - 1 else ')'}",
+            "n": nb,
+            "mean_probability": float(p[sel].mean()) if nb else None,
+            "observed_frequency": float(y[sel].mean()) if nb else None,
+        })
+    return rows
+
+
+def _nanmean(values: Iterable[float]) -> float:
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------
+# data helpers
+# ------------------------------------------------------------------------------------------------
+def read_manifest(path: str | Path) -> list[dict]:
+    """Cases of a ``manifest.jsonl`` (one JSON object per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"The manifest {path} does not exist.")
+    cases = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            cases.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"Line {n} of {path} is not valid JSON ({exc.msg}).") from exc
+    if not cases:
+        raise InputError(f"The manifest {path} lists no cases.")
+    return cases
+
+
+def load_paraphrases(path: str | Path | None = None) -> list[dict]:
+    """Held-out paraphrase items: {"text", "kind", "key", "laterality"}."""
+    from .resources import package_data_dir
+
+    path = Path(path) if path else package_data_dir() / "paraphrases_heldout.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    items = data.get("items", data) if isinstance(data, dict) else data
+    return [dict(i) for i in items if isinstance(i, dict) and i.get("text") and i.get("key")]
+
+
+def structure_masks(labels: np.ndarray, names: dict, anatomies: Sequence[str]) -> dict:
+    """{anatomy key: bool mask} from a structure label map (lung_left/right = union of their lobes,
+    body = every labelled voxel, as the training targets)."""
+    by_key: dict[str, list[int]] = {}
+    for i, k in names.items():
+        by_key.setdefault(k, []).append(int(i))
+    out = {}
+    for a in anatomies:
+        if a == "body":
+            m = labels > 0
+        else:
+            ids = list(by_key.get(a, []))
+            if a in ("lung_left", "lung_right"):
+                side = a.split("_")[1]
+                ids += [i for k, v in by_key.items()
+                        if k.startswith("lung_") and "lobe" in k and k.endswith(side) for i in v]
+            if not ids:
+                continue
+            m = np.isin(labels, ids)
+        if m.any():
+            out[a] = m
+    return out
+
+
+def sided_label(case: dict, finding: str, laterality: Optional[str]):
+    """Presence label of (finding, side): 1/0, or None when the side of a present finding is
+    unknown. Unsided: the case-level label (or whether any finding entry names it)."""
+    entries = [f for f in (case.get("findings") or []) if f.get("name") == finding]
+    label = (case.get("labels") or {}).get(finding)
+    if laterality not in ("left", "right"):
+        if label is not None:
+            return int(label)
+        return int(bool(entries))
+    if any(e.get("laterality") in (laterality, "bilateral") for e in entries):
+        return 1
+    if label == 0 or (label is None and not entries):
+        return 0
+    if entries and all(e.get("laterality") in ("left", "right") for e in entries):
+        return 0  # present, but only on the other side
+    return None
+
+
+def canonical_prompt(key: str, laterality: Optional[str] = None) -> str:
+    from . import vocabulary as V
+
+    lat = laterality if laterality in ("left", "right") else None
+    return V.display_name(key, lat).lower()
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation of one model
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _Collect:
+    structure_dice: dict = field(default_factory=dict)        # key -> [dice]
+    finding_dice: dict = field(default_factory=dict)          # key -> [dice]
+    probs: dict = field(default_factory=dict)                 # finding -> [(p, y)]
+    para_probs: dict = field(default_factory=dict)            # finding -> [(p, y)]
+    para_canon: dict = field(default_factory=dict)            # finding -> [(p, y)] same items
+    para_parsed_ok: list = field(default_factory=list)
+    para_anat_dice: list = field(default_factory=list)
+    para_anat_dice_canon: list = field(default_factory=list)
+    encode_s: list = field(default_factory=list)
+    query_ms: list = field(default_factory=list)
+
+
+def evaluate_model(model: Any, manifest: str | Path, *, device: Optional[str] = None,
+                   paraphrases: Optional[Sequence[dict]] = None, use_paraphrases: bool = True,
+                   max_cases: Optional[int] = None, mask_threshold: float = 0.5,
+                   progress: Optional[ProgressFn] = None) -> dict:
+    """Evaluate ``model`` (an Engine, a model folder, catalog id or "default") on a manifest.
+
+    Runs the real engine path per case: read_ct -> Engine.encode -> Engine.query (canonical
+    anatomy and finding prompts, then the held-out paraphrases) and compares masks on the source
+    grid with the manifest's structure label map and finding masks."""
+    from . import vocabulary as V
+    from .engine import Engine
+    from .io import read_ct
+
+    engine = model if isinstance(model, Engine) else Engine.load(model, device=device)
+    manifest = Path(manifest)
+    root = manifest.parent
+    cases = read_manifest(manifest)
+    if max_cases:
+        cases = cases[: int(max_cases)]
+    if paraphrases is None:
+        paraphrases = load_paraphrases() if use_paraphrases else []
+    findings = V.findings()
+    c = _Collect()
+    t_start = time.perf_counter()
+
+    for n_case, case in enumerate(cases):
+        cid = case.get("case_id", f"case {n_case}")
+        if progress:
+            progress(n_case / len(cases), f"Evaluating {cid}")
+        volume = read_ct(root / case["image"])
+        t = time.perf_counter()
+        enc = engine.encode(volume, use_cache=False)
+        c.encode_s.append(time.perf_counter() - t)
+
+        def ask(text):
+            t0 = time.perf_counter()
+            out = engine.query(enc, text, mask_threshold=mask_threshold)[0]
+            c.query_ms.append(1000 * (time.perf_counter() - t0))
+            return out
+
+        # --- structures (Dice on the source grid)
+        gt_struct = {}
+        if case.get("structures"):
+            lab_vol = read_ct(root / case["structures"], validate=False)
+            labels = np.rint(lab_vol.array).astype(np.int32)
+            if labels.shape != volume.array.shape:
+                raise InputError(f"The structure map of {cid} does not match its image grid.")
+            gt_struct = structure_masks(labels, case.get("structure_labels") or {}, engine.anatomies)
+            del labels, lab_vol
+            for key, gt in gt_struct.items():
+                f = ask(canonical_prompt(key))
+                c.structure_dice.setdefault(key, []).append(dice(f.mask, gt))
+
+        # --- finding masks (Dice on the source grid), grouped per (finding, side)
+        groups: dict[tuple, np.ndarray] = {}
+        for fd in case.get("findings") or []:
+            if not fd.get("mask"):
+                continue
+            lat = fd.get("laterality") if fd.get("laterality") in ("left", "right") else None
+            mv = read_ct(root / fd["mask"], validate=False)
+            m = mv.array > 0.5
+            k = (fd["name"], lat)
+            groups[k] = m if k not in groups else (groups[k] | m)
+        for (name, lat), gt in groups.items():
+            if name not in findings or not gt.any():
+                continue
+            f = ask(canonical_prompt(name, lat))
+            c.finding_dice.setdefault(name, []).append(dice(f.mask, gt))
+        del groups
+
+        # --- presence: canonical unsided prompt per finding vs the case label
+        for name in findings:
+            y = sided_label(case, name, None)
+            if y is None:
+                continue
+            f = ask(canonical_prompt(name))
+            c.probs.setdefault(name, []).append((f.probability, y))
+
+        # --- held-out paraphrases (system level: parser + fallback + model)
+        for item in paraphrases:
+            key, lat, text = item["key"], item.get("laterality"), item["text"]
+            if item.get("kind") == "anatomy":
+                gt = gt_struct.get(key)
+                if gt is None:
+                    continue
+                f = ask(text)
+                c.para_anat_dice.append(dice(f.mask, gt))
+                c.para_anat_dice_canon.append(c.structure_dice[key][-1])
+                c.para_parsed_ok.append(f.kind == "anatomy" and key in f.anatomies)
+                continue
+            y = sided_label(case, key, lat)
+            if y is None:
+                continue
+            f = ask(text)
+            p = f.probability if f.probability is not None else 0.0
+            c.para_probs.setdefault(key, []).append((p, y))
+            canon = ask(canonical_prompt(key, lat))
+            c.para_canon.setdefault(key, []).append((canon.probability, y))
+            c.para_parsed_ok.append(f.finding == key and (lat is None or f.laterality == lat))
+        del enc, volume
+    if progress:
+        progress(1.0, "Done")
+    return _summarise(engine, manifest, len(cases), c, time.perf_counter() - t_start, mask_threshold)
+
+
+def _auc_table(pairs: dict) -> dict:
+    out = {}
+    for key, rows in pairs.items():
+        y = [r[1] for r in rows]
+        p = [r[0] for r in rows]
+        out[key] = {"auc": roc_auc(y, p), "n_pos": int(sum(y)), "n_neg": int(len(y) - sum(y))}
+    return out
+
+
+def _clean(x):
+    """NaN -> None for JSON."""
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _summarise(engine, manifest, n_cases, c: _Collect, seconds, mask_threshold) -> dict:
+    structures = {k: {"dice": _nanmean(v), "n": len(v)} for k, v in sorted(c.structure_dice.items())}
+    auc = _auc_table(c.probs)
+    findings = {}
+    for key in sorted(set(auc) | set(c.finding_dice)):
+        row = dict(auc.get(key, {"auc": float("nan"), "n_pos": 0, "n_neg": 0}))
+        d = c.finding_dice.get(key, [])
+        row.update({"dice": _nanmean(d), "n_dice": len(d)})
+        findings[key] = row
+    all_p = [p for rows in c.probs.values() for p, _ in rows]
+    all_y = [y for rows in c.probs.values() for _, y in rows]
+    para_auc = _auc_table(c.para_probs)
+    para_canon_auc = _auc_table(c.para_canon)
+    common = [k for k in para_auc if not math.isnan(para_auc[k]["auc"])
+              and not math.isnan(para_canon_auc.get(k, {"auc": float("nan")})["auc"])]
+    para_mean = _nanmean(para_auc[k]["auc"] for k in common)
+    canon_mean = _nanmean(para_canon_auc[k]["auc"] for k in common)
+    para = {
+        "n_items_scored": int(sum(len(v) for v in c.para_probs.values())),
+        "per_finding": {k: {"auc": para_auc[k]["auc"], "auc_canonical": para_canon_auc[k]["auc"],
+                            "n_pos": para_auc[k]["n_pos"], "n_neg": para_auc[k]["n_neg"]}
+                        for k in sorted(para_auc)},
+        "mean_auc": para_mean,
+        "mean_auc_canonical": canon_mean,
+        "auc_drop": (canon_mean - para_mean) if common else float("nan"),
+        "parser_accuracy": _nanmean([float(x) for x in c.para_parsed_ok]),
+        "anatomy_dice": _nanmean(c.para_anat_dice),
+        "anatomy_dice_canonical": _nanmean(c.para_anat_dice_canon),
+    }
+    para_p = [p for rows in c.para_probs.values() for p, _ in rows]
+    para_y = [y for rows in c.para_probs.values() for _, y in rows]
+    para["ece"] = expected_calibration_error(para_p, para_y) if para_p else float("nan")
+    result = {
+        "model": engine.describe(),
+        "data": {"manifest": str(manifest), "n_cases": n_cases},
+        "mask_threshold": mask_threshold,
+        "mean_structure_dice": _nanmean(v["dice"] for v in structures.values()),
+        "mean_finding_dice": _nanmean(v["dice"] for v in findings.values() if v["n_dice"]),
+        "mean_finding_auc": _nanmean(v["auc"] for v in findings.values()),
+        "ece": expected_calibration_error(all_p, all_y) if all_p else float("nan"),
+        "n_presence_pairs": len(all_p),
+        "reliability": reliability_table(all_p, all_y) if all_p else [],
+        "structures": structures,
+        "findings": findings,
+        "paraphrases": para,
+        "timing": {"seconds": seconds, "encode_mean_s": _nanmean(c.encode_s),
+                   "query_mean_ms": _nanmean(c.query_ms), "n_queries": len(c.query_ms)},
+    }
+    return _clean(result)
+
+
+# ------------------------------------------------------------------------------------------------
+# Markdown
+# ------------------------------------------------------------------------------------------------
+def _f(x, digits=3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, (int,)) and not isinstance(x, bool):
+        return str(x)
+    return f"{x:.{digits}f}"
+
+
+def metrics_markdown(m: dict, title: Optional[str] = None) -> str:
+    """One model's metrics as Markdown tables."""
+    model = m.get("model", {})
+    lines = [f"# {title or 'Evaluation: ' + str(model.get('id'))}", ""]
+    lines += [
+        f"Model `{model.get('id')}` {model.get('version', '')} (weights sha256 "
+        f"`{str(model.get('sha256'))[:12]}…`, presence from {model.get('presence_source')} "
+        f"embeddings, calibration T = {_f(model.get('calibration_temperature'))}); "
+        f"data `{m['data']['manifest']}` ({m['data']['n_cases']} cases); mask threshold "
+        f"{m.get('mask_threshold')}. Dice is computed on the source voxel grid.", "",
+        "| metric | value |", "|---|---|",
+        f"| mean structure Dice | {_f(m.get('mean_structure_dice'))} |",
+        f"| mean finding Dice | {_f(m.get('mean_finding_dice'))} |",
+        f"| mean finding AUC | {_f(m.get('mean_finding_auc'))} |",
+        f"| ECE (10 bins, {m.get('n_presence_pairs')} case x finding pairs) | {_f(m.get('ece'))} |",
+        f"| paraphrase mean AUC | {_f(m['paraphrases'].get('mean_auc'))} |",
+        f"| canonical mean AUC, same items | {_f(m['paraphrases'].get('mean_auc_canonical'))} |",
+        f"| paraphrase AUC drop | {_f(m['paraphrases'].get('auc_drop'))} |",
+        f"| paraphrase parser accuracy | {_f(m['paraphrases'].get('parser_accuracy'))} |",
+        f"| paraphrase anatomy Dice (canonical) | {_f(m['paraphrases'].get('anatomy_dice'))} "
+        f"({_f(m['paraphrases'].get('anatomy_dice_canonical'))}) |",
+        f"| encode time per case (s) | {_f(m['timing'].get('encode_mean_s'), 2)} |",
+        f"| query time per prompt (ms) | {_f(m['timing'].get('query_mean_ms'), 1)} |",
+        "",
+        "## Findings", "",
+        "| finding | AUC | positives | negatives | Dice | cases with mask |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, v in m.get("findings", {}).items():
+        lines.append(f"| {k} | {_f(v.get('auc'))} | {v.get('n_pos')} | {v.get('n_neg')} | "
+                     f"{_f(v.get('dice'))} | {v.get('n_dice')} |")
+    lines += ["", "## Structures", "", "| structure | Dice | cases |", "|---|---|---|"]
+    for k, v in m.get("structures", {}).items():
+        lines.append(f"| {k} | {_f(v.get('dice'))} | {v.get('n')} |")
+    para = m.get("paraphrases", {})
+    if para.get("per_finding"):
+        lines += ["", "## Held-out paraphrases", "",
+                  "| finding | paraphrase AUC | canonical AUC (same items) | positives | negatives |",
+                  "|---|---|---|---|---|"]
+        for k, v in para["per_finding"].items():
+            lines.append(f"| {k} | {_f(v.get('auc'))} | {_f(v.get('auc_canonical'))} | "
+                         f"{v.get('n_pos')} | {v.get('n_neg')} |")
+    if m.get("reliability"):
+        lines += ["", "## Reliability (calibration)", "",
+                  "| bin | n | mean probability | observed frequency |", "|---|---|---|---|"]
+        for r in m["reliability"]:
+            lines.append(f"| {r['bin']} | {r['n']} | {_f(r['mean_probability'])} | "
+                         f"{_f(r['observed_frequency'])} |")
+    return "\n".join(lines) + "\n"
+
+
+COMPARISON_COLUMNS = [
+    ("mean structure Dice", lambda m: m.get("mean_structure_dice")),
+    ("mean finding Dice", lambda m: m.get("mean_finding_dice")),
+    ("mean finding AUC", lambda m: m.get("mean_finding_auc")),
+    ("ECE", lambda m: m.get("ece")),
+    ("paraphrase AUC", lambda m: m.get("paraphrases", {}).get("mean_auc")),
+    ("paraphrase AUC drop", lambda m: m.get("paraphrases", {}).get("auc_drop")),
+]
+
+
+def comparison_rows(results: dict) -> list[dict]:
+    rows = []
+    for label, m in results.items():
+        row = {"model": label, "id": m["model"].get("id"),
+               "presence_source": m["model"].get("presence_source"),
+               "n_cases": m["data"]["n_cases"]}
+        for name, fn in COMPARISON_COLUMNS:
+            row[name] = fn(m)
+        rows.append(row)
+    return rows
+
+
+def comparison_markdown(results: dict, title: str = "Model comparison") -> str:
+    """Several evaluated models (``{label: metrics}``) in one table, plus per-finding AUCs."""
+    rows = comparison_rows(results)
+    first = next(iter(results.values()))
+    lines = [f"# {title}", "",
+             f"Data: `{first['data']['manifest']}` ({first['data']['n_cases']} cases). Produced by "
+             "`ctlanguage evaluate` (one engine path for every model: masks mapped to the source grid, "
+             "presence from the calibrated prompt-ensemble score).", "",
+             "| model | presence from | " + " | ".join(n for n, _ in COMPARISON_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(COMPARISON_COLUMNS)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['presence_source']} | "
+                     + " | ".join(_f(r[n]) for n, _ in COMPARISON_COLUMNS) + " |")
+    labels = list(results)
+    if len(labels) > 1:
+        base = labels[0]
+        lines += ["", f"AUC gap of each model relative to `{base}` (positive: `{base}` is better): "
+                  + ", ".join(
+                      f"`{l}` {_f((results[base].get('mean_finding_auc') or float('nan')) - (results[l].get('mean_finding_auc') or float('nan')))}"
+                      for l in labels[1:]) + "."]
+    keys = sorted({k for m in results.values() for k in m.get("findings", {})})
+    lines += ["", "## AUC per finding", "", "| finding | " + " | ".join(labels) + " |",
+              "|---|" + "---|" * len(labels)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(
+            _f(results[l].get("findings", {}).get(k, {}).get("auc")) for l in labels) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, out_dir: str | Path, doc: str | Path | None = None) -> dict:
+    """Write metrics.json + metrics.md (and per-model files when several) into ``out_dir``;
+    with ``doc`` also write the comparison table there (e.g. docs/model_comparison.md).
+
+    Written atomically (temporary file + rename). Returns {name: path}."""
+    from .errors import ExportError
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"The output folder {out} cannot be created ({exc.strerror or exc}).") from exc
+    files = {}
+
+    def put(path: Path, text: str):
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(text)
+            import os
+
+            os.replace(tmp, path)
+        except OSError as exc:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise ExportError(f"{path} could not be written ({exc.strerror or exc}).") from exc
+        files[path.name] = path
+
+    if len(results) == 1:
+        (label, m), = results.items()
+        put(out / "metrics.json", json.dumps(m, indent=2, sort_keys=False) + "\n")
+        put(out / "metrics.md", metrics_markdown(m))
+        md = metrics_markdown(m)
+    else:
+        payload = {"models": results, "comparison": comparison_rows(results)}
+        put(out / "metrics.json", json.dumps(_clean(payload), indent=2) + "\n")
+        md = comparison_markdown(results)
+        for label, m in results.items():
+            md += "\n---\n\n" + metrics_markdown(m, title=f"Details: {label}").replace("\n## ", "\n### ")
+        put(out / "metrics.md", md)
+    if doc:
+        doc = Path(doc)
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        put(doc, md if len(results) > 1 else metrics_markdown(next(iter(results.values()))))
+        files["doc"] = doc
+    return files
