@@ -96,9 +96,9 @@ def test_all_48_orientations_give_the_same_model_array():
 )
 def test_orientation_invariance_property(orientation, spacing, origin, seed):
     # a fixed physical field of view sampled at the drawn spacing
-    shape = tuple(int(round(120 / s)) for s in spacing[::-1])
+    shape = tuple(int(round(96 / s)) for s in spacing[::-1])
     aff = make_affine(spacing, origin)
-    arr, _ = phantom(shape, aff, radii=(40, 35, 45), seed=seed)
+    arr, _ = phantom(shape, aff, radii=(36, 30, 40), seed=seed)
     ref = to_model_space(CTVolume(arr, aff))
     a, af = reorient(arr, aff, *orientation)
     out = to_model_space(CTVolume(a, af))
@@ -129,9 +129,12 @@ def test_model_mask_maps_back_onto_the_same_physical_voxels(rot_deg):
     assert np.all(np.abs(shift) <= half_voxel_ras), (shift, half_voxel_ras)
 
 
-def test_thresholded_fast_path_equals_full_resampling():
+@pytest.mark.parametrize("lps_like, rot_deg", [(True, 0.0), (False, 0.0), (False, -15.0)])
+def test_thresholded_fast_path_equals_full_resampling(lps_like, rot_deg):
     shape = (30, 90, 80)
-    aff = make_affine((1.1, 1.3, 3.3), (10.0, -20.0, 30.0), rotation_z(-15))
+    aff = make_affine((1.1, 1.3, 3.3), (10.0, -20.0, 30.0), rotation_z(rot_deg))
+    if lps_like:  # the usual DICOM-derived grid: i towards L, j towards P
+        aff[:3, :2] *= -1
     arr, _ = phantom(shape, aff, radii=(40, 45, 45))
     vol = CTVolume(arr, aff)
     grid = to_model_space(vol).grid
@@ -142,6 +145,48 @@ def test_thresholded_fast_path_equals_full_resampling():
         fast = grid.to_source(prob, vol, mode=mode, threshold=0.5)
         np.testing.assert_array_equal(fast, (full >= 0.5).astype(np.uint8))
     assert grid.to_source(np.zeros(grid.shape, np.float32), vol, threshold=0.5).sum() == 0
+
+
+@pytest.mark.parametrize("lps_like, rot_deg", [(True, 0.0), (False, 31.0)])
+def test_to_source_matches_independent_trilinear_interpolation(lps_like, rot_deg):
+    from scipy.ndimage import map_coordinates
+
+    shape = (18, 60, 56)
+    aff = make_affine((1.3, 1.1, 3.7), (-20.0, 35.0, 12.0), rotation_z(rot_deg))
+    if lps_like:
+        aff[:3, :2] *= -1
+    vol = CTVolume(phantom(shape, aff, radii=(30, 30, 30))[0], aff)
+    grid = to_model_space(vol).grid
+    field = np.random.default_rng(2).random(grid.shape).astype(np.float32)
+    got = grid.to_source(field, vol)
+    # continuous model-grid index (i, j, k) of every source voxel centre
+    ijk = (voxel_ras(shape, aff) - grid.ijk_to_ras[:3, 3]) @ np.linalg.inv(grid.ijk_to_ras[:3, :3]).T
+    coords = ijk[..., ::-1].reshape(-1, 3).T  # array order (k, j, i)
+    inside = np.all((coords >= 0) & (coords <= np.array(grid.shape)[:, None] - 1), axis=0)
+    ref = map_coordinates(field, coords[:, inside], order=1)
+    assert inside.mean() > 0.5
+    np.testing.assert_allclose(got.reshape(-1)[inside], ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("lps_like, rot_deg", [(True, 0.0), (False, 23.0)])
+def test_model_values_match_independent_trilinear_sampling(lps_like, rot_deg):
+    from scipy.ndimage import map_coordinates
+
+    shape = (20, 64, 60)
+    aff = make_affine((1.2, 1.0, 3.5), (40.0, -15.0, 70.0), rotation_z(rot_deg))
+    if lps_like:
+        aff[:3, :2] *= -1
+    arr, _ = phantom(shape, aff, radii=(30, 28, 32))
+    spec = ModelSpec(antialias=False)
+    mi = to_model_space(CTVolume(arr, aff), spec)
+    ijk = (model_points(mi.grid) - aff[:3, 3]) @ np.linalg.inv(aff[:3, :3]).T
+    coords = ijk[..., ::-1].reshape(-1, 3).T
+    inside = np.all((coords >= 0) & (coords <= np.array(shape)[:, None] - 1), axis=0)
+    hu = map_coordinates(arr, coords[:, inside], order=1)
+    expected = (np.clip(hu, spec.hu_min, spec.hu_max) - spec.hu_min) / (spec.hu_max - spec.hu_min)
+    assert inside.sum() > 1000
+    np.testing.assert_allclose(mi.array.reshape(-1)[inside], expected, atol=1e-4)
+    assert np.all(mi.array.reshape(-1)[~inside] == 0.0), "outside the source voxel centres is air"
 
 
 def test_labels_round_trip_source_model_source():
