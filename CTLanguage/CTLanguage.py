@@ -566,6 +566,7 @@ class CTLanguageTest(ScriptedLoadableModuleTest):
 
     def test_CTLanguage_prompt_flow(self):
         import tempfile
+        from types import SimpleNamespace
 
         import numpy as np
         from ctlanguage.phantom import generate_case
@@ -573,8 +574,9 @@ class CTLanguageTest(ScriptedLoadableModuleTest):
         from CTLanguageLib import mrml_glue
 
         self.delayDisplay("Making a synthetic CT")
-        case = generate_case(3)
-        volume = mrml_glue.ctvolume_to_volume_node(slicer.mrmlScene, case, "CTLanguagePhantom")
+        case = generate_case(3)  # PhantomCase: .volume (HU, [k,j,i]) + .ijk_to_ras
+        volume = mrml_glue.ctvolume_to_volume_node(
+            slicer.mrmlScene, SimpleNamespace(array=case.volume, ijk_to_ras=case.ijk_to_ras), "CTLanguagePhantom")
 
         logic = CTLanguageLogic()
         logic.setupPythonRequirements(ask=False)

@@ -475,7 +475,7 @@ def phantom_volume():
     except Exception as exc:  # pragma: no cover
         pytest.skip(f"phantom generator not available: {exc}")
     case = generate_case(7)
-    return np.asarray(case.array), np.asarray(case.ijk_to_ras, dtype=float)
+    return np.asarray(case.volume), np.asarray(case.ijk_to_ras, dtype=float)
 
 
 def _reorient(array, ijk_to_ras):

@@ -200,7 +200,7 @@ class EncodingJob:
             "--input", str(self.work_dir / "volume.npy"),
             "--geometry", str(self.work_dir / "geometry.json"),
             "--model", self.model,
-            "--output", str(self.work_dir / "encoding"),
+            "--output", str(self.work_dir / "encoding.safetensors"),
             "--cancel-file", str(self.work_dir / CANCEL_FILE),
         ]
         if self.device:

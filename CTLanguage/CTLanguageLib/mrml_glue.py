@@ -176,7 +176,11 @@ def _color01(color) -> tuple[float, float, float]:
 
 def terminology_for_finding(finding) -> str:
     """Slicer terminology string for a finding: the vocabulary's mapping when the prompt maps to a
-    known concept (finding key first, then anatomy), else a generic 'Tissue' entry."""
+    known concept (the engine's own ``finding.terminology`` first, then the vocabulary by finding
+    key and by anatomy), else a generic 'Tissue' entry."""
+    own = getattr(finding, "terminology", None)
+    if isinstance(own, str) and own.count("~") >= 6:
+        return own
     try:
         from ctlanguage import vocabulary
     except Exception:  # engine not installed: still produce a valid, parsable string

@@ -125,7 +125,7 @@ class CTLanguageSession:
             try:
                 from ctlanguage.engine import Encoding
 
-                encoding = Encoding.load(path, self.engine())
+                encoding = Encoding.load(path, self.engine(), volume=volume)
             except Exception as exc:
                 job.state = "failed"
                 job.error = f"The encoding could not be loaded: {exc}"
