@@ -58,6 +58,7 @@ _KEEP = {"ascites", "emphysema", "thorax", "hydrothorax", "pancreas", "esophagus
          "was", "has", "is", "this", "its", "bus", "us", "plus", "hilus", "sinus", "status"}
 
 
+@lru_cache(maxsize=65536)
 def lemma(word: str) -> str:
     """Crude singular form for the vocabulary's English plurals."""
     if word in _IRREGULAR:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Optional
 
 from . import vocabulary as vocab
@@ -50,6 +51,8 @@ _TRIGGERS = [
     ("not changed", "pseudo", "fwd"), ("no longer", "neg", "fwd"), ("not significantly changed", "pseudo", "fwd"),
     ("no new", "unc", "fwd"),  # "no new nodules": older ones may remain
 ]
+_TRIGGER_PHRASES = tuple(t[0] for t in _TRIGGERS)
+_TRIGGER_KINDS = {t[0]: (t[1], t[2]) for t in _TRIGGERS}
 _TERMINATORS = ["but", "however", "although", "though", "except", "aside from", "apart from",
                 "which", "whereas", "while", "yet", "otherwise", "there is", "there are",
                 "is present", "are present", "is seen", "are seen", "is noted", "are noted"]
@@ -136,16 +139,30 @@ def _words(text: str) -> list:
     return [w if w in ";:" else lemma(w) for w in re.findall(r"[a-z0-9]+|;|:", folded)]
 
 
-def _find_phrases(words: list, phrases: list) -> list:
+@lru_cache(maxsize=8)
+def _phrase_table(phrases: tuple) -> dict:
+    """{first token: [(tokens, phrase)]}, longest phrases first."""
+    table: dict = {}
+    for p in sorted(phrases, key=lambda p: -len(p.split())):
+        toks = tuple(lemma(w) for w in p.split())
+        table.setdefault(toks[0], []).append((toks, p))
+    return table
+
+
+def _find_phrases(words: list, phrases: tuple) -> list:
     """[(start, end, phrase)] for whole-word occurrences, longest first, non-overlapping."""
+    table = _phrase_table(phrases)
+    cands = []
+    for i, w in enumerate(words):
+        for toks, p in table.get(w, ()):
+            if tuple(words[i:i + len(toks)]) == toks:
+                cands.append((-len(toks), i, p))
     hits, used = [], set()
-    for p in sorted(phrases, key=lambda p: -len(p)):
-        toks = [lemma(w) for w in p.split()]
-        n = len(toks)
-        for i in range(len(words) - n + 1):
-            if words[i:i + n] == toks and not used.intersection(range(i, i + n)):
-                hits.append((i, i + n, p))
-                used.update(range(i, i + n))
+    for neg_n, i, p in sorted(cands):
+        span = range(i, i - neg_n)
+        if not used.intersection(span):
+            hits.append((i, i - neg_n, p))
+            used.update(span)
     return sorted(hits)
 
 
@@ -214,10 +231,9 @@ def _side_near(words: list, pos: int, lo: int, end: Optional[int] = None) -> Opt
 
 def analyse_sentence(text: str, section: Optional[str] = None) -> Sentence:
     words = _words(text)
-    trig_phr = [t[0] for t in _TRIGGERS]
-    triggers = _find_phrases(words, trig_phr)
-    kinds = {t[0]: (t[1], t[2]) for t in _TRIGGERS}
-    terms = _find_phrases(words, _TERMINATORS)
+    triggers = _find_phrases(words, _TRIGGER_PHRASES)
+    kinds = _TRIGGER_KINDS
+    terms = _find_phrases(words, tuple(_TERMINATORS))
     bounds = _clause_bounds(words, terms)
 
     def clause(pos):
