@@ -263,3 +263,22 @@ def test_a_single_file_stands_for_its_own_series(tmp_path):
     (tmp_path / "junk.dcm").write_bytes(b"\0" * 64)
     with pytest.raises(InputError, match="junk.dcm"):
         read_ct(tmp_path / "junk.dcm")
+
+
+def test_enhanced_multiframe_ct_is_refused_clearly(tmp_path):
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID = "CT", generate_uid()
+    ds.Rows = ds.Columns = 16
+    ds.NumberOfFrames = 12
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 16, 15, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = np.zeros((12, 16, 16), "<i2").tobytes()
+    ds.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
+    with pytest.raises(InputError, match="multi-frame"):
+        read_ct(tmp_path)

@@ -239,3 +239,16 @@ def test_read_detached_headers(tmp_path, suffix):
     data.write_bytes(data.read_bytes()[:1000])  # truncated detached data file
     with pytest.raises(InputError, match="truncated or corrupt"):
         ctio.read_ct(tmp_path / f"ct{suffix}")
+
+
+def test_4d_files_single_time_point_only(tmp_path):
+    arr = ct_array()
+    xyzt = np.stack([np.transpose(arr, (2, 1, 0))] * 3, axis=-1).astype(np.int16)  # nibabel: [i, j, k, t]
+    nib.save(nib.Nifti1Image(xyzt[..., :1], oblique_affine()), tmp_path / "t1.nii.gz")
+    vol = ctio.read_ct(tmp_path / "t1.nii.gz")
+    assert vol.shape == arr.shape
+    np.testing.assert_array_equal(vol.array, arr)
+    np.testing.assert_allclose(vol.ijk_to_ras, oblique_affine(), atol=1e-4)
+    nib.save(nib.Nifti1Image(xyzt, oblique_affine()), tmp_path / "t3.nii.gz")
+    with pytest.raises(InputError, match="4D"):
+        ctio.read_ct(tmp_path / "t3.nii.gz")
