@@ -512,3 +512,30 @@ def test_real_engine_flow_on_awkward_volume(real_engine, phantom_volume, scene):
         p = r.finding.probability
         assert (np.isnan(row["probability"]) if p is None else row["probability"] == pytest.approx(p))
         assert row["volume_ml"] == pytest.approx(r.finding.volume_ml)
+
+
+def test_real_engine_background_process_matches_inline(real_engine, phantom_volume, scene):
+    """Encode through the worker process (as the GUI does) and in-process: same findings."""
+    array, affine = _reorient(*phantom_volume)
+    node = mrml_glue.ctvolume_to_volume_node(scene, SimpleNamespace(array=array, ijk_to_ras=affine), "phantom bg")
+    session = CTLanguageSession(scene, engine_loader=lambda m, d: real_engine)
+    session.set_model("default", "cpu")
+    snapshot = mrml_glue.SceneSnapshot.take(scene)
+    progress, done = [], []
+    job = session.start_encoding(node, waitForCompletion=True, on_progress=lambda f, m: progress.append(f),
+                                 on_done=lambda state, msg: done.append((state, msg)))
+    assert done == [("finished", "")], (done, job.log[-10:])
+    assert job.state == "finished" and progress and progress[-1] == 1.0
+    assert not job.work_dir.exists()  # the saved encoding was loaded, then the work folder removed
+    assert mrml_glue.SceneSnapshot.take(scene) == snapshot  # encoding alone does not touch the scene
+    bg = session.run_prompts(node, "liver; liver lesion")
+    inline_session = CTLanguageSession(scene, engine_loader=lambda m, d: real_engine)
+    inline_session.encode_inline(node)
+    inline = inline_session.run_prompts(node, "liver; liver lesion")
+    for a, b in zip(bg, inline):
+        assert a.prompt == b.prompt
+        dice = 2 * np.logical_and(a.finding.mask, b.finding.mask).sum() / max(a.finding.mask.sum() + b.finding.mask.sum(), 1)
+        assert dice > 0.99, (a.prompt, dice)
+        if a.finding.probability is not None:
+            assert a.finding.probability == pytest.approx(b.finding.probability, abs=1e-3)
+    check_segments_match(session, scene, node)
