@@ -152,14 +152,21 @@ def test_every_training_phrase_parses_to_its_key():
     assert not wrong, wrong[:20]
 
 
-def test_heldout_paraphrase_accuracy():
+@pytest.mark.parametrize("split,floor", [("dev", 0.95), ("blind", 0.8)])
+def test_heldout_paraphrase_accuracy(split, floor):
+    """'dev' items shaped the parser's head words; 'blind' ones never did (measured: 25/29)."""
     items = json.loads((package_data_dir() / "paraphrases_heldout.json").read_text())["items"]
-    ok = 0
+    items = [it for it in items if it["split"] == split]
+    ok, wrong_findings = 0, []
     for it in items:
         p = parse_prompt(it["text"])
         got = p.finding if it["kind"] == "finding" else p.anatomy
-        ok += (p.kind, got, p.laterality) == (it["kind"], it["key"], it["laterality"])
-    assert ok / len(items) >= 0.85
+        good = (p.kind, got, p.laterality) == (it["kind"], it["key"], it["laterality"])
+        ok += good
+        if not good and p.finding and p.confidence >= 0.5:
+            wrong_findings.append(it["text"])   # a confident wrong answer is worse than a miss
+    assert ok / len(items) >= floor
+    assert not wrong_findings
 
 
 def test_split_prompts():
