@@ -539,3 +539,14 @@ def test_real_engine_background_process_matches_inline(real_engine, phantom_volu
         if a.finding.probability is not None:
             assert a.finding.probability == pytest.approx(b.finding.probability, abs=1e-3)
     check_segments_match(session, scene, node)
+
+
+def test_changing_the_model_drops_encodings(fake_session, volume_node):
+    fake_session.encode_inline(volume_node)
+    fake_session.set_model("default", "auto")  # same model: encoding kept
+    assert fake_session.is_encoded(volume_node)
+    fake_session.set_model("/some/other/model", "cpu")
+    assert not fake_session.is_encoded(volume_node)
+    with pytest.raises(ValueError, match="Encode"):
+        fake_session.run_prompts(volume_node, "liver")
+    assert fake_session.model_label() == "research use only — model: /some/other/model"

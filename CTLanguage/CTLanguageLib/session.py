@@ -62,8 +62,14 @@ class CTLanguageSession:
 
     # ---- engine --------------------------------------------------------------------------------
     def set_model(self, model_id: str, device: str | None = None) -> None:
-        self.model_id = str(model_id or "default")
-        self.device = None if device in (None, "", "auto") else str(device).lower()
+        """Select the model and device. Encodings made with another model are dropped (their
+        segments and table rows stay until the next prompt), so prompts ask for a new Encode."""
+        model_id = str(model_id or "default")
+        device = None if device in (None, "", "auto") else str(device).lower()
+        if (model_id, device) != (self.model_id, self.device):
+            for state in self.states.values():
+                state.encoding = None
+        self.model_id, self.device = model_id, device
 
     def engine(self):
         key = (self.model_id, self.device)
