@@ -107,11 +107,12 @@ def test_read_nifti_written_by_nibabel_keeps_ras_affine(tmp_path):
     np.testing.assert_array_equal(vol.array, arr)
 
 
-def test_read_nrrd_written_by_pynrrd(tmp_path):
+@pytest.mark.parametrize("space", ["left-posterior-superior", "right-anterior-superior"])
+def test_read_nrrd_written_by_pynrrd(tmp_path, space):
     arr, aff = ct_array(), oblique_affine()
-    lps = np.diag([-1, -1, 1.0]) @ aff[:3, :3]
-    header = {"space": "left-posterior-superior", "space directions": lps.T,
-              "space origin": np.diag([-1, -1, 1.0]) @ aff[:3, 3], "kinds": ["domain"] * 3}
+    flip = np.diag([-1, -1, 1.0]) if space.startswith("left") else np.eye(3)
+    header = {"space": space, "space directions": (flip @ aff[:3, :3]).T,
+              "space origin": flip @ aff[:3, 3], "kinds": ["domain"] * 3}
     nrrd.write(str(tmp_path / "x.nrrd"), np.transpose(arr, (2, 1, 0)).astype(np.int16), header)
     vol = ctio.read_ct(tmp_path / "x.nrrd")
     np.testing.assert_allclose(vol.ijk_to_ras, aff, atol=1e-9)

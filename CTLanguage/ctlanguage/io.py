@@ -39,7 +39,7 @@ def read_ct(path, validate: bool = True) -> CTVolume:
 
     Raises InputError (or GeometryError) with a specific message for anything unusable.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"No such file or folder: {path}")
     if path.is_dir():
