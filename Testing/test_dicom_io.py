@@ -282,3 +282,24 @@ def test_enhanced_multiframe_ct_is_refused_clearly(tmp_path):
     ds.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
     with pytest.raises(InputError, match="multi-frame"):
         read_ct(tmp_path)
+
+
+def test_dicom_and_canonical_nifti_give_the_same_model_input(tmp_path):
+    import nibabel as nib
+
+    from ctlanguage.preprocess import to_model_space
+
+    shape = (16, 48, 44)
+    aff = np.array([[-1.1, 0, 0, 30.0], [0, -1.2, 0, 25.0], [0, 0, 3.0, -40.0], [0, 0, 0, 1]])
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    body = ((i - 21.5) / 16) ** 2 + ((j - 23.5) / 18) ** 2 < 1
+    arr = np.where(body, np.round(40 + 60 * np.sin(i / 4.0) + 20 * k), -1000).astype(np.float32)
+    write_dicom_series(CTVolume(arr, aff), tmp_path / "dcm")
+    from_dicom = read_ct(tmp_path / "dcm")
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(np.transpose(arr, (2, 1, 0)).astype(np.int16), aff))
+    assert np.all(np.diag(canonical.affine)[:3] > 0)  # really re-ordered to RAS on disk
+    nib.save(canonical, tmp_path / "ct.nii.gz")
+    from_nifti = read_ct(tmp_path / "ct.nii.gz")
+    a, b = to_model_space(from_dicom), to_model_space(from_nifti)
+    np.testing.assert_allclose(a.grid.ijk_to_ras, b.grid.ijk_to_ras, atol=1e-4)
+    np.testing.assert_allclose(a.array, b.array, atol=1e-4)
