@@ -1,7 +1,7 @@
 """Vocabulary: keys match the architecture contract, codes are sourced, phrasings are usable."""
 
+import collections
 import csv
-import io
 import json
 import re
 
@@ -60,43 +60,60 @@ def test_every_term_has_display_synonyms_colour_and_category():
 
 
 def _ts_mapping():
-    """The TotalSegmentator mapping, if its wheel was unpacked on this machine (optional)."""
+    """{code value: meanings} from the TotalSegmentator mapping, if its wheel was unpacked on
+    this machine (optional: TotalSegmentator is not a dependency)."""
     import glob
     paths = glob.glob("/tmp/ts/**/totalsegmentator_snomed_mapping.csv", recursive=True)
     if not paths:
         return None
+    out = collections.defaultdict(set)
     with open(paths[0]) as f:
-        return {row[5]: row[6] for row in csv.reader(f) if len(row) > 6}
+        for row in csv.reader(f):
+            for i in (2, 5, 8, 11, 14):   # category, type, type modifier, region, region modifier
+                if len(row) > i + 1 and row[i].isdigit():
+                    out[row[i]].add(row[i + 1].lower())
+    return out
 
 
-def test_codes_come_from_named_sources_and_match_pydicom():
-    from pydicom.sr.codedict import codes
-    pd_codes = {}
-    for name in ("Lung", "Nodule", "Mass", "Lesion", "Cyst", "Aneurysm", "Hepatomegaly",
-                 "Lymphadenopathy", "Effusion", "Pericardium", "PeritonealCavity", "Spine", "Left", "Right"):
-        c = getattr(codes.SCT, name)
-        pd_codes[c.value] = c.meaning
-    seen = 0
+def _pydicom_meanings():
+    """{SCT code value: meanings} over all of pydicom's SR concept tables."""
+    from pydicom.sr._concepts_dict import concepts
+    out = collections.defaultdict(set)
+    for entries in concepts["SCT"].values():
+        for value, (meaning, _cids) in entries.items():
+            out[value].add(meaning.lower())
+    return out
+
+
+def _all_codes():
+    mods = v._load()[2]
+    yield "modifiers", mods["left"]
+    yield "modifiers", mods["right"]
+    yield "fallback", mods["_fallback_type"]
     for key in v.anatomies() + v.findings():
         t = v.get(key)
-        for c in (t.category, t.type, t.region):
-            if c is None:
-                continue
-            if not c.known:
-                assert c.note, f"{key}: a missing code must say why"
-                continue
-            assert c.scheme == "SCT" and c.value.isdigit() and c.source
-            assert "pydicom" in c.source or "totalsegmentator" in c.source
-            if c.value in pd_codes:
-                assert c.meaning.lower() == pd_codes[c.value].lower(), (key, c)
-                seen += 1
-    assert seen >= 20
+        for c in (t.category, t.type, t.region, t.type_modifier):
+            if c is not None:
+                yield key, c
+
+
+def test_codes_are_sourced_and_match_their_source():
+    pd = _pydicom_meanings()
     ts = _ts_mapping()
-    if ts:  # cross-check TotalSegmentator-sourced codes against the CSV itself
-        for key in v.anatomies() + v.findings():
-            for c in (v.get(key).type, v.get(key).region):
-                if c is not None and c.known and "totalsegmentator" in c.source and c.value in ts:
-                    assert ts[c.value] == c.meaning
+    checked = 0
+    for key, c in _all_codes():
+        if not c.known:
+            assert c.note, f"{key}: a missing code must say why"
+            continue
+        assert c.scheme == "SCT" and c.value.isdigit() and c.meaning and c.source, (key, c)
+        assert "pydicom" in c.source or "totalsegmentator" in c.source, (key, c.source)
+        if "pydicom" in c.source:
+            assert c.meaning.lower() in pd[c.value], (key, c, pd[c.value])
+            checked += 1
+        elif ts is not None:
+            assert c.meaning.lower() in ts[c.value], (key, c, ts[c.value])
+            checked += 1
+    assert checked >= 20
 
 
 def test_slicer_terminology_string_format():
