@@ -102,6 +102,8 @@ def test_partly_unknown_prompt_loses_confidence():
     # a finding word that does not belong to the named organ is not glued onto it
     q = parse_prompt("kidney mass")
     assert q.finding is None and "mass" in q.unknown_tokens
+    c = parse_prompt("kidney stone in the gallbladder")
+    assert c.finding == "kidney_stone" and c.confidence < 0.7
 
 
 @pytest.mark.parametrize("text", ["", "   ", "\n\t", "?!...", ";;", "—", "🙂"])

@@ -243,6 +243,8 @@ def parse_prompt(text: str) -> ParsedPrompt:
     if finding_m:
         start, length, (finding, _, matched, _) = max(finding_m, key=lambda m: m[1])
         base = 1.0 if len(finding_m) == 1 else 0.8
+        if any(not _fits(finding, m[2][0]) for m in anatomy_m):
+            base *= 0.6   # "kidney stone in the gallbladder": the organs disagree
     elif anatomy_m:
         # anatomy + head word -> finding judged in that anatomy
         for _, _, (akey, _, aphrase, _) in sorted(anatomy_m, key=lambda m: -m[1]):
