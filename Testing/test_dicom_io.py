@@ -95,6 +95,7 @@ def test_picks_ct_series_with_most_slices_and_logs_it(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="ctlanguage.dicom_io"):
         vol = read_ct(tmp_path)
     assert vol.series_uid == uid_big and vol.shape == (14, 20, 24)
+    assert len(vol.metadata["skipped_series"]) == 2 and vol.metadata["n_slices"] == 14
     text = caplog.text
     assert "big" in text and "Skipped" in text and "small" in text and "modality MR" in text
 

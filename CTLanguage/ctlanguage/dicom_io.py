@@ -138,6 +138,7 @@ def read_dicom_series(folder, series_uid: str | None = None, validate: bool = Tr
         )
     volume = _read_slices(chosen)
     volume.source = str(folder)
+    volume.metadata["skipped_series"] = [str(s) for s in series if s is not chosen]
     if validate:
         volume.validate()
     return volume
