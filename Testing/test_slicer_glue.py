@@ -550,3 +550,81 @@ def test_changing_the_model_drops_encodings(fake_session, volume_node):
     with pytest.raises(ValueError, match="Encode"):
         fake_session.run_prompts(volume_node, "liver")
     assert fake_session.model_label() == "research use only — model: /some/other/model"
+
+
+# ----------------------------------------------------------------------------------------------
+# CTLanguageLogic itself (CTLanguage.py) with the Slicer-application-only imports stubbed
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def module_logic(monkeypatch, scene):
+    """Import CTLanguage.py with stand-ins for what only the Slicer application provides
+    (Qt, CTK, ScriptedLoadableModule base classes, parameterNodeWrapper); MRML stays real."""
+    import types
+    from unittest import mock
+
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class _Base:
+        def __init__(self, *a, **k):
+            pass
+
+    class Logic(_Base):
+        def getParameterNode(self):
+            return scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+
+    slm.ScriptedLoadableModule = slm.ScriptedLoadableModuleWidget = slm.ScriptedLoadableModuleTest = _Base
+    slm.ScriptedLoadableModuleLogic = Logic
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+
+    def _wrapper(cls):  # the real decorator adds typed properties over the vtkMRMLScriptedModuleNode
+        def __init__(self, node):
+            self.parameterNode = node
+
+        cls.__init__ = __init__
+        return cls
+
+    pnw.parameterNodeWrapper = _wrapper
+    pnw.Choice = lambda choices: ("Choice", tuple(choices))
+    pnw.WithinRange = lambda lo, hi: ("WithinRange", lo, hi)
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
+    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", pnw)
+    monkeypatch.setitem(sys.modules, "qt", mock.MagicMock())
+    monkeypatch.setitem(sys.modules, "ctk", mock.MagicMock())
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.syspath_prepend(str(ROOT / "CTLanguage"))
+    sys.modules.pop("CTLanguage", None)
+    import CTLanguage as module
+
+    logic = module.CTLanguageLogic()
+    engine = FakeEngine()
+    logic.session = CTLanguageSession(scene, engine_loader=lambda m, d: engine)
+    yield module, logic
+    sys.modules.pop("CTLanguage", None)
+
+
+def test_module_logic_flow_and_exports(module_logic, scene, volume_node, tmp_path):
+    module, logic = module_logic
+    logic.setModel("default", "auto")
+    with pytest.raises(ValueError):
+        logic.encode(None)
+    logic.session.encode_inline(volume_node)
+    results = logic.runPrompts(volume_node, "liver lesion; liver")
+    assert len(results) == 2
+    logic.setThresholds(volume_node, 0.3, 0.9)
+    phrases = logic.completionPhrases()
+    assert phrases[:2] == ["liver lesion", "liver"] and len(phrases) > 20  # history first, then vocabulary
+    for kind, suffix in (("segnrrd", ".seg.nrrd"), ("csv", ".csv"), ("json", ".json"), ("html", ".html")):
+        path = logic.export(volume_node, str(tmp_path), kind)
+        assert path.endswith(suffix) and Path(path).stat().st_size > 0
+    with pytest.raises(ValueError, match="does not exist"):
+        logic.export(volume_node, str(tmp_path / "nope"), "csv")
+    with pytest.raises(ValueError):
+        logic.export(volume_node, str(tmp_path), "pdf")
+    with pytest.raises(ValueError, match="DICOM"):  # volume not loaded from DICOM
+        logic.export(volume_node, str(tmp_path), "dicomseg")
+    params = logic.getParameterNode()
+    assert params.parameterNode.IsA("vtkMRMLScriptedModuleNode")
+    assert params.maskThreshold == 0.5 and params.device == "auto"  # declared defaults
+    fields = module.CTLanguageParameterNode.__annotations__
+    assert set(fields) == {"inputVolume", "device", "probabilityThreshold", "maskThreshold", "showHeatmap", "outputDirectory"}

@@ -86,7 +86,12 @@ class CTLanguageSession:
         return self._engines[key]
 
     def model_label(self) -> str:
-        return f"research use only — model: {self.model_id}"
+        """'research use only — model: <id> <version>' (the spec until the model is loaded)."""
+        engine = self._engines.get((self.model_id, self.device))
+        name = self.model_id
+        if engine is not None and getattr(engine, "model_id", None):
+            name = f"{engine.model_id} {getattr(engine, 'model_version', '') or ''}".strip()
+        return f"research use only — model: {name}"
 
     # ---- encoding ------------------------------------------------------------------------------
     def state_for(self, volume_node) -> SessionState:
