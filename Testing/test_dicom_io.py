@@ -304,3 +304,17 @@ def test_dicom_and_canonical_nifti_give_the_same_model_input(tmp_path):
     a, b = to_model_space(from_dicom), to_model_space(from_nifti)
     np.testing.assert_allclose(a.grid.ijk_to_ras, b.grid.ijk_to_ras, atol=1e-4)
     np.testing.assert_allclose(a.array, b.array, atol=1e-4)
+
+
+def test_left_handed_grid_reads_back_as_the_same_physical_image(tmp_path):
+    # i towards L, j towards A, k towards S: slice normal (row x col) points inferior, so the
+    # reader (which sorts along the normal) returns k reversed; the physical image is identical
+    aff = np.array([[-1.0, 0, 0, -20.0], [0, 0.9, 0, 5.0], [0, 0, 2.0, 30.0], [0, 0, 0, 1]])
+    vol = ct_volume(affine=aff)
+    write_dicom_series(vol, tmp_path)
+    back = read_ct(tmp_path)
+    flipped = aff.copy()
+    flipped[:3, 3] += aff[:3, 2] * (vol.shape[0] - 1)
+    flipped[:3, 2] *= -1
+    np.testing.assert_allclose(back.ijk_to_ras, flipped, atol=1e-4)
+    assert np.abs(back.array[::-1] - vol.array).max() <= 0.5 + 1e-4

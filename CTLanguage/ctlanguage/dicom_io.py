@@ -323,6 +323,8 @@ def write_dicom_series(volume: CTVolume, folder, patient_name: str = "Phantom^CT
     come from ``ijk_to_ras``; values are stored as int16 with RescaleSlope/Intercept (slope 1,
     intercept -1024 whenever the HU range allows, i.e. HU rounded to integers). Each file is
     written atomically; on failure the files written so far are removed (ExportError).
+    Reading back gives the same array and affine when the k axis points along row x column
+    (the usual case); otherwise k comes back reversed, which is the same physical image.
     """
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
