@@ -42,13 +42,15 @@ _TRIGGERS = [
     ("could represent", "unc", "fwd"), ("might represent", "unc", "fwd"), ("concerning for", "unc", "fwd"),
     ("questionable", "unc", "fwd"), ("equivocal", "unc", "fwd"), ("suggestive of", "unc", "fwd"),
     ("question of", "unc", "fwd"), ("differential includes", "unc", "fwd"), ("indeterminate", "unc", "fwd"),
-    ("versus", "unc", "both"), ("vs", "unc", "both"), ("cannot be excluded", "unc", "bwd"), ("can not be excluded", "unc", "bwd"),
+    ("versus", "unc", "both"), ("vs", "unc", "both"), ("cannot be excluded", "unc", "bwd"),
+    ("can not be excluded", "unc", "bwd"),
     ("not excluded", "unc", "bwd"), ("cannot be ruled out", "unc", "bwd"), ("is suspected", "unc", "bwd"),
     ("are suspected", "unc", "bwd"), ("is questioned", "unc", "bwd"), ("is not excluded", "unc", "bwd"),
     # pseudo-triggers: look like triggers, negate nothing
     ("no change", "pseudo", "fwd"), ("no significant change", "pseudo", "fwd"),
     ("no interval change", "pseudo", "fwd"), ("not only", "pseudo", "fwd"), ("no increase", "pseudo", "fwd"),
-    ("not changed", "pseudo", "fwd"), ("no longer", "neg", "fwd"), ("not significantly changed", "pseudo", "fwd"),
+    ("not changed", "pseudo", "fwd"), ("no longer", "neg", "fwd"),
+    ("not significantly changed", "pseudo", "fwd"),
     ("no new", "unc", "fwd"),  # "no new nodules": older ones may remain
 ]
 _TRIGGER_PHRASES = tuple(t[0] for t in _TRIGGERS)

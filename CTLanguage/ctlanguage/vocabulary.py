@@ -76,7 +76,8 @@ class Term:
     lay: tuple = ()
     negated: tuple = ()
     heads: tuple = ()              # head words that, next to an anatomy word, name this finding
-    also_in: tuple = ()            # findings: other anatomies whose words can carry the head ("fluid around the lung")
+    also_in: tuple = ()            # findings: other anatomies whose words may carry the head
+                                   # word ("fluid around the lung")
     abbreviations: tuple = ()
     adjectives: tuple = ()         # anatomies: parser-only adjective forms ("hepatic")
     side: Optional[str] = None     # anatomies: fixed side of a concrete sided structure
@@ -119,7 +120,8 @@ def _load():
             key=key, kind="finding", display=d["display"], color=tuple(d["color"]),
             category=_code(d["category"]), type=typ, synonyms=tuple(d["synonyms"]),
             lay=tuple(d.get("lay", ())), negated=tuple(d.get("negated", ())),
-            heads=tuple(d.get("heads", ())), also_in=tuple(d.get("also_in", ())), anatomy=d["anatomy"], sided=bool(d["sided"]),
+            heads=tuple(d.get("heads", ())), also_in=tuple(d.get("also_in", ())),
+            anatomy=d["anatomy"], sided=bool(d["sided"]),
             region=_code(d.get("region")), type_modifier=_code(d.get("type_modifier")))
     modifiers = {k: _code(v) for k, v in raw["modifiers"].items()}
     modifiers["_fallback_type"] = _code(raw["fallback_type"])
