@@ -156,8 +156,6 @@ def _floats(ds, keyword: str, n: int, path: Path) -> np.ndarray:
 
 
 def _read_slices(info: SeriesInfo) -> CTVolume:
-    import pydicom
-
     headers = list(zip(info.files, info.headers))
     if len(headers) < 2:
         raise InputError(f"{info} has only {len(headers)} slice; a 3D CT needs several slices.")
@@ -326,7 +324,6 @@ def write_dicom_series(volume: CTVolume, folder, patient_name: str = "Phantom^CT
     Reading back gives the same array and affine when the k axis points along row x column
     (the usual case); otherwise k comes back reversed, which is the same physical image.
     """
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
