@@ -573,15 +573,34 @@ def module_logic(monkeypatch, scene):
         def getParameterNode(self):
             return scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
 
-    slm.ScriptedLoadableModule = slm.ScriptedLoadableModuleWidget = slm.ScriptedLoadableModuleTest = _Base
+    class Widget(_Base):
+        def __init__(self, parent=None):
+            self.parent = mock.MagicMock()
+            self.layout = mock.MagicMock()
+
+        def setup(self):
+            pass
+
+        def resourcePath(self, rel):
+            return str(ROOT / "CTLanguage" / "Resources" / rel)
+
+    slm.ScriptedLoadableModule = slm.ScriptedLoadableModuleTest = _Base
+    slm.ScriptedLoadableModuleWidget = Widget
     slm.ScriptedLoadableModuleLogic = Logic
     pnw = types.ModuleType("slicer.parameterNodeWrapper")
 
     def _wrapper(cls):  # the real decorator adds typed properties over the vtkMRMLScriptedModuleNode
         def __init__(self, node):
             self.parameterNode = node
+            for name in cls.__annotations__:
+                if not hasattr(cls, name):
+                    setattr(self, name, None)  # unset node references read as None
 
         cls.__init__ = __init__
+        cls.connectGui = lambda self, ui: "gui-tag"
+        cls.disconnectGui = lambda self, tag: None
+        cls.AddObserver = lambda self, event, method, priority=0.0: self.parameterNode.AddObserver(event, method, priority)
+        cls.RemoveObserver = lambda self, tag: self.parameterNode.RemoveObserver(tag)
         return cls
 
     pnw.parameterNodeWrapper = _wrapper
@@ -628,3 +647,56 @@ def test_module_logic_flow_and_exports(module_logic, scene, volume_node, tmp_pat
     assert params.maskThreshold == 0.5 and params.device == "auto"  # declared defaults
     fields = module.CTLanguageParameterNode.__annotations__
     assert set(fields) == {"inputVolume", "device", "probabilityThreshold", "maskThreshold", "showHeatmap", "outputDirectory"}
+
+
+def test_module_widget_wiring_smoke(module_logic, monkeypatch, scene, volume_node, tmp_path):
+    """Drive CTLanguageWidget with a mock UI (widget names are checked statically elsewhere):
+    catches wrong method/attribute names on the logic/session side of every handler."""
+    from contextlib import contextmanager
+    from unittest import mock
+
+    module, logic = module_logic
+    ui = mock.MagicMock()
+    ui.modelComboBox.findData.return_value = 0
+    ui.modelComboBox.currentData = "default"
+    ui.modelComboBox.count = 1
+    monkeypatch.setattr(slicer.util, "loadUI", lambda path: mock.MagicMock(), raising=False)
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda w: ui, raising=False)
+    errors = []
+
+    @contextmanager
+    def try_with_error_display(message=None, show=True, waitCursor=False):
+        try:
+            yield
+        except Exception as exc:  # the real one shows a dialog and re-raises
+            errors.append((message, exc))
+            raise
+
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", try_with_error_display, raising=False)
+    monkeypatch.setattr(module, "CTLanguageLogic", lambda: logic)
+    widget = module.CTLanguageWidget()
+    widget.setup()
+    assert widget._parameterNode is not None
+    widget._parameterNode.inputVolume = volume_node
+    widget._parameterNode.outputDirectory = tmp_path
+    logic.session.encode_inline(volume_node)
+    widget.updateGUIFromState()
+    widget.runPromptText("liver lesion; fluid around the left lung")
+    assert [r.prompt for r in logic.session.results(volume_node)] == ["liver lesion", "fluid around the left lung"]
+    ui.resultsTable.setRowCount.assert_called_with(2)
+    widget._parameterNode.maskThreshold = 0.3
+    widget.onParameterNodeModified()
+    assert logic.session.mask_threshold == 0.3
+    widget.onExport("csv")
+    assert (tmp_path / "CT awkward_ctlanguage.csv").is_file()
+    monkeypatch.setattr(widget, "selectedRow", lambda: 0)
+    jumps = []
+    monkeypatch.setattr(slicer, "modules", SimpleNamespace(markups=SimpleNamespace(
+        logic=lambda: SimpleNamespace(JumpSlicesToLocation=lambda *a: jumps.append(a)))), raising=False)
+    widget.onResultSelected()
+    assert jumps and len(jumps[0]) == 4
+    widget.onRemoveResult()
+    assert len(logic.session.results(volume_node)) == 1
+    widget.onClearHistory()
+    widget.cleanup()
+    assert not errors, errors
