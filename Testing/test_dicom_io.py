@@ -123,6 +123,9 @@ def test_refuses_mr_sr_and_empty_folders(tmp_path):
     (tmp_path / "empty" / "readme.txt").write_text("not dicom")
     with pytest.raises(InputError, match="no DICOM files"):
         read_ct(tmp_path / "empty")
+    (tmp_path / "empty" / "ct.nii.gz").write_bytes(b"")
+    with pytest.raises(InputError, match="no DICOM files .*ct.nii.gz: open that file instead"):
+        read_ct(tmp_path / "empty")
 
 
 def _edit_series(folder, fn):

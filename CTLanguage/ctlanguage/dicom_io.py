@@ -101,7 +101,10 @@ def find_series(folder) -> list[SeriesInfo]:
 
 def _pick_ct_series(folder: Path, series: list[SeriesInfo]) -> SeriesInfo:
     if not series:
-        raise InputError(f"The folder {folder} contains no DICOM files.")
+        volumes = sorted(p.name for p in folder.iterdir()
+                         if p.name.lower().endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")))
+        hint = f" (it holds {', '.join(volumes[:3])}: open that file instead)" if volumes else ""
+        raise InputError(f"The folder {folder} contains no DICOM files{hint}.")
     ct = [s for s in series if s.modality == "CT" and s.is_image]
     if not ct:
         found = "; ".join(str(s) for s in series)
