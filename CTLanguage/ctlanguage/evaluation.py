@@ -213,6 +213,8 @@ class _Collect:
     para_parsed_ok: list = field(default_factory=list)
     para_anat_dice: list = field(default_factory=list)
     para_anat_dice_canon: list = field(default_factory=list)
+    text_probs: dict = field(default_factory=dict)            # finding -> [(p, y)] paraphrase as positive
+    text_canon: dict = field(default_factory=dict)            # finding -> [(p, y)] ensemble, same items
     encode_s: list = field(default_factory=list)
     query_ms: list = field(default_factory=list)
 
@@ -315,6 +317,10 @@ def evaluate_model(model: Any, manifest: str | Path, *, device: Optional[str] = 
             c.para_probs.setdefault(key, []).append((p, y))
             canon = ask(canonical_prompt(key, lat))
             c.para_canon.setdefault(key, []).append((canon.probability, y))
+            # model level: the paraphrase itself as the positive phrasing of the presence score
+            c.text_probs.setdefault(key, []).append(
+                (engine.presence_probability(enc, key, lat, positives=[text]), y))
+            c.text_canon.setdefault(key, []).append((engine.presence_probability(enc, key, lat), y))
             c.para_parsed_ok.append(f.finding == key and (lat is None or f.laterality == lat))
         del enc, volume
     if progress:
@@ -371,6 +377,18 @@ def _summarise(engine, manifest, n_cases, c: _Collect, seconds, mask_threshold) 
         "anatomy_dice": _nanmean(c.para_anat_dice),
         "anatomy_dice_canonical": _nanmean(c.para_anat_dice_canon),
     }
+    t_auc, t_canon = _auc_table(c.text_probs), _auc_table(c.text_canon)
+    t_common = [k for k in t_auc if not math.isnan(t_auc[k]["auc"])
+                and not math.isnan(t_canon.get(k, {"auc": float("nan")})["auc"])]
+    t_mean = _nanmean(t_auc[k]["auc"] for k in t_common)
+    t_canon_mean = _nanmean(t_canon[k]["auc"] for k in t_common)
+    para["model_level"] = {
+        "description": "presence score with the paraphrase itself as the only positive phrasing "
+                       "(no parser), against the standard ensemble on the same items",
+        "mean_auc": t_mean, "mean_auc_ensemble": t_canon_mean,
+        "auc_drop": (t_canon_mean - t_mean) if t_common else float("nan"),
+        "per_finding": {k: t_auc[k]["auc"] for k in sorted(t_auc)},
+    }
     para_p = [p for rows in c.para_probs.values() for p, _ in rows]
     para_y = [y for rows in c.para_probs.values() for _, y in rows]
     para["ece"] = expected_calibration_error(para_p, para_y) if para_p else float("nan")
@@ -421,7 +439,9 @@ def metrics_markdown(m: dict, title: Optional[str] = None) -> str:
         f"| ECE (10 bins, {m.get('n_presence_pairs')} case x finding pairs) | {_f(m.get('ece'))} |",
         f"| paraphrase mean AUC | {_f(m['paraphrases'].get('mean_auc'))} |",
         f"| canonical mean AUC, same items | {_f(m['paraphrases'].get('mean_auc_canonical'))} |",
-        f"| paraphrase AUC drop | {_f(m['paraphrases'].get('auc_drop'))} |",
+        f"| paraphrase AUC drop (system: parser + model) | {_f(m['paraphrases'].get('auc_drop'))} |",
+        f"| paraphrase AUC drop (model level: paraphrase as the positive phrasing) | "
+        f"{_f(m['paraphrases'].get('model_level', {}).get('auc_drop'))} |",
         f"| paraphrase parser accuracy | {_f(m['paraphrases'].get('parser_accuracy'))} |",
         f"| paraphrase anatomy Dice (canonical) | {_f(m['paraphrases'].get('anatomy_dice'))} "
         f"({_f(m['paraphrases'].get('anatomy_dice_canonical'))}) |",
@@ -462,6 +482,8 @@ COMPARISON_COLUMNS = [
     ("ECE", lambda m: m.get("ece")),
     ("paraphrase AUC", lambda m: m.get("paraphrases", {}).get("mean_auc")),
     ("paraphrase AUC drop", lambda m: m.get("paraphrases", {}).get("auc_drop")),
+    ("paraphrase AUC drop (model level)",
+     lambda m: m.get("paraphrases", {}).get("model_level", {}).get("auc_drop")),
 ]
 
 
