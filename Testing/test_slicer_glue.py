@@ -452,20 +452,34 @@ def test_injected_process_object_drives_the_state_machine(volume_node):
 # the real engine (embedded default model)
 # ----------------------------------------------------------------------------------------------
 
-def _real_engine_or_skip():
+@pytest.fixture(scope="module")
+def real_engine_and_spec(tmp_path_factory):
+    """The real engine: the embedded default model when present, else the same network with
+    random weights saved to a temporary folder (exercises the real encode/query/save/load path
+    and the worker process; masks and probabilities are then meaningless but still exact)."""
     try:
         from ctlanguage.engine import Engine
     except Exception as exc:  # pragma: no cover - depends on what is installed
         pytest.skip(f"ctlanguage.engine not importable: {exc}")
     try:
-        return Engine.load(model="default", device="cpu")
+        return Engine.load(model="default", device="cpu"), "default"
+    except Exception as exc:
+        default_error = exc
+    try:
+        import torch
+        from ctlanguage.model import GroundedCTModel, ModelConfig
+
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp("untrained_model")
+        GroundedCTModel(ModelConfig(model_id="ctlanguage-untrained-test")).save_pretrained(folder)
+        return Engine.load(model=str(folder), device="cpu"), str(folder)
     except Exception as exc:  # pragma: no cover
-        pytest.skip(f"default model not available: {exc}")
+        pytest.skip(f"default model not available ({default_error}) and no untrained stand-in ({exc})")
 
 
 @pytest.fixture(scope="module")
-def real_engine():
-    return _real_engine_or_skip()
+def real_engine(real_engine_and_spec):
+    return real_engine_and_spec[0]
 
 
 @pytest.fixture(scope="module")
@@ -495,16 +509,21 @@ def _reorient(array, ijk_to_ras):
     return arr, new
 
 
-def test_real_engine_flow_on_awkward_volume(real_engine, phantom_volume, scene):
+def test_real_engine_flow_on_awkward_volume(real_engine_and_spec, phantom_volume, scene):
+    real_engine, spec = real_engine_and_spec
     array, affine = _reorient(*phantom_volume)
     node = mrml_glue.ctvolume_to_volume_node(scene, SimpleNamespace(array=array, ijk_to_ras=affine), "phantom")
     assert not np.allclose(np.abs(affine[:3, :3]), np.diag(np.abs(np.diag(affine[:3, :3]))))  # not diagonal
     session = CTLanguageSession(scene, engine_loader=lambda m, d: real_engine)
+    session.set_model(spec, "cpu")
+    if spec != "default":
+        session.mask_threshold = 0.05  # random weights: a low threshold so that masks are not empty
     session.encode_inline(node)
     results = session.run_prompts(node, "liver; fluid around the left lung; liver lesion")
     assert len(results) == 3
     for r in results:
         assert r.finding.mask.dtype == np.uint8 and r.finding.mask.shape == array.shape
+    print("mask voxels:", [int(r.finding.mask.sum()) for r in results], "model:", spec)
     assert results[0].finding.mask.sum() > 0, "the liver prompt gave an empty mask"
     check_segments_match(session, scene, node)
     rows = mrml_glue.table_rows(session.table_node(node))
@@ -514,12 +533,13 @@ def test_real_engine_flow_on_awkward_volume(real_engine, phantom_volume, scene):
         assert row["volume_ml"] == pytest.approx(r.finding.volume_ml)
 
 
-def test_real_engine_background_process_matches_inline(real_engine, phantom_volume, scene):
+def test_real_engine_background_process_matches_inline(real_engine_and_spec, phantom_volume, scene):
     """Encode through the worker process (as the GUI does) and in-process: same findings."""
+    real_engine, spec = real_engine_and_spec
     array, affine = _reorient(*phantom_volume)
     node = mrml_glue.ctvolume_to_volume_node(scene, SimpleNamespace(array=array, ijk_to_ras=affine), "phantom bg")
     session = CTLanguageSession(scene, engine_loader=lambda m, d: real_engine)
-    session.set_model("default", "cpu")
+    session.set_model(spec, "cpu")
     snapshot = mrml_glue.SceneSnapshot.take(scene)
     progress, done = [], []
     job = session.start_encoding(node, waitForCompletion=True, on_progress=lambda f, m: progress.append(f),
@@ -528,13 +548,19 @@ def test_real_engine_background_process_matches_inline(real_engine, phantom_volu
     assert job.state == "finished" and progress and progress[-1] == 1.0
     assert not job.work_dir.exists()  # the saved encoding was loaded, then the work folder removed
     assert mrml_glue.SceneSnapshot.take(scene) == snapshot  # encoding alone does not touch the scene
+    if spec != "default":
+        session.mask_threshold = 0.05  # random weights: a low threshold so that masks are not empty
     bg = session.run_prompts(node, "liver; liver lesion")
     inline_session = CTLanguageSession(scene, engine_loader=lambda m, d: real_engine)
+    inline_session.set_model(spec, "cpu")
+    inline_session.mask_threshold = session.mask_threshold
     inline_session.encode_inline(node)
     inline = inline_session.run_prompts(node, "liver; liver lesion")
+    assert bg[0].finding.mask.sum() > 0
     for a, b in zip(bg, inline):
         assert a.prompt == b.prompt
-        dice = 2 * np.logical_and(a.finding.mask, b.finding.mask).sum() / max(a.finding.mask.sum() + b.finding.mask.sum(), 1)
+        total = int(a.finding.mask.sum()) + int(b.finding.mask.sum())
+        dice = 1.0 if total == 0 else 2 * np.logical_and(a.finding.mask, b.finding.mask).sum() / total
         assert dice > 0.99, (a.prompt, dice)
         if a.finding.probability is not None:
             assert a.finding.probability == pytest.approx(b.finding.probability, abs=1e-3)
