@@ -205,6 +205,9 @@ def test_prompts_to_segments_exact_on_source_grid(fake_session, scene, volume_no
     assert entry.GetTypeObject().GetCodeMeaning()
     effusion = assert_terminology_parses(seg.GetSegmentation().GetSegment(results[1].segment_id).GetTerminology())
     assert effusion.GetTypeObject().GetCodeValue()
+    assert effusion.GetRegionModifierObject().GetCodeMeaning() == "Left"  # laterality reaches DICOM SEG
+    liver = assert_terminology_parses(seg.GetSegmentation().GetSegment(results[2].segment_id).GetTerminology())
+    assert (liver.GetTypeObject().GetCodingSchemeDesignator(), liver.GetTypeObject().GetCodeValue()) == ("SCT", "10200004")
     # jump target lies inside the finding (RAS of the mask centroid)
     centre = fake_session.jump_target_ras(volume_node, 0)
     expected = mrml_glue.mask_center_ras(results[0].finding.mask, IJK_TO_RAS)
