@@ -492,7 +492,8 @@ class CTLanguageLogic(ScriptedLoadableModuleLogic):
             from ctlanguage import vocabulary
 
             fn = getattr(vocabulary, "vocabulary_phrases", None) or getattr(vocabulary, "all_training_phrases")
-            phrases += sorted(set(fn()) - set(phrases))
+            known = {item[0] if isinstance(item, tuple) else str(item) for item in fn()}
+            phrases += sorted(known - set(phrases))
         except Exception as exc:
             logging.debug(f"CTLanguage: no vocabulary completion: {exc}")
         return phrases
