@@ -125,6 +125,44 @@ def _geometry_volume(shape: Sequence[int], ijk_to_ras: np.ndarray):
                     np.asarray(ijk_to_ras, dtype=np.float64))
 
 
+class _TorchThreads:
+    """Temporarily run torch ops with ``n`` intra-op threads.
+
+    The per-prompt work is a handful of small ops (a [16 x C] x [C x voxels] GEMM, ...); on a
+    2-core machine that is busy with anything else, torch's 2-thread fork/join makes each of them
+    wait for the slower core (measured here: 16 ms vs 1.2 ms per GEMM, 72 ms vs 5 ms per prompt).
+    One thread is both faster and steadier for queries."""
+
+    _depth = 0
+    _saved = None
+    _lock = threading.Lock()
+
+    def __init__(self, n: int):
+        self.n = int(n)
+
+    def __enter__(self):
+        import torch
+
+        with _TorchThreads._lock:
+            if _TorchThreads._depth == 0:
+                _TorchThreads._saved = torch.get_num_threads()
+                if _TorchThreads._saved != self.n:
+                    torch.set_num_threads(self.n)
+            _TorchThreads._depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        with _TorchThreads._lock:
+            _TorchThreads._depth -= 1
+            if _TorchThreads._depth == 0 and _TorchThreads._saved is not None:
+                if torch.get_num_threads() != _TorchThreads._saved:
+                    torch.set_num_threads(_TorchThreads._saved)
+                _TorchThreads._saved = None
+        return False
+
+
 def _dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
     if iterations <= 0:
         return mask
@@ -437,6 +475,8 @@ class Engine:
         self._phrase_index = None
         self._fast_head = None
         self._lock = threading.RLock()
+        self._encoding_active = False
+        self.single_thread_queries = device == "cpu"
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
@@ -534,7 +574,7 @@ class Engine:
                 _report(progress, 1.0, "Encoding reused (same volume and model)")
                 return enc
         timings = {"hash": time.perf_counter() - t0}
-        with self._lock:
+        with self._lock, _Flag(self, "_encoding_active"):
             _report(progress, 0.05, "Resampling to model space")
             t = time.perf_counter()
             mi = to_model_space(volume, self.config.spec)
@@ -688,7 +728,10 @@ class Engine:
         parts = split_prompts(text)
         if len(parts) > MAX_PROMPTS_PER_QUERY:
             raise PromptError(f"{len(parts)} prompts in one query; give at most {MAX_PROMPTS_PER_QUERY}.")
-        return [self.query_one(encoding, p, mask_threshold) for p in parts]
+        if self._encoding_active or not self.single_thread_queries:
+            return [self.query_one(encoding, p, mask_threshold) for p in parts]
+        with _TorchThreads(1):
+            return [self.query_one(encoding, p, mask_threshold) for p in parts]
 
     def query_one(self, enc: Encoding, prompt: str, mask_threshold: float = 0.5) -> Finding:
         import torch
@@ -887,6 +930,18 @@ class Engine:
                 logit = float(self.model.presence_logit(src, pe, ne))
                 vals.append(1.0 / (1.0 + math.exp(-logit / self.temperature)))
         return float(max(vals))
+
+
+class _Flag:
+    def __init__(self, obj, name):
+        self.obj, self.name = obj, name
+
+    def __enter__(self):
+        setattr(self.obj, self.name, True)
+
+    def __exit__(self, *exc):
+        setattr(self.obj, self.name, False)
+        return False
 
 
 class _ProgressHooks:
