@@ -58,6 +58,7 @@ FALLBACK_SIM_LOW = 0.35
 FALLBACK_SIM_HIGH = 0.85
 FALLBACK_MAX_CONFIDENCE = 0.8
 _BILATERAL_CODE = ("51440002", "SCT", "Bilateral")
+OUTSIDE_LOGIT = np.float32(-30.0)   # mask logit given outside the anatomy a finding is judged in
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,6 +164,15 @@ class _TorchThreads:
         return False
 
 
+def _sigmoid_inplace(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    np.negative(x, out=x)
+    np.exp(x, out=x)
+    x += 1.0
+    np.reciprocal(x, out=x)
+    return x
+
+
 def _dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
     if iterations <= 0:
         return mask
@@ -208,6 +218,7 @@ class Encoding:
     source: Optional[str] = None
     _volume: Any = field(default=None, repr=False, compare=False)
     _organ_prob: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+    _organ_logit_np: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
     _regions: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ---- derived ------------------------------------------------------------------------------
@@ -225,8 +236,15 @@ class Encoding:
     def organ_probabilities(self) -> np.ndarray:
         """[A,d,h,w] float32 sigmoid of the anatomy mask logits (CPU, cached)."""
         if self._organ_prob is None:
-            self._organ_prob = _sigmoid(self.organ_logits.detach().float().cpu().numpy())
+            self._organ_prob = _sigmoid(self.organ_logit_array())
         return self._organ_prob
+
+    def organ_logit_array(self) -> np.ndarray:
+        """[A,d,h,w] float32 anatomy mask logits on the CPU (cached)."""
+        if self._organ_logit_np is None:
+            self._organ_logit_np = np.ascontiguousarray(
+                self.organ_logits.detach().float().cpu().numpy(), dtype=np.float32)
+        return self._organ_logit_np
 
     def anatomy_index(self, key: str) -> int:
         try:
@@ -239,10 +257,10 @@ class Encoding:
         cache_key = (tuple(sorted(keys)), int(dilation))
         r = self._regions.get(cache_key)
         if r is None:
-            prob = self.organ_probabilities()
-            r = np.zeros(prob.shape[1:], dtype=bool)
+            logit = self.organ_logit_array()
+            r = np.zeros(logit.shape[1:], dtype=bool)
             for k in keys:
-                r |= prob[self.anatomy_index(k)] >= 0.5
+                r |= logit[self.anatomy_index(k)] >= 0.0
             r = _dilate(r, dilation)
             self._regions[cache_key] = r
         return r
@@ -403,19 +421,21 @@ class Finding:
     terminology: Optional[str] = None    # Slicer terminology string
     mask_threshold: float = 0.5
     timings: dict = field(default_factory=dict)
-    _prob: Optional[np.ndarray] = field(default=None, repr=False, compare=False)  # feature grid
+    _logit: Optional[np.ndarray] = field(default=None, repr=False, compare=False)  # feature grid
     _encoding: Optional[Encoding] = field(default=None, repr=False, compare=False)
     _mapper: Any = field(default=None, repr=False, compare=False)
 
     def heatmap(self) -> np.ndarray:
         """float32 mask probability in [0, 1] on the source grid (computed on demand)."""
-        return self._mapper.probability(self._prob, self._encoding)
+        return self._mapper.probability(self._logit, self._encoding)
 
     def with_threshold(self, threshold: float) -> "Finding":
         """The same finding with its mask re-thresholded (no re-encoding, no network pass)."""
         import dataclasses
 
-        mask = self._mapper.mask(self._prob, self._encoding, threshold)
+        if not 0.0 < float(threshold) < 1.0:
+            raise PromptError(f"The mask threshold must lie strictly between 0 and 1, not {threshold}.")
+        mask = self._mapper.mask(self._logit, self._encoding, threshold)
         vol = float(np.count_nonzero(mask)) * self._encoding.voxel_volume_ml
         return dataclasses.replace(self, mask=mask, volume_ml=vol, mask_threshold=float(threshold))
 
@@ -437,14 +457,33 @@ class Finding:
 # feature grid -> source grid
 # ------------------------------------------------------------------------------------------------
 class SourceMapper:
-    """Maps feature-grid probabilities to the source grid (masks as uint8, bbox-limited)."""
+    """Maps feature-grid mask logits to the source grid: masks as uint8 (only the bounding box of
+    the mask is resampled), heat maps as float32 probabilities.
 
-    def mask(self, prob: np.ndarray, enc: Encoding, threshold: float) -> np.ndarray:
-        return enc.feature_grid.to_source(np.asarray(prob, dtype=np.float32), enc.volume,
-                                          mode="linear", threshold=float(threshold))
+    ``interpolate="logit"`` (default) interpolates the logits linearly and thresholds at
+    logit(threshold): smoother boundaries than interpolating probabilities, the same decision
+    at the feature-grid voxel centres. ``"probability"`` interpolates sigmoid(logits)."""
 
-    def probability(self, prob: np.ndarray, enc: Encoding) -> np.ndarray:
-        out = enc.feature_grid.to_source(np.asarray(prob, dtype=np.float32), enc.volume, mode="linear")
+    def __init__(self, interpolate: str = "logit"):
+        if interpolate not in ("logit", "probability"):
+            raise ValueError("interpolate must be 'logit' or 'probability'")
+        self.interpolate = interpolate
+
+    def mask(self, logit: np.ndarray, enc: Encoding, threshold: float) -> np.ndarray:
+        t = float(threshold)
+        if self.interpolate == "logit":
+            arr, thr = logit, math.log(t / (1.0 - t))
+        else:
+            arr, thr = _sigmoid(logit), t
+        return enc.feature_grid.to_source(np.asarray(arr, dtype=np.float32), enc.volume,
+                                          mode="linear", threshold=thr)
+
+    def probability(self, logit: np.ndarray, enc: Encoding) -> np.ndarray:
+        if self.interpolate == "logit":
+            out = enc.feature_grid.to_source(np.asarray(logit, dtype=np.float32), enc.volume,
+                                             mode="linear", fill_value=float(OUTSIDE_LOGIT))
+            return _sigmoid_inplace(out)
+        out = enc.feature_grid.to_source(_sigmoid(logit), enc.volume, mode="linear")
         return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
 
 
@@ -764,10 +803,10 @@ class Engine:
         t = time.perf_counter()
         with torch.inference_mode():
             if kind == "anatomy":
-                prob, per_anat = self._anatomy_probability_map(enc, covers), {}
+                logit, per_anat = self._anatomy_logit_map(enc, covers), {}
                 probability = None
             else:
-                prob, per_anat = self._finding_map_and_presence(enc, finding, covers, parsed.region)
+                logit, per_anat = self._finding_map_and_presence(enc, finding, covers, parsed.region)
                 probability = None
         timings["heads"] = time.perf_counter() - t
 
@@ -781,7 +820,7 @@ class Engine:
             probability = 1.0 - probability_present if parsed.negated else probability_present
 
         t = time.perf_counter()
-        mask = self.mapper.mask(prob, enc, mask_threshold)
+        mask = self.mapper.mask(logit, enc, mask_threshold)
         timings["to_source"] = time.perf_counter() - t
         volume_ml = float(np.count_nonzero(mask)) * enc.voxel_volume_ml
 
@@ -812,7 +851,7 @@ class Engine:
             and kind == "finding", probability_present=probability_present,
             anatomy_probabilities=per_anat, anatomies=tuple(covers), matched=matched,
             fallback=fallback, name=prompt.strip()[:120], terminology=term_str,
-            mask_threshold=float(mask_threshold), timings=timings, _prob=prob, _encoding=enc,
+            mask_threshold=float(mask_threshold), timings=timings, _logit=logit, _encoding=enc,
             _mapper=self.mapper,
         )
 
@@ -869,12 +908,12 @@ class Engine:
             log.info("Using the model's generic mask head implementation.")
         return ok
 
-    def _anatomy_probability_map(self, enc: Encoding, covers: Sequence[str]) -> np.ndarray:
-        prob = enc.organ_probabilities()
+    def _anatomy_logit_map(self, enc: Encoding, covers: Sequence[str]) -> np.ndarray:
+        logit = enc.organ_logit_array()
         idx = [enc.anatomy_index(k) for k in covers]
         if len(idx) == 1:
-            return prob[idx[0]]
-        return np.max(prob[idx], axis=0)
+            return logit[idx[0]]
+        return np.max(logit[idx], axis=0)
 
     def _finding_map_and_presence(self, enc: Encoding, finding: str, covers: Sequence[str],
                                   region: Optional[str] = None):
@@ -885,18 +924,17 @@ class Engine:
         texts = [self._finding_phrase(finding, s) for s in sides]
         t = self._embed(texts)
         logits = self.mask_logits(enc.dense, t).float().cpu().numpy()   # [N,d,h,w]
-        probs = _sigmoid(logits)
         out = None
         per_anat = {}
         for n, (a, s) in enumerate(zip(covers, sides)):
-            p = probs[n]
-            if a != "body":
+            lg = logits[n]
+            if a != "body" and self.restrict_dilation is not None:
                 keys = [region] if (region and region in enc.anatomies and
                                     (V.get(region).side in (None, s))) else [a]
-                p = np.where(enc.region(keys, self.restrict_dilation), p, np.float32(0.0))
-            out = p if out is None else np.maximum(out, p)
+                lg = np.where(enc.region(keys, self.restrict_dilation), lg, OUTSIDE_LOGIT)
+            out = lg if out is None else np.maximum(out, lg)
             per_anat[a] = self._presence(enc, finding, a, s)
-        return out.astype(np.float32, copy=False), per_anat
+        return np.ascontiguousarray(out, dtype=np.float32), per_anat
 
     def _presence(self, enc: Encoding, finding: str, anatomy: str, side: Optional[str]) -> float:
         pos, neg = self._ensemble(finding, side)
