@@ -1,10 +1,11 @@
 """Render docs/images/slicer_prompt_overlay.png from the MRML nodes the CTLanguage module creates.
 
-Runs without the Slicer application (slicer-core wheel): phantom CT -> scalar volume node ->
-session (real engine + embedded model when available, else the phantom's truth masks as a clearly
-labelled stand-in) -> segmentation node + findings table node. The picture is composed from what
-MRML holds: each segment is exported back as a labelmap on the CT grid, the table rows are read
-from the vtkMRMLTableNode. It is NOT a screen capture of the Slicer window.
+Runs without the Slicer application: phantom CT -> scalar volume node -> CTLanguage session (real
+engine + embedded model when available, else the phantom's truth masks as a clearly labelled
+stand-in) -> segmentation node + findings table node, all in a slicer-core scene. The axial and
+coronal images are real Slicer slice views (vtkMRMLSliceLogic + Slicer's segmentation displayable
+manager, through trame-slicer's serverless view factory, rendered offscreen with EGL/OSMesa); the
+table is drawn from the vtkMRMLTableNode. It is NOT a capture of the whole Slicer main window.
 
     .venv/bin/python docs/images/slicer_make_images.py
 """
@@ -72,16 +73,40 @@ def stand_in_engine(case):
     return Engine()
 
 
+def render_slice_views(scene_setup):
+    """Real Slicer slice views (offscreen) of what ``scene_setup(scene)`` puts in the scene."""
+    import vtk
+    from trame_slicer.core import SlicerApp
+    from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition
+
+    app = SlicerApp()
+    app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
+    volume, focus_ras, extra = scene_setup(app.scene)
+    images = []
+    for definition in (ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view()):
+        view = app.view_manager.create_view(definition)
+        view.set_background_volume_id(volume.GetID())
+        view.render_window().SetAlphaBitPlanes(1)
+        view.render_window().SetSize(440, 440)
+        view.fit_view_to_content()
+        view.get_view_node().JumpSliceByCentering(*focus_ras)
+        view.render()
+        grab = vtk.vtkWindowToImageFilter()
+        grab.SetInput(view.render_window())
+        grab.Update()
+        img = grab.GetOutput()
+        w, h, _ = img.GetDimensions()
+        from vtk.util import numpy_support
+
+        rgb = numpy_support.vtk_to_numpy(img.GetPointData().GetScalars()).reshape(h, w, -1)[::-1, :, :3]
+        images.append(Image.fromarray(np.ascontiguousarray(rgb)))
+    return images, extra
+
+
 def main():
-    from ctlanguage.exports.html_report import ras_view
     from ctlanguage.phantom import generate_case
 
     case = generate_case(7)
-    scene = slicer.vtkMRMLScene()
-    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    seg_logic.SetMRMLScene(scene)
-    volume = mrml_glue.ctvolume_to_volume_node(
-        scene, SimpleNamespace(array=case.volume, ijk_to_ras=case.ijk_to_ras), "phantom_007")
     try:
         from ctlanguage.engine import Engine
 
@@ -91,57 +116,45 @@ def main():
         print(f"no model available ({exc}); using the phantom's truth masks as a labelled stand-in")
         engine = stand_in_engine(case)
         model_id = engine.model_id
-    session = CTLanguageSession(scene, engine_loader=lambda m, d: engine)
-    session.model_id = model_id
-    session.encode_inline(volume)
-    results = session.run_prompts(volume, PROMPTS)
-    seg = session.segmentation_node(volume)
-    rows = mrml_glue.table_rows(session.table_node(volume))
 
-    ct, (s_mm, a_mm, r_mm) = ras_view(mrml_glue.array_from_volume_node(volume), mrml_glue.ijk_to_ras_of_node(volume))
-    masks = []
-    for r in results:
-        m = mrml_glue.segment_mask_on_reference(scene, seg, r.segment_id, volume)
-        view, _ = ras_view(m, mrml_glue.ijk_to_ras_of_node(volume))
-        rgb = seg.GetSegmentation().GetSegment(r.segment_id).GetColor()
-        masks.append((view, rgb))
-    focus = next((v for v, _ in masks[1:] if v.any()), masks[0][0])
-    cs, ca, cr = [int(round(x)) for x in np.argwhere(focus).mean(axis=0)] if focus.any() else [d // 2 for d in ct.shape]
+    def setup(scene):
+        volume = mrml_glue.ctvolume_to_volume_node(
+            scene, SimpleNamespace(array=case.volume, ijk_to_ras=case.ijk_to_ras), "phantom_007")
+        session = CTLanguageSession(scene, engine_loader=lambda m, d: engine)
+        session.model_id = model_id
+        session.encode_inline(volume)
+        results = session.run_prompts(volume, PROMPTS)
+        seg = session.segmentation_node(volume)
+        display = seg.GetDisplayNode()
+        # Outlines only: offscreen, the 2D fill layer is composited over black instead of over the
+        # CT (seen with EGL here), which would misrepresent what Slicer shows.
+        display.SetAllSegmentsOpacity2DFill(0.0)
+        display.SetSliceIntersectionThickness(3)
+        rows = mrml_glue.table_rows(session.table_node(volume))
+        colours = [seg.GetSegmentation().GetSegment(r.segment_id).GetColor() for r in results]
+        focus = next((r for r in results[1:] if r.finding.mask.any()), results[0])
+        centre = mrml_glue.mask_center_ras(focus.finding.mask, case.ijk_to_ras) or [0.0, 0.0, 0.0]
+        return volume, centre, (rows, colours)
 
-    def panel(ct2d, mask_list, row_mm, col_mm, size=420):
-        gray = np.clip((ct2d.astype(np.float32) + 160.0) * (255.0 / 400.0), 0, 255)
-        rgb = np.repeat(gray[..., None], 3, axis=2)
-        for m2d, colour in mask_list:
-            m = m2d.astype(bool)
-            col = np.asarray(colour, np.float32) * 255.0
-            rgb[m] = rgb[m] * 0.55 + col * 0.45
-            edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
-            rgb[edge] = col
-        img = Image.fromarray(rgb.astype(np.uint8), "RGB")
-        h_mm, w_mm = ct2d.shape[0] * row_mm, ct2d.shape[1] * col_mm
-        scale = size / max(h_mm, w_mm)
-        return img.resize((max(int(w_mm * scale), 1), max(int(h_mm * scale), 1)), Image.BILINEAR)
-
-    axial = panel(ct[cs][::-1, ::-1], [(v[cs][::-1, ::-1], c) for v, c in masks], a_mm, r_mm)       # radiological: A up, R on the left
-    coronal = panel(ct[:, ca, :][::-1, ::-1], [(v[:, ca, :][::-1, ::-1], c) for v, c in masks], s_mm, r_mm)
+    (axial, coronal), (rows, colours) = render_slice_views(setup)
 
     W, H = 1400, 60 + max(axial.height, coronal.height) + 40
     canvas = Image.new("RGB", (W, H), (30, 30, 36))
     d = ImageDraw.Draw(canvas)
-    d.text((20, 14), "CTLanguage — prompts on a synthetic phantom CT (MRML nodes rendered with numpy, not a Slicer screen capture)",
-           font=font(18), fill=(230, 230, 230))
+    d.text((20, 14), "CTLanguage — prompts on a synthetic phantom CT (Slicer slice views rendered offscreen from the module's MRML nodes)",
+           font=font(17), fill=(230, 230, 230))
     canvas.paste(axial, (20, 60))
-    canvas.paste(coronal, (20 + axial.width + 20, 60))
+    canvas.paste(coronal, (40 + axial.width, 60))
     ylab = 60 + max(axial.height, coronal.height) + 8
-    d.text((20, ylab), "axial (radiological view)", font=font(15), fill=(180, 180, 180))
+    d.text((20, ylab), "axial", font=font(15), fill=(180, 180, 180))
     d.text((40 + axial.width, ylab), "coronal", font=font(15), fill=(180, 180, 180))
-    x0 = 40 + axial.width + coronal.width + 20
-    d.text((x0, 60), f"research use only — model: {model_id}", font=font(16), fill=(255, 190, 90))
+    x0 = 60 + axial.width + coronal.width + 20
+    d.text((x0, 60), f"research use only — model: {model_id}", font=font(15), fill=(255, 190, 90))
     y = 100
     d.text((x0, y), "prompt", font=font(15), fill=(200, 200, 200))
     d.text((x0 + 250, y), "p", font=font(15), fill=(200, 200, 200))
     d.text((x0 + 320, y), "ml", font=font(15), fill=(200, 200, 200))
-    for row, (_, rgb) in zip(rows, masks):
+    for row, rgb in zip(rows, colours):
         y += 30
         d.rectangle((x0, y + 3, x0 + 14, y + 17), fill=tuple(int(255 * c) for c in rgb))
         d.text((x0 + 22, y), row["prompt"][:26], font=font(15), fill=(235, 235, 235))
