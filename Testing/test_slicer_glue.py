@@ -729,3 +729,29 @@ def test_module_widget_wiring_smoke(module_logic, monkeypatch, scene, volume_nod
     widget.onClearHistory()
     widget.cleanup()
     assert not errors, errors
+
+
+# ----------------------------------------------------------------------------------------------
+# model catalog helpers behind "Manage models…"
+# ----------------------------------------------------------------------------------------------
+
+def test_catalog_ui_local_checkpoints_and_cache(real_engine_and_spec, monkeypatch, tmp_path):
+    from CTLanguageLib import catalog_ui
+
+    engine, spec = real_engine_and_spec
+    monkeypatch.setenv("CTLANGUAGE_CACHE", str(tmp_path / "cache"))
+    folder = str(engine.model_dir)
+    choices = catalog_ui.model_choices()
+    assert choices and choices[0].spec  # the catalog's (embedded) default first
+    with pytest.raises(ValueError, match="not a usable"):
+        catalog_ui.add_local_checkpoint(tmp_path)
+    assert catalog_ui.add_local_checkpoint(folder) == str(Path(folder).resolve())
+    assert catalog_ui.add_local_checkpoint(folder) == str(Path(folder).resolve())  # once only
+    local = [c for c in catalog_ui.model_choices() if c.spec == str(Path(folder).resolve())]
+    assert len(local) == 1 and local[0].available
+    fake = tmp_path / "cache" / "models" / "x" / "1.0"
+    fake.mkdir(parents=True)
+    (fake / "model.safetensors").write_bytes(b"0" * 1000)
+    assert catalog_ui.clear_cache() == 1000
+    assert not (tmp_path / "cache" / "models").exists()
+    assert catalog_ui.local_models() == [str(Path(folder).resolve())]  # the list survives a clear
