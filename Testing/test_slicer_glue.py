@@ -755,3 +755,19 @@ def test_catalog_ui_local_checkpoints_and_cache(real_engine_and_spec, monkeypatc
     assert catalog_ui.clear_cache() == 1000
     assert not (tmp_path / "cache" / "models").exists()
     assert catalog_ui.local_models() == [str(Path(folder).resolve())]  # the list survives a clear
+
+
+def test_real_engine_mask_threshold_update_matches_a_fresh_query(real_engine_and_spec, phantom_volume, scene):
+    real_engine, spec = real_engine_and_spec
+    array, affine = phantom_volume
+    node = mrml_glue.ctvolume_to_volume_node(scene, SimpleNamespace(array=array, ijk_to_ras=affine), "phantom thr")
+    session = CTLanguageSession(scene, engine_loader=lambda m, d: real_engine)
+    session.set_model(spec, "cpu")
+    session.encode_inline(node)
+    session.run_prompts(node, "liver; liver lesion")
+    session.set_thresholds(node, mask_threshold=0.3, probability_threshold=0.5)
+    fresh = real_engine.query(session.state_for(node).encoding, "liver; liver lesion", mask_threshold=0.3)
+    for r, f in zip(session.results(node), fresh):
+        assert np.array_equal(r.finding.mask, f.mask), r.prompt
+        assert r.finding.probability == f.probability
+    check_segments_match(session, scene, node)

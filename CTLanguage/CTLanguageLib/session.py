@@ -233,7 +233,14 @@ class CTLanguageSession:
         if seg is None or not state.results:
             return
         if mask_changed and state.encoding is not None:
-            findings = self._query(state.encoding, [r.prompt for r in state.results])
+            if all(callable(getattr(r.finding, "with_threshold", None)) for r in state.results):
+                # the engine keeps each finding's logits: a new mask without another query
+                try:
+                    findings = [r.finding.with_threshold(self.mask_threshold) for r in state.results]
+                except Exception as exc:
+                    raise ValueError(str(exc)) from exc
+            else:
+                findings = self._query(state.encoding, [r.prompt for r in state.results])
             for r, f in zip(state.results, findings):
                 r.finding = f
                 mrml_glue.set_segment_mask(seg, r.segment_id, f.mask, volume_node)
