@@ -750,11 +750,12 @@ class Engine:
 
     # ---- query ---------------------------------------------------------------------------------
     def query(self, encoding: Encoding, text: str, mask_threshold: float = 0.5,
-              volume=None) -> list[Finding]:
+              volume=None, compute_masks: bool = True) -> list[Finding]:
         """Answer one or several prompts separated by ';' (see module docstring).
 
         Raises PromptError for empty text. ``volume`` (optional) attaches the source volume to an
-        encoding loaded from disk after checking it is the right one."""
+        encoding loaded from disk after checking it is the right one. ``compute_masks=False``
+        skips mapping masks to the source grid (``mask`` is then None; for scoring only)."""
         from .prompts import split_prompts
 
         self._check_encoding(encoding)
@@ -768,11 +769,12 @@ class Engine:
         if len(parts) > MAX_PROMPTS_PER_QUERY:
             raise PromptError(f"{len(parts)} prompts in one query; give at most {MAX_PROMPTS_PER_QUERY}.")
         if self._encoding_active or not self.single_thread_queries:
-            return [self.query_one(encoding, p, mask_threshold) for p in parts]
+            return [self.query_one(encoding, p, mask_threshold, compute_masks) for p in parts]
         with _TorchThreads(1):
-            return [self.query_one(encoding, p, mask_threshold) for p in parts]
+            return [self.query_one(encoding, p, mask_threshold, compute_masks) for p in parts]
 
-    def query_one(self, enc: Encoding, prompt: str, mask_threshold: float = 0.5) -> Finding:
+    def query_one(self, enc: Encoding, prompt: str, mask_threshold: float = 0.5,
+                  compute_masks: bool = True) -> Finding:
         import torch
 
         from . import vocabulary as V
@@ -820,9 +822,12 @@ class Engine:
             probability = 1.0 - probability_present if parsed.negated else probability_present
 
         t = time.perf_counter()
-        mask = self.mapper.mask(logit, enc, mask_threshold)
+        if compute_masks:
+            mask = self.mapper.mask(logit, enc, mask_threshold)
+            volume_ml = float(np.count_nonzero(mask)) * enc.voxel_volume_ml
+        else:
+            mask, volume_ml = None, None
         timings["to_source"] = time.perf_counter() - t
-        volume_ml = float(np.count_nonzero(mask)) * enc.voxel_volume_ml
 
         # naming, codes, colour
         if kind == "anatomy":
