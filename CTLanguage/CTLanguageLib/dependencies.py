@@ -157,8 +157,8 @@ def install_requirements(reqs: list[Requirement], constraints: str) -> None:
 
             pip_ensure([PackagingRequirement(r.line) for r in normal], constraints=constraints, requester=REQUESTER)
         else:
-            slicer.util.pip_install(" ".join(f'"{r.line}"' if "<" in r.line or ">" in r.line else r.line for r in normal)
-                                    + f' -c "{constraints}"')
+            # list form: no shell quoting issues with '>=' or spaces in the constraints path
+            slicer.util.pip_install([r.line for r in normal] + ["-c", constraints])
     for r in no_deps:
         slicer.util.pip_install(["--no-deps", r.line])
 
