@@ -107,6 +107,7 @@ class CTLanguageWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingTable = False
         self._completerModel = None
         self._manageMenu = None
+        self._thresholdTimer = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -128,6 +129,12 @@ class CTLanguageWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._manageMenu = catalog_ui.build_manage_models_menu(
             self.ui.manageModelsButton, self.onModelsChanged, current_model=self.currentModelSpec)
         self.ui.manageModelsButton.setMenu(self._manageMenu)
+
+        # thresholds: applied shortly after the last slider move
+        self._thresholdTimer = qt.QTimer()
+        self._thresholdTimer.setSingleShot(True)
+        self._thresholdTimer.setInterval(150)
+        self._thresholdTimer.connect("timeout()", self.applyThresholds)
 
         # encode / cancel
         self.ui.encodeButton.connect("clicked(bool)", self.onEncodeButton)
@@ -170,6 +177,8 @@ class CTLanguageWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.cancel()
         if self._pollTimer is not None:
             self._pollTimer.stop()
+        if self._thresholdTimer is not None:
+            self._thresholdTimer.stop()
         self.removeObservers()
         if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
@@ -215,16 +224,20 @@ class CTLanguageWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onParameterNodeModified(self, caller=None, event=None) -> None:
         if self._parameterNode is None:
             return
-        volume = self._parameterNode.inputVolume
         session = self.logic.session
-        if volume is not None and (
-            abs(self._parameterNode.maskThreshold - session.mask_threshold) > 1e-9
-            or abs(self._parameterNode.probabilityThreshold - session.probability_threshold) > 1e-9
-        ):
-            with slicer.util.tryWithErrorDisplay("Could not apply the thresholds.", waitCursor=True):
-                self.logic.setThresholds(volume, self._parameterNode.maskThreshold,
-                                         self._parameterNode.probabilityThreshold)
+        if (abs(self._parameterNode.maskThreshold - session.mask_threshold) > 1e-9
+                or abs(self._parameterNode.probabilityThreshold - session.probability_threshold) > 1e-9):
+            self._thresholdTimer.start()  # debounce: sliders emit many values while dragged
         self.updateGUIFromState()
+
+    def applyThresholds(self) -> None:
+        """Re-threshold the current findings (no re-encoding) with the sliders' values."""
+        if self._parameterNode is None or self._parameterNode.inputVolume is None:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not apply the thresholds.", waitCursor=True):
+            self.logic.setThresholds(self._parameterNode.inputVolume, self._parameterNode.maskThreshold,
+                                     self._parameterNode.probabilityThreshold)
+        self.updateResultsTable()
 
     def updateGUIFromState(self) -> None:
         volume = self._parameterNode.inputVolume if self._parameterNode else None

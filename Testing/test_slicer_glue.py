@@ -715,6 +715,8 @@ def test_module_widget_wiring_smoke(module_logic, monkeypatch, scene, volume_nod
     ui.resultsTable.setRowCount.assert_called_with(2)
     widget._parameterNode.maskThreshold = 0.3
     widget.onParameterNodeModified()
+    widget._thresholdTimer.start.assert_called()  # debounced
+    widget.applyThresholds()                       # what the timer's timeout() runs
     assert logic.session.mask_threshold == 0.3
     widget.onExport("csv")
     assert (tmp_path / "CT awkward_ctlanguage.csv").is_file()
