@@ -55,12 +55,22 @@ def metrics(tmp_path_factory):
     return evaluate_model(engine, out / "manifest.jsonl")
 
 
-def test_held_out_cases_are_disjoint_from_training_seeds():
+def test_held_out_seeds_are_not_in_the_training_corpora():
+    """The training/calibration/validation corpora (work-data/synth/*, when present here) never
+    use the seeds of this held-out set."""
     import json
+    from pathlib import Path
 
-    cfg = json.loads((_default_model_dir() / "config.json").read_text())
-    text = json.dumps(cfg.get("training", {}))
-    assert f"seed\": {FIRST_SEED}" not in text and "9000" not in text
+    root = Path(__file__).resolve().parents[1] / "work-data" / "synth"
+    manifests = sorted(root.glob("*/manifest.jsonl"))
+    if not manifests:
+        pytest.skip("training corpora not present on this machine")
+    used = set()
+    for m in manifests:
+        for line in m.read_text().splitlines():
+            if line.strip():
+                used.add(int(json.loads(line)["seed"]))
+    assert not used & set(range(FIRST_SEED, FIRST_SEED + N_CASES))
 
 
 def test_organ_dice_floor(metrics):
