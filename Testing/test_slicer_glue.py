@@ -773,3 +773,18 @@ def test_real_engine_mask_threshold_update_matches_a_fresh_query(real_engine_and
         assert np.array_equal(r.finding.mask, f.mask), r.prompt
         assert r.finding.probability == f.probability
     check_segments_match(session, scene, node)
+
+
+def test_slicer_glue_self_test_file_runs_on_slicer_core(monkeypatch, scene):
+    """CTLanguage/Testing/Python/CTLanguageGlueSelfTest.py (registered for Slicer builds) runs here
+    too, with slicer.mrmlScene pointed at a slicer-core scene."""
+    import importlib.util
+    import unittest
+
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    path = ROOT / "CTLanguage" / "Testing" / "Python" / "CTLanguageGlueSelfTest.py"
+    spec = importlib.util.spec_from_file_location("CTLanguageGlueSelfTest", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    result = unittest.TextTestRunner(verbosity=0).run(mod.CTLanguageGlueSelfTest("runTest"))
+    assert result.wasSuccessful(), result.failures + result.errors
