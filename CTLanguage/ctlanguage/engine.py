@@ -456,6 +456,121 @@ class Finding:
 # ------------------------------------------------------------------------------------------------
 # feature grid -> source grid
 # ------------------------------------------------------------------------------------------------
+def _aligned_axes(grid_ijk_to_ras: np.ndarray, src_ijk_to_ras: np.ndarray):
+    """For source voxel axes a = i, j, k: (grid axis b, scale, offset) with
+    grid_index_b = scale * source_index_a + offset; None unless the grids are axis-aligned."""
+    m = np.linalg.inv(grid_ijk_to_ras) @ src_ijk_to_ras
+    out = []
+    for a in range(3):
+        col = m[:3, a]
+        b = int(np.argmax(np.abs(col)))
+        if np.any(np.abs(np.delete(col, b)) > 1e-7 * max(1.0, abs(col[b]))):
+            return None
+        out.append((b, float(col[b]), float(m[b, 3])))
+    if len({b for b, _, _ in out}) != 3:
+        return None
+    return out
+
+
+def _axis_weights(x: np.ndarray, n: int):
+    """Linear interpolation nodes/weights for positions x on an axis of n nodes (edge values
+    within half a node outside, as ITK)."""
+    xc = np.clip(x, 0.0, n - 1.0)
+    i0 = np.floor(xc).astype(np.intp)
+    if n > 1:
+        i0 = np.minimum(i0, n - 2)
+        i1 = i0 + 1
+    else:
+        i0 = np.zeros_like(i0)
+        i1 = i0
+    f = (xc - i0).astype(np.float32)
+    return i0, i1, f
+
+
+def threshold_to_source(array: np.ndarray, grid, volume, threshold: float) -> np.ndarray:
+    """uint8 mask on ``volume``'s grid: (trilinear interpolation of ``array`` on ``grid``)
+    >= ``threshold``, for axis-aligned grids (any permutation/flip/spacing/origin); otherwise
+    ``grid.to_source(..., threshold=...)``.
+
+    Separable, bounding-box limited and sparse along the source's slowest axis: between two
+    grid planes, only the pixels where the two planes disagree about the threshold are
+    interpolated; every other output slice is a copy. No full-resolution float array is made
+    (the largest temporary is one in-plane float slice of the mask's bounding box)."""
+    array = np.asarray(array, dtype=np.float32)
+    axes = _aligned_axes(grid.ijk_to_ras, volume.ijk_to_ras)
+    shape = tuple(volume.shape)
+    if axes is None or array.ndim != 3:
+        return grid.to_source(array, volume, mode="linear", threshold=threshold)
+    thr = np.float32(threshold)
+    out = np.zeros(shape, dtype=np.uint8)
+    # grid array [k, j, i] -> G indexed like the source array [k, j, i]
+    g = array.transpose([2 - axes[2][0], 2 - axes[1][0], 2 - axes[0][0]])
+    above = g >= thr
+    if not above.any():
+        return out
+    lo_hi = []
+    for ax in range(3):  # G axis ax == source array axis ax
+        other = tuple(a for a in range(3) if a != ax)
+        hit = np.flatnonzero(above.any(axis=other))
+        lo_hi.append((int(hit[0]), int(hit[-1])))
+    sel = []   # per source array axis: (start, stop, i0, i1, f) over the selected source indices
+    for ax in range(3):
+        b, scale, offset = axes[2 - ax]
+        n_src, n_grid = shape[ax], g.shape[ax]
+        x = scale * np.arange(n_src, dtype=np.float64) + offset
+        lo, hi = lo_hi[ax]
+        keep = (x >= -0.5) & (x <= n_grid - 0.5) & (x > lo - 1.0) & (x < hi + 1.0)
+        idx = np.flatnonzero(keep)
+        if idx.size == 0:
+            return out
+        start, stop = int(idx[0]), int(idx[-1]) + 1   # x is monotone in the source index
+        i0, i1, f = _axis_weights(x[start:stop], n_grid)
+        sel.append((start, stop, i0, i1, f))
+    (ks, ke, k0, k1, kf), (js, je, j0, j1, jf), (is_, ie, i0, i1, if_) = sel
+    # along i (fastest source axis) on the small grid array, only rows the k pass will use
+    rows = np.union1d(k0, k1)
+    r = g[rows]                                                      # [rk, gj, gi]
+    r = r[:, :, i0] * (1.0 - if_) + r[:, :, i1] * if_                 # [rk, gj, ni]
+    row_pos = {int(kg): n for n, kg in enumerate(rows)}
+    jf_col = jf[:, None]
+    cache: dict = {}
+
+    def plane(kg: int) -> np.ndarray:
+        p = cache.get(kg)
+        if p is None:
+            rr = r[row_pos[kg]]
+            p = rr[j0] * (1.0 - jf_col) + rr[j1] * jf_col            # [nj, ni] float32
+            cache[kg] = p
+        return p
+
+    # group output slices by their pair of grid planes
+    order = np.argsort(k0, kind="stable")
+    target = out[ks:ke, js:je, is_:ie]
+    prev = None
+    for n in order:
+        a, b_, f = int(k0[n]), int(k1[n]), float(kf[n])
+        if prev != (a, b_):
+            for kg in [k for k in cache if k not in (a, b_)]:
+                del cache[kg]
+            pa = plane(a)
+            ba = pa >= thr
+            if b_ != a:
+                pb = plane(b_)
+                diff = np.flatnonzero((ba != (pb >= thr)).ravel())
+                ta, tb = pa.ravel()[diff], pb.ravel()[diff]
+            else:
+                diff = np.zeros(0, dtype=np.intp)
+                ta = tb = np.zeros(0, dtype=np.float32)
+            prev = (a, b_)
+        if diff.size and f > 0.0:
+            buf = ba.copy()          # contiguous: ravel() is a view
+            buf.ravel()[diff] = (ta * np.float32(1.0 - f) + tb * np.float32(f)) >= thr
+            target[n] = buf
+        else:                        # f == 0: exactly on plane a
+            target[n] = ba
+    return out
+
+
 class SourceMapper:
     """Maps feature-grid mask logits to the source grid: masks as uint8 (only the bounding box of
     the mask is resampled), heat maps as float32 probabilities.
@@ -464,10 +579,11 @@ class SourceMapper:
     logit(threshold): smoother boundaries than interpolating probabilities, the same decision
     at the feature-grid voxel centres. ``"probability"`` interpolates sigmoid(logits)."""
 
-    def __init__(self, interpolate: str = "logit"):
+    def __init__(self, interpolate: str = "logit", fast: bool = True):
         if interpolate not in ("logit", "probability"):
             raise ValueError("interpolate must be 'logit' or 'probability'")
         self.interpolate = interpolate
+        self.fast = fast
 
     def mask(self, logit: np.ndarray, enc: Encoding, threshold: float) -> np.ndarray:
         t = float(threshold)
@@ -475,6 +591,8 @@ class SourceMapper:
             arr, thr = logit, math.log(t / (1.0 - t))
         else:
             arr, thr = _sigmoid(logit), t
+        if self.fast:
+            return threshold_to_source(arr, enc.feature_grid, enc.volume, thr)
         return enc.feature_grid.to_source(np.asarray(arr, dtype=np.float32), enc.volume,
                                           mode="linear", threshold=thr)
 
