@@ -183,6 +183,9 @@ class ModelGrid:
             array = array.astype(np.float32)
 
         if threshold is None:
+            axis_map = _axis_map(self.ijk_to_ras, volume.ijk_to_ras)
+            if axis_map is not None:  # aligned grids: separable, slab by slab (bounded memory)
+                return _resample_aligned_full(array, axis_map, volume.shape, nearest, fill_value)
             image = _sitk_image(array, self.ijk_to_ras)
             # fill_value: what lies outside the model grid (e.g. a very negative logit)
             return _resample(image, volume.shape, volume.ijk_to_ras, nearest, default=fill_value)
@@ -406,6 +409,30 @@ def _resample_aligned(array: np.ndarray, axis_map, out_shape, nearest: bool):
         shape[ax] = -1
         valid = valid & ok.reshape(shape)
     return t, valid
+
+
+def _resample_aligned_full(array: np.ndarray, axis_map, out_shape, nearest: bool, fill,
+                           slab: int = 16) -> np.ndarray:
+    """Like ``_resample_aligned`` for a whole volume: the last (slowest) axis is done in slabs
+    of ``slab`` output slices written straight into the result; outside the grid -> ``fill``."""
+    t = array.transpose([2 - axis_map[2 - ax][0] for ax in range(3)])
+    valid = np.ones((1, 1, 1), dtype=bool)
+    for ax in (2, 1):
+        _, scale, offset = axis_map[2 - ax]
+        x = scale * np.arange(out_shape[ax], dtype=np.float64) + offset
+        t, ok = _interp_axis(t, ax, x, nearest)
+        shape = [1, 1, 1]
+        shape[ax] = -1
+        valid = valid & ok.reshape(shape)
+    _, scale, offset = axis_map[2]
+    x = scale * np.arange(out_shape[0], dtype=np.float64) + offset
+    out = np.empty(tuple(out_shape), dtype=t.dtype)
+    fill = np.asarray(fill).astype(t.dtype)
+    for start in range(0, out_shape[0], slab):
+        xs = x[start:start + slab]
+        part, ok = _interp_axis(t, 0, xs, nearest)
+        out[start:start + len(xs)] = np.where(valid & ok.reshape(-1, 1, 1), part, fill)
+    return out
 
 
 def _interp_axis(t: np.ndarray, axis: int, x: np.ndarray, nearest: bool):
