@@ -115,8 +115,8 @@ def test_fast_model_space_matches_itk_path(spacing, monkeypatch):
     assert fast.grid.shape == slow.grid.shape
     assert np.allclose(fast.grid.ijk_to_ras, slow.grid.ijk_to_ras, atol=1e-9)
     diff = np.abs(fast.array - slow.array)
-    # both are Gaussian pre-filter + linear interpolation; kernels differ (discrete vs recursive)
-    assert diff.max() < 0.01 and diff.mean() < 1e-3, (diff.max(), diff.mean())
+    # same discrete Gaussian + linear interpolation, computed in a different order
+    assert diff.max() < 1e-4, diff.max()
 
 
 def test_fast_model_space_is_orientation_invariant():

@@ -282,8 +282,6 @@ def _smoothed_source_box(volume: CTVolume, grid: ModelGrid, spec: ModelSpec):
     Only source axes finer than the model spacing are smoothed, with sigma = (s_model - s_src)/2
     (in mm), a standard anti-aliasing choice for downsampling.
     """
-    import SimpleITK as sitk
-
     src_spacing = np.asarray(volume.spacing)
     sigma = _antialias_sigma_mm(volume, spec)
     support = np.ceil(4.0 * sigma / src_spacing).astype(int) + 2
@@ -296,16 +294,16 @@ def _smoothed_source_box(volume: CTVolume, grid: ModelGrid, spec: ModelSpec):
     box = volume.array[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
     affine = volume.ijk_to_ras.copy()
     affine[:3, 3] = volume.ijk_to_ras[:3, :3] @ lo + volume.ijk_to_ras[:3, 3]
-    image = _sitk_image(box, affine)
+    # discrete float32 Gaussian per voxel axis (scipy; ~4x faster than ITK's recursive filter,
+    # which works in double) with clamped edges, like the separable fast path
+    from scipy import ndimage
+
+    box = np.asarray(box, dtype=np.float32)
     for axis in range(3):
-        if sigma[axis] > 0 and image.GetSize()[axis] >= 4:
-            f = sitk.RecursiveGaussianImageFilter()
-            f.SetDirection(axis)
-            f.SetSigma(float(sigma[axis]))
-            f.SetOrder(f.ZeroOrder)
-            f.SetNormalizeAcrossScale(False)
-            image = f.Execute(image)
-    return image
+        if sigma[axis] > 0 and box.shape[2 - axis] >= 4:
+            box = ndimage.gaussian_filter1d(box, sigma[axis] / src_spacing[axis], axis=2 - axis,
+                                            output=np.float32, mode="nearest", truncate=3.0)
+    return _sitk_image(box, affine)
 
 
 def to_model_space(volume: CTVolume, spec: ModelSpec | None = None, validate: bool = True) -> ModelImage:
