@@ -820,7 +820,7 @@ def _abdomen(A: Anatomy, rng):
         A.paint(b, m, LABEL["gallbladder"], T["bile"], only=abd_ids + [LABEL["liver"]])
     # spleen (posterolateral left)
     ss = P["spleen_scale"] * P.get("splenomegaly", 1.0)
-    sp = Ellipsoid(np.array([-82 * h - 8 * (ss - 1), -38 * h, zl - 52 * ss ** 0.8]), np.array([24 * ss ** 0.6, 52 * ss ** 0.9, 52 * ss]) * h,
+    sp = Ellipsoid(np.array([-82 * h - 8 * (ss - 1), -38 * h, zl - 20 - 50 * ss]), np.array([24 * ss ** 0.6, 50 * ss ** 0.9, 55 * ss]) * h,
                    rotation((0, 0, u(-40, -20))), SmoothField(rng, 0.07, (50, 120), 2))
     A.geo["spleen"] = sp
     b = g.box(*sp.bbox())

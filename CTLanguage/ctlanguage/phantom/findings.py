@@ -109,7 +109,7 @@ def plan_findings(rng: np.random.Generator, P: dict, force=None) -> dict:
     if "hepatomegaly" in plan:
         P["hepatomegaly"] = u(1.2, 1.38)
     if "splenomegaly" in plan:
-        P["splenomegaly"] = u(1.35, 1.85)
+        P["splenomegaly"] = u(1.45, 1.95)
     if "aortic_aneurysm" in plan:
         site = "abdominal" if rng.random() < 0.7 else "thoracic"
         P["aneurysm"] = dict(site=site, diameter=u(34, 75) if site == "abdominal" else u(45, 62), length=u(45, 100))
@@ -472,7 +472,20 @@ def apply_findings(A, plan: dict, rng: np.random.Generator) -> list[Finding]:
         m, stations, short = _nodes(A, rng)
         if m is not None:
             out.append(_finding(A, "lymphadenopathy", None, m, stations=stations, short_axis_mm=short))
-    return [f for f in out if f is not None]
+    # later findings may relabel voxels (effusion compresses lung, nodes displace lung): keep every
+    # mask exactly inside its anatomy as it is in the final label map
+    final = []
+    for f in out:
+        if f is None:
+            continue
+        m = f.mask.astype(bool) & an.anatomy_mask(A.lab, f.anatomy)
+        if not m.any():
+            continue
+        f.mask = m.astype(np.uint8)
+        f.volume_ml = float(m.sum()) * A.grid.voxel_ml
+        f.info["volume_ml"] = f.volume_ml
+        final.append(f)
+    return final
 
 
 def _pole(A, kid, m) -> str:

@@ -28,7 +28,7 @@ PHRASES = {
     "hepatomegaly": ["hepatomegaly", "enlarged liver"],
     "splenomegaly": ["splenomegaly", "enlarged spleen"],
     "kidney_cyst": ["renal cyst", "kidney cyst", "simple renal cyst", "cortical cyst"],
-    "kidney_stone": ["renal calculus", "nephrolithiasis", "kidney stone", "non-obstructing calculus"],
+    "kidney_stone": ["renal calculus", "nephrolithiasis", "kidney stone", "non-obstructing renal calculus"],
     "ascites": ["ascites", "free intraperitoneal fluid", "peritoneal fluid"],
     "lymphadenopathy": ["mediastinal lymphadenopathy", "enlarged mediastinal lymph nodes", "lymph node enlargement"],
     "gallstone": ["cholelithiasis", "gallstone", "calculus in the gallbladder"],
@@ -115,11 +115,12 @@ def write_report(findings, visible: set, rng: np.random.Generator, contrast: boo
     thorax = any(n.startswith("lung_") for n in visible)
     abdomen = "liver" in visible or "kidney_left" in visible or "kidney_right" in visible
 
-    def hedged(noun, name, sentence, imp):
+    def hedged(noun, loc, sentence, imp):
+        """Occasionally replace a finding's sentence by an uncertain one (label stays positive)."""
         if rng.random() < 0.1:
             u = w.pick(UNCERTAIN)
-            lines_ = sentence.replace(noun, f"{u} {noun}", 1)
-            return lines_, imp.replace(noun, f"{u} {noun}", 1)
+            sentence = w.pick([f"{_cap(u)} {noun}{loc}.", f"{_cap(noun)}{loc} {w.pick(UNCERTAIN_TAIL)}."])
+            imp = f"{_cap(u)} {noun}{loc}."
         return sentence, imp
 
     L = lines["LUNGS AND PLEURA"]
@@ -135,7 +136,7 @@ def write_report(findings, visible: set, rng: np.random.Generator, contrast: boo
             s = w.pick([f"{_cap(_count_word(n))} {noun}s are seen in the {f.laterality} lung, the largest measuring {size} in the {lobe}.",
                         f"Multiple ({n}) {noun}s in the {f.laterality} lung, largest {size} ({lobe})."])
         imp = f"{_cap(noun)} in the {lobe} ({size})" + (", follow-up recommended." if f.info["largest_mm"] < 8 else ".")
-        s, imp = hedged(noun, "lung_nodule", s, imp)
+        s, imp = hedged(noun, f" in the {lobe}", s, imp)
         L.append(s)
         impression.append(imp)
     for f in by.get("lung_mass", []):
@@ -152,7 +153,7 @@ def write_report(findings, visible: set, rng: np.random.Generator, contrast: boo
         s = f"{kind} {noun} in the {lobe}{extra}."
         imp = w.pick([f"{_cap(noun)} in the {lobe}, compatible with pneumonia in the appropriate clinical setting.",
                       f"{_cap(lobe)} {noun}."])
-        s, imp = hedged(noun, "consolidation", s, imp)
+        s, imp = hedged(noun, f" in the {lobe}", s, imp)
         L.append(s)
         impression.append(imp)
     for f in by.get("atelectasis", []):
@@ -207,7 +208,7 @@ def write_report(findings, visible: set, rng: np.random.Generator, contrast: boo
             noun = w.noun("pericardial_effusion")
             s = w.pick([f"{_cap(sz)} {noun}, up to {t:.0f} mm in thickness.", f"There is a {sz} {noun}."])
             imp = f"{_cap(sz)} {noun}."
-            s, imp = hedged(noun, "pericardial_effusion", s, imp)
+            s, imp = hedged(noun, "", s, imp)
             H.append(s)
             impression.append(imp)
         else:
@@ -268,10 +269,11 @@ def write_report(findings, visible: set, rng: np.random.Generator, contrast: boo
                     s = w.pick([f"A {size} {dens} {noun} in the {lobe} hepatic lobe.", f"There is a {dens} {noun} in the {lobe} lobe of the liver measuring {size}."])
                 else:
                     s = f"{_cap(_count_word(n))} {dens} {noun}s, the largest {size} in the {lobe} lobe."
-                imp = f"{_cap(noun)}{'s' if n > 1 else ''} in the liver, largest {size}."
+                where = "" if ("hepatic" in noun or "liver" in noun) else " in the liver"
+                imp = f"{_cap(noun)}{'s' if n > 1 else ''}{where}, largest {size}."
                 if name == "liver_lesion":
                     imp = imp[:-1] + w.pick([", further characterization with MRI recommended.", "."])
-                s, imp = hedged(noun, name, s, imp)
+                s, imp = hedged(noun, f" in the {lobe} hepatic lobe", s, imp)
                 liver_bits.append(s)
                 impression.append(imp)
         if not liver_bits:
@@ -312,9 +314,9 @@ def write_report(findings, visible: set, rng: np.random.Generator, contrast: boo
             size = f"{f.info['largest_mm']:.0f} mm"
             s = w.pick([f"{size} {noun} in the {f.laterality} kidney ({f.info.get('pole')}), without hydronephrosis.",
                         f"There is a {size} non-obstructing {f.laterality} renal calculus.",
-                        f"{_cap(f.laterality)} {noun}, {size}."])
-            imp = f"{_cap(f.laterality)} {noun}."
-            s, imp = hedged(noun, "kidney_stone", s, imp)
+                        f"{_cap(f.laterality)} kidney: {noun}, {size}."])
+            imp = f"{_cap(f.laterality)} {noun}." if noun != "nephrolithiasis" else f"{_cap(f.laterality)} nephrolithiasis."
+            s, imp = hedged(noun, f" in the {f.laterality} kidney", s, imp)
             kid.append(s)
             impression.append(imp)
         if not kid:
