@@ -385,7 +385,9 @@ def _axis_map(grid_ijk_to_ras: np.ndarray, box_ijk_to_ras: np.ndarray):
     for a in range(3):
         col = m[:3, a]
         b = int(np.argmax(np.abs(col)))
-        if np.any(np.abs(np.delete(col, b)) > 1e-9 * max(1.0, abs(col[b]))):
+        # scanners write direction cosines like 1e-9 or 3e-7 off-axis; below 1e-6 (<= 1e-3 voxel
+        # over a 1000-voxel axis) the grids are treated as aligned
+        if np.any(np.abs(np.delete(col, b)) > 1e-6 * max(1.0, abs(col[b]))):
             return None
         out.append((b, float(col[b]), float(m[b, 3])))
     if len({b for b, _, _ in out}) != 3:
