@@ -107,7 +107,8 @@ class CTVolume:
                 "(no air below -500 HU; an MR image or unrescaled raw data?)")
         if hi - lo < 100.0:
             raise InputError(f"the CT volume{name} is nearly constant ({lo:g}..{hi:g} HU)")
-        if lo < -3100.0 or hi > 40000.0:
+        # padding outside the scan field is often -3024 and can be as low as int16's -32768
+        if lo < -32768.0 or hi > 40000.0:
             raise InputError(f"the values{name} range {lo:g}..{hi:g}, which is not a HU range")
         return self
 
