@@ -13,7 +13,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   echo "[setup] installing pinned dependencies (torch 2.13.0 CPU wheel, monai, transformers, slicer-core ...)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q --upgrade pip "setuptools==84.2.1"
   # --no-deps: the lock file is complete; this keeps a stray unpinned torch (CUDA build) out.
   "$VENV/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements.lock.txt"
   "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
