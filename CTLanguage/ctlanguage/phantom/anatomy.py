@@ -552,7 +552,7 @@ def _mediastinum_geometry(A: Anatomy, rng):
     zd_l = float(diaphragm_z(P, np.float32(-20.0), np.float32(yvb + 30)))
     ctrl += [np.array([-20.0 * h, yvb + 26 * h, zd_l]), np.array([-10.0 * h, yvb + 26 * h, (zd_l + zb) / 2]),
              np.array([-5.0 * h, yvb + 27 * h, zb])]
-    line = smooth_curve(np.array(ctrl), n=40)
+    line = smooth_curve(np.array(ctrl), n=14)
     # radius along the line (arc length based taper)
     seg = np.linalg.norm(np.diff(line, axis=0), axis=1)
     s = np.concatenate([[0], np.cumsum(seg)])
@@ -585,6 +585,7 @@ def _mediastinum_geometry(A: Anatomy, rng):
         "right": (carina, carina + np.array([38 * h, -4, -28]), 0.75 * tr["r"]),
         "left": (carina, carina + np.array([-45 * h, -6, -38]), 0.68 * tr["r"]),
     }
+    A.geo["svc"] = (tr_x_svc := A.geo["trachea"]["x"] + 19 * h, ytr + 13 * h)
     A.geo["esophagus"] = dict(x=-6 * h, y=yvb + 27 * h, r=u(7, 9) * h)
     A.geo["hilum"] = {"right": carina + np.array([42 * h, -4, -34]), "left": carina + np.array([-48 * h, -6, -42])}
 
@@ -663,6 +664,8 @@ def _lungs(A: Anatomy, rng):
     es = A.geo["esophagus"]
     excl |= ((x - tr["x"]) ** 2 + (y - tr["y"]) ** 2 < (tr["r"] + 8) ** 2) & (z > zc - 10)
     excl |= ((x - es["x"]) ** 2 + (y - es["y"]) ** 2 < (es["r"] + 6) ** 2)
+    sx_, sy_ = A.geo["svc"]
+    excl |= ((x - sx_) ** 2 + (y - sy_) ** 2 < (9 * h + 5) ** 2) & (z > A.geo["heart"].center[2])
     region &= ~excl
     # lung envelopes (dome-shaped apex), per side
     lab, hu = A.lab[b.sl], A.hu[b.sl]
@@ -673,15 +676,22 @@ def _lungs(A: Anatomy, rng):
         H = P["z_apex"] - zc_env
         env = Ellipsoid(np.array([sgn * 0.48 * ca0, -12.0, zc_env]), np.array([0.68 * ca0, 170.0 * h, H]),
                         deform=SmoothField(rng, 0.03, (80, 200), 2))
-        side_m = region & (sgn * x > 0) & env.mask(b)
-        side_m &= lab > 0
-        # keep the largest component only (removes slivers)
+        side_m = region & (sgn * x > 0) & (lab > 0)
+        kk, jj, ii = np.nonzero(side_m)  # evaluate the envelope on candidate voxels only
+        inside = env.mask(Box(None, b.x[0, 0, ii], b.y[0, jj, 0], b.z[kk, 0, 0]))
+        side_m[kk[~inside], jj[~inside], ii[~inside]] = False
         A.geo["lung_region"][side] = side_m
     # pleural shell = lung-space voxels touching the outside
     st = ndimage.generate_binary_structure(3, 1)
     for side, sgn in (("right", 1.0), ("left", -1.0)):
         m = A.geo["lung_region"][side]
-        core = ndimage.binary_erosion(m, st, iterations=1, border_value=0)
+        core = np.zeros_like(m)
+        nzk = np.flatnonzero(m.any(axis=(1, 2)))
+        if nzk.size:
+            nzj = np.flatnonzero(m[nzk[0]:nzk[-1] + 1].any(axis=(0, 2)))
+            nzi = np.flatnonzero(m[nzk[0]:nzk[-1] + 1].any(axis=(0, 1)))
+            cs = (slice(nzk[0], nzk[-1] + 1), slice(nzj[0], nzj[-1] + 1), slice(nzi[0], nzi[-1] + 1))
+            core[cs] = ndimage.binary_erosion(m[cs], st, iterations=1, border_value=0)
         shell = m & ~core
         kk, jj, ii = np.nonzero(core)
         pts = Box(None, b.x[0, 0, ii], b.y[0, jj, 0], b.z[kk, 0, 0])  # 1-D coordinates of lung voxels
@@ -735,7 +745,7 @@ def _mediastinum_paint(A: Anatomy, rng):
     hz = heart.center[2]
     svc = g.box((10 * h, -100, hz), (60 * h, 100, P["z_apex"] + 50))
     if svc is not None:
-        cx, cy = 26 * h + 0 * svc.z, A.geo["trachea"]["y"] + 14 * h + 0 * svc.z
+        cx, cy = A.geo["svc"]
         m = (svc.x - cx) ** 2 + (svc.y - cy) ** 2 < (9 * h) ** 2
         A.paint(svc, m, LABEL["body"], T["blood_venous"], exclude=[LABEL["heart"], LABEL["pericardium"]])
     ivc = g.box((0, -150, float(g.z[0])), (60 * h, 150, hz - 20))
@@ -808,7 +818,6 @@ def _abdomen(A: Anatomy, rng):
     if b is not None:
         abd = A.geo["abdomen"][b.sl]
         m = (right.mask(b) | left.mask(b)) & abd
-        # liver vessels (hepatic/portal veins): darker unenhanced, brighter enhanced
         A.paint(b, m, LABEL["liver"], T["liver"], only=abd_ids)
     # gallbladder (under the liver, anterior)
     gb = Ellipsoid(np.array([42 * h, 38 * h, zr - 105 * ls]), np.array([15, 15, 36]) * u(0.8, 1.15),
@@ -871,6 +880,43 @@ def _abdomen(A: Anatomy, rng):
         A.paint(b, m, LABEL[f"kidney_{side}"], val, only=abd_ids + [LABEL["liver"], LABEL["spleen"]])
     # colon (frames the abdomen) and small bowel loops: label body
     _bowel(A, rng)
+    _liver_vessels(A, rng)
+
+
+def _liver_vessels(A: Anatomy, rng):
+    """Portal / hepatic vein branches inside the liver: brighter than parenchyma with contrast,
+    slightly darker without (label stays liver)."""
+    g, T, P = A.grid, A.T, A.P
+    cand = np.flatnonzero(A.lab == LABEL["liver"])
+    if cand.size < 500:
+        return
+    cand = cand[rng.choice(cand.size, size=min(cand.size, 1500), replace=False)]
+    kk, jj, ii = np.unravel_index(cand, g.shape)
+    L = np.stack([g.x[ii], g.y[jj], g.z[kk]], axis=1).astype(np.float64)
+    c = L.mean(0)
+    root = c + np.array([-25.0, 5.0, -15.0])
+    pts, rs = [], []
+    parents = [(root, 6.0 * P["h"])]
+    for lev, (nch, r1, reach) in enumerate([(4, 4.0, np.inf), (3, 2.5, 45.0), (2, 1.5, 30.0)]):
+        nxt = []
+        for p, rp in parents:
+            d = np.linalg.norm(L - p, axis=1)
+            idx = np.flatnonzero((d < reach) & (d > 12))
+            if idx.size == 0:
+                continue
+            for q in L[idx[rng.choice(idx.size, size=min(nch, idx.size), replace=False)]]:
+                if lev == 0:
+                    q = p + (q - p) * 0.6
+                pp, rr = polyline_points(np.array([p, q]), np.array([rp, r1 * P["h"]]), 0.8 * float(g.spacing.min()))
+                pts.append(pp)
+                rs.append(rr)
+                nxt.append((q, r1 * P["h"]))
+        parents = nxt
+    if not pts:
+        return
+    idx = stamp_indices(g, np.concatenate(pts), np.concatenate(rs))
+    idx = idx[A.lab.reshape(-1)[idx] == LABEL["liver"]]
+    A.hu.reshape(-1)[idx] = (T["liver"] + rng.uniform(25, 60)) if P["contrast"] else (T["liver"] - rng.uniform(8, 18))
 
 
 def _bowel(A: Anatomy, rng):
@@ -906,12 +952,12 @@ def _bowel(A: Anatomy, rng):
         gas = (mott > 0.05) | (ys > 25)
         huf[lumen] = np.where(gas, T["air"], T["stool"] + 60 * mott)
     # small bowel loops: random walks in the lower central abdomen
-    n_loops = rng.integers(5, 10)
+    n_loops = rng.integers(10, 18)
     for _ in range(n_loops):
         p = np.array([rng.uniform(-0.4, 0.4) * ca0, rng.uniform(0, 60) * h, rng.uniform(zk - 120, zk + 20)])
         d = rng.normal(size=3)
         pts_ = [p]
-        for _s in range(rng.integers(6, 12)):
+        for _s in range(rng.integers(8, 16)):
             d = d + rng.normal(0, 0.8, 3)
             d /= np.linalg.norm(d)
             p = p + d * 14

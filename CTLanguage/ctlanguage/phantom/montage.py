@@ -19,6 +19,10 @@ COLORS = [
 ]
 
 
+DIFFUSE = {"steatosis", "hepatomegaly", "splenomegaly", "cardiomegaly", "emphysema", "ascites",
+           "arterial_calcification"}
+
+
 def to_canonical(array: np.ndarray, ijk_to_ras: np.ndarray):
     """Permute/flip an axis-aligned [k, j, i] array to [S, A, R] order (z, y, x increasing).
 
@@ -85,7 +89,9 @@ def render_montage(volume: np.ndarray, ijk_to_ras: np.ndarray, findings=(), titl
         fms.append((fm.astype(bool), COLORS[n % len(COLORS)], f))
     nz, ny, nx = vol.shape
     if fms:
-        big = max(fms, key=lambda t: int(t[0].sum()))
+        # centre on the largest focal finding (diffuse/organ-wide ones only if nothing else)
+        focal = [t for t in fms if t[2].name not in DIFFUSE] or fms
+        big = max(focal, key=lambda t: int(t[0].sum()))
         idx = np.argwhere(big[0])
         c = idx[len(idx) // 2] if len(idx) else np.array([nz // 2, ny // 2, nx // 2])
     else:
