@@ -220,6 +220,7 @@ class Encoding:
     _organ_prob: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
     _organ_logit_np: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
     _regions: dict = field(default_factory=dict, repr=False, compare=False)
+    _head_cache: dict = field(default_factory=dict, repr=False, compare=False)   # text-independent head parts
 
     # ---- derived ------------------------------------------------------------------------------
     @property
@@ -389,6 +390,7 @@ class Encoding:
             raise InputError(f"{path} is inconsistent (tensor shapes do not match its grid).")
         if volume is not None:
             enc.attach(volume)
+        engine.prepare(enc)
         return enc
 
 
@@ -630,7 +632,7 @@ class Engine:
         self._cache_size = int(cache_size)
         self._text_cache: dict[str, Any] = {}
         self._phrase_index = None
-        self._fast_head = None
+        self._head_kind = None
         self._lock = threading.RLock()
         self._encoding_active = False
         self.single_thread_queries = device == "cpu"
@@ -750,7 +752,8 @@ class Engine:
             with torch.inference_mode():
                 dense = feats.dense
                 ta = self._embed([self._anatomy_phrase(a) for a in self.anatomies])
-                organ_logits = self.mask_logits(dense[0], ta)
+                head_cache: dict = {}
+                organ_logits = self.mask_logits(dense[0], ta, head_cache)
                 _check_cancel(cancel)
                 _report(progress, 0.9, "Organ embeddings")
                 masks = (organ_logits > 0).to(dense.dtype)[None]
@@ -766,6 +769,7 @@ class Engine:
                 dense=dense[0].contiguous(), organ_logits=organ_logits.float().contiguous(),
                 organ_embeddings=organ_emb.float(), global_embedding=feats.global_embedding[0].float(),
                 timings=timings, source=getattr(volume, "source", None), _volume=volume,
+                _head_cache=head_cache,
             )
             if tuple(enc.dense.shape[1:]) != tuple(enc.feature_grid.shape):
                 raise CTLanguageError(
@@ -979,57 +983,87 @@ class Engine:
         )
 
     # ---- heads on stored features ----------------------------------------------------------
-    def mask_logits(self, dense, text):
+    def mask_logits(self, dense, text, cache: Optional[dict] = None):
         """``model.mask_logits`` for dense [C,d,h,w] (one volume) and N prompt embeddings -> [N,d,h,w].
 
-        For the dynamic 1x1x1 mask head the same computation runs as one small GEMM per prompt
-        (checked against the model's own implementation at load); this is ~30x faster on a CPU
-        than the generic einsum and never materialises an [N, hidden, voxels] tensor for many N."""
+        The text-independent part of the mask head (the shared per-voxel embedding ``phi`` of
+        the current head; nothing for the older dynamic-convolution head) is computed once per
+        encoding and kept in ``cache``, so a prompt costs one [N,K] x [K,voxels] product. The
+        fast path is checked against the model's own ``mask_logits`` once per engine and only
+        used when it matches; otherwise the model's implementation runs."""
         import torch
 
-        if self._fast_head is None:
-            self._fast_head = self._check_fast_head()
-        if not self._fast_head:
-            return torch.cat([self.model.mask_logits(dense[None], text[i:i + 1])[0]
-                              for i in range(text.shape[0])], 0)
+        if self._head_kind is None:
+            self._head_kind = self._check_fast_head()
         head = self.model.mask_head
-        C = dense.shape[0]
-        f = dense.reshape(C, -1)
-        p = head.generator(text.to(dense.dtype))
-        c, h = head.c, head.h
-        out = []
-        for n in range(text.shape[0]):
-            w1 = p[n, :c * h].reshape(h, c)
-            b1 = p[n, c * h:c * h + h].reshape(h, 1)
-            w2 = p[n, c * h + h:c * h + 2 * h].reshape(1, h)
-            b2 = p[n, c * h + 2 * h]
-            hid = torch.addmm(b1, w1, f).clamp_min_(0.0)
-            out.append(torch.addmm(b2.reshape(1, 1), w2, hid))
-        return torch.cat(out, 0).reshape((text.shape[0],) + tuple(dense.shape[1:]))
+        n_text = text.shape[0]
+        shape = (n_text,) + tuple(dense.shape[1:])
+        if self._head_kind == "phi":
+            emb = None if cache is None else cache.get("phi")
+            if emb is None:
+                emb = head.phi(dense[None]).flatten(2)[0]                   # [K, P]
+                if cache is not None:
+                    cache["phi"] = emb
+            p = head.generator(text.to(dense.dtype))                        # [N, K+1]
+            k = head.k
+            out = torch.addmm(p[:, k:k + 1], p[:, :k], emb, alpha=1.0 / math.sqrt(k))
+            return out.reshape(shape)
+        if self._head_kind == "dynconv":
+            C = dense.shape[0]
+            f = dense.reshape(C, -1)
+            p = head.generator(text.to(dense.dtype))
+            c, h = head.c, head.h
+            out = []
+            for n in range(n_text):
+                w1 = p[n, :c * h].reshape(h, c)
+                b1 = p[n, c * h:c * h + h].reshape(h, 1)
+                w2 = p[n, c * h + h:c * h + 2 * h].reshape(1, h)
+                b2 = p[n, c * h + 2 * h]
+                hid = torch.addmm(b1, w1, f).clamp_min_(0.0)
+                out.append(torch.addmm(b2.reshape(1, 1), w2, hid))
+            return torch.cat(out, 0).reshape(shape)
+        return torch.cat([self.model.mask_logits(dense[None], text[i:i + 1])[0]
+                          for i in range(n_text)], 0)
 
-    def _check_fast_head(self) -> bool:
+    def prepare(self, enc: Encoding) -> None:
+        """Compute the text-independent parts of the mask head for an encoding loaded from disk
+        (so that its first prompt is as fast as the following ones)."""
+        import torch
+
+        with torch.inference_mode(), _TorchThreads(1) if self.single_thread_queries else _Null():
+            self.mask_logits(enc.dense, self._embed([self._anatomy_phrase(self.anatomies[0])]),
+                             enc._head_cache)
+
+    def _check_fast_head(self) -> str:
+        """'phi' | 'dynconv' when the engine's fast path reproduces model.mask_logits, else 'generic'."""
         import torch
 
         head = getattr(self.model, "mask_head", None)
-        if head is None or not all(hasattr(head, a) for a in ("generator", "c", "h")):
-            return False
-        self._fast_head = False
+        if head is None:
+            return "generic"
+        if all(hasattr(head, a) for a in ("phi", "generator", "k")):
+            kind = "phi"
+        elif all(hasattr(head, a) for a in ("generator", "c", "h")):
+            kind = "dynconv"
+        else:
+            return "generic"
+        ok = False
         try:
             with torch.inference_mode():
                 g = torch.Generator().manual_seed(0)
-                dense = torch.randn(1, head.c, 4, 4, 4, generator=g).to(self.device)
+                channels = int(self.model.config.dense_channels)
+                dense = torch.randn(1, channels, 4, 4, 4, generator=g).to(self.device)
                 text = torch.nn.functional.normalize(
                     torch.randn(3, self.model.config.embed_dim, generator=g), dim=-1).to(self.device)
                 ref = self.model.mask_logits(dense, text)[0]
-                self._fast_head = True
+                self._head_kind = kind
                 mine = self.mask_logits(dense[0], text)
             ok = mine.shape == ref.shape and bool(torch.allclose(mine, ref, atol=1e-4, rtol=1e-4))
         except Exception:  # pragma: no cover - a different head layout: use the model's code
             log.debug("fast mask head check failed", exc_info=True)
-            ok = False
         if not ok:
             log.info("Using the model's generic mask head implementation.")
-        return ok
+        return kind if ok else "generic"
 
     def _anatomy_logit_map(self, enc: Encoding, covers: Sequence[str]) -> np.ndarray:
         logit = enc.organ_logit_array()
@@ -1046,7 +1080,7 @@ class Engine:
         sides = [V.get(a).side if V.get(a).kind == "anatomy" else None for a in covers]
         texts = [self._finding_phrase(finding, s) for s in sides]
         t = self._embed(texts)
-        logits = self.mask_logits(enc.dense, t).float().cpu().numpy()   # [N,d,h,w]
+        logits = self.mask_logits(enc.dense, t, enc._head_cache).float().cpu().numpy()   # [N,d,h,w]
         out = None
         per_anat = {}
         for n, (a, s) in enumerate(zip(covers, sides)):
@@ -1091,6 +1125,14 @@ class Engine:
                 logit = float(self.model.presence_logit(src, pe, ne))
                 vals.append(1.0 / (1.0 + math.exp(-logit / self.temperature)))
         return float(max(vals))
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 class _Flag:
