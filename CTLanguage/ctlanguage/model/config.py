@@ -44,7 +44,7 @@ class ModelConfig:
     text_dim: int = 384
     text_max_length: int = 48
     # heads
-    mask_head_hidden: int = 16
+    mask_head_hidden: int = 64
     pool_dim: int = 64
     anatomies: list = field(default_factory=lambda: list(DEFAULT_ANATOMIES))
     # zero-shot scoring

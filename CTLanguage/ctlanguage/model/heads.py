@@ -24,38 +24,31 @@ class TextProjection(nn.Module):
 
 
 class DynamicMaskHead(nn.Module):
-    """Prompt embedding -> weights of a 2-layer 1x1x1 conv head over the dense features.
+    """Text-conditioned mask head: a dynamic 1x1x1 convolution whose weights and bias are
+    generated from the prompt embedding, applied to a shared per-voxel embedding of the dense
+    features (MaskFormer / CLIP-driven-Universal style):
 
-    logits[b, n] = w2_n . relu(W1_n f_b + b1_n) + b2_n for every voxel (CLIP-driven-Universal /
-    CondInst style dynamic convolutions)."""
+        logits[b, n, p] = <W(t_n), phi(f_b[p])> / sqrt(K) + b(t_n)
 
-    def __init__(self, embed_dim: int, channels: int, hidden: int = 16):
+    phi is a shared 1x1x1 MLP (C -> K); W, b come from an MLP over the prompt embedding t_n.
+    Memory stays O(B*K*P + B*N*P), so dozens of prompts per pass are cheap on a CPU."""
+
+    def __init__(self, embed_dim: int, channels: int, hidden: int = 64):
         super().__init__()
-        self.c, self.h = channels, hidden
-        n_params = channels * hidden + hidden + hidden + 1
-        self.generator = nn.Sequential(nn.Linear(embed_dim, 256), nn.GELU(), nn.Linear(256, n_params))
+        self.k = hidden
+        self.phi = nn.Sequential(nn.Conv3d(channels, hidden, 1), nn.GELU(), nn.Conv3d(hidden, hidden, 1))
+        self.generator = nn.Sequential(nn.Linear(embed_dim, 256), nn.GELU(), nn.Linear(256, hidden + 1))
         with torch.no_grad():
-            self.generator[-1].weight.mul_(0.1)
             self.generator[-1].bias.zero_()
-            # sensible start: W1 ~ kaiming for C inputs, bias of the output negative (sparse masks)
-            b = self.generator[-1].bias
-            b[: channels * hidden].normal_(0.0, math.sqrt(2.0 / channels))
-            b[-1] = -2.0
+            self.generator[-1].bias[-1] = -2.0   # start with sparse masks
 
     def forward(self, dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         B, C, d, h, w = dense.shape
-        N = text.shape[0]
-        p = self.generator(text)
-        o = 0
-        w1 = p[:, o:o + self.c * self.h].view(N, self.h, self.c); o += self.c * self.h
-        b1 = p[:, o:o + self.h]; o += self.h
-        w2 = p[:, o:o + self.h]; o += self.h
-        b2 = p[:, o]
-        f = dense.reshape(B, C, -1)
-        hid = torch.einsum("bcp,nkc->bnkp", f, w1) + b1.view(1, N, self.h, 1)
-        hid = F.relu(hid)
-        out = torch.einsum("bnkp,nk->bnp", hid, w2) + b2.view(1, N, 1)
-        return out.view(B, N, d, h, w)
+        p = self.generator(text)                     # [N, K+1]
+        wgt, bias = p[:, : self.k], p[:, self.k]
+        emb = self.phi(dense).flatten(2)             # [B, K, P]
+        out = torch.einsum("bkp,nk->bnp", emb, wgt) / math.sqrt(self.k) + bias.view(1, -1, 1)
+        return out.view(B, -1, d, h, w)
 
 
 class OrganAttentionPool(nn.Module):

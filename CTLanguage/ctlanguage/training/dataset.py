@@ -185,7 +185,7 @@ def _plain(x) -> torch.Tensor:
 class Augmenter:
     """Seeded MONAI intensity jitter + small affine (no flips)."""
 
-    def __init__(self, affine_prob: float = 0.5, rotate: float = 0.06, scale: float = 0.06,
+    def __init__(self, affine_prob: float = 0.3, rotate: float = 0.06, scale: float = 0.06,
                  translate_vox: float = 4.0):
         from monai.transforms import (RandAdjustContrast, RandAffine, RandGaussianNoise,
                                       RandScaleIntensity, RandShiftIntensity)
@@ -245,22 +245,27 @@ class ManifestDataset(torch.utils.data.Dataset):
     def sample(self, i: int, aug_seed: int | None = None) -> dict:
         c = self.case(i)
         img = torch.from_numpy(c.image.astype(np.float32))[None]
-        am = anatomy_masks(c, self.anatomies)
-        ft, known = finding_targets(c)
-        tg = torch.from_numpy(np.concatenate([am, ft], 0).astype(np.float32))
         img2 = None
         if self.augment is not None and aug_seed is not None:
+            # one shared affine for image, label map and finding masks (nearest for labels)
             self.augment.seed(aug_seed)
-            img, tg = self.augment.geometry(img, tg)
+            geo = torch.from_numpy(np.concatenate([c.labels[None], c.finding_masks], 0).astype(np.float32))
+            img, geo = self.augment.geometry(img, geo)
+            geo = geo.round().to(torch.uint8).numpy()
+            c = Case(c.case_id, c.image, geo[0], c.label_names, geo[1:], c.finding_items, c.presence,
+                     c.report, c.grid)
             base = img
             img = self.augment.intensity_jitter(base)
             if self.two_views:
                 img2 = self.augment.intensity_jitter(base)
+        am = anatomy_masks(c, self.anatomies)
+        ft, known = finding_targets(c)
+        tg = torch.from_numpy(np.concatenate([am, ft], 0))
         # targets on the feature grid: block average (soft) over 2x2x2 model voxels
-        tg_f = F.avg_pool3d(tg[None], 2)[0]
+        tg_f = F.avg_pool3d(tg[None].float(), 2)[0]
         A = len(self.anatomies)
         out = dict(case_id=c.case_id, image=img.float(), anat=tg_f[:A], find=tg_f[A:],
-                   anat_full=tg[:A] > 0.5, find_full=tg[A:] > 0.5,
+                   anat_full=tg[:A] > 0, find_full=tg[A:] > 0,
                    find_known=torch.from_numpy(known), presence=torch.from_numpy(c.presence),
                    report=c.report)
         if img2 is not None:

@@ -31,12 +31,12 @@ log = logging.getLogger(__name__)
 DEFAULT_LOSSES = {
     "seg": 1.0, "organ_contrastive": 0.5, "fn_calibration": True, "abnormality_dictionary": True,
     "dictionary_negatives": 64, "presence": 1.0, "consistency": 0.0, "global_clip": 0.0,
-    "absent_finding_prompts": 6, "unsided_prompt_prob": 0.25,
+    "absent_finding_prompts": 6, "anatomy_prompts": 0, "unsided_prompt_prob": 0.25,
 }
 DEFAULT_TRAIN = {
     "steps": 200, "batch_size": 2, "lr": 2e-3, "weight_decay": 1e-4, "warmup_steps": 20,
     "seed": 0, "eval_every": 100, "checkpoint_every": 50, "log_every": 10, "amp": True,
-    "grad_clip": 5.0, "device": None,
+    "grad_clip": 5.0, "device": None, "threads": None,
 }
 
 
@@ -59,7 +59,12 @@ class TrainingObjective(nn.Module):
         anat, find, known = batch["anat"], batch["find"], batch["find_known"]
         prompts, targets = [], []
         A = len(m.config.anatomies)
-        for a_i, a in enumerate(m.config.anatomies):
+        a_order = list(range(A))
+        k_anat = int(self.cfg["anatomy_prompts"]) or A
+        if k_anat < A:
+            a_order = sorted(rng.choice(A, size=k_anat, replace=False).tolist())
+        for a_i in a_order:
+            a = m.config.anatomies[a_i]
             if anat[:, a_i].sum() <= 0:
                 continue
             ph = PH.phrases_for(a)
@@ -135,14 +140,12 @@ class TrainingObjective(nn.Module):
                 extra = m.embed_text([dic[i][0] for i in sel])
                 pres = batch["presence"]
                 valid = torch.ones(len(texts), k, dtype=torch.bool)
+                item_of = {(f, s): i for i, (f, s, _) in enumerate(self.items)}
+                sel_items = [item_of[(dic[di][1], dic[di][2])] for di in sel]
                 for r in range(len(texts)):
                     b, j = divmod(r, len(self.judged))
-                    for c, di in enumerate(sel):
-                        _, f, s = dic[di]
-                        i = self.items.index(next(it for it in self.items if it[0] == f and it[1] == s))
-                        if self.items[i][2] == self.judged[j] and pres[b, i] > 0.5:
-                            valid[r, c] = False
-                        if texts[r] == dic[di][0]:
+                    for c, i in enumerate(sel_items):
+                        if (self.items[i][2] == self.judged[j] and pres[b, i] > 0.5) or texts[r] == dic[sel[c]][0]:
                             valid[r, c] = False
             parts["organ_contrastive"] = L.organ_contrastive_loss(
                 emb.reshape(-1, emb.shape[-1]), txt, m.logit_scale, texts, normal, anat,
@@ -447,6 +450,8 @@ def run_training(cfg: dict, config_path: str | None = None, resume: bool = True,
     if not out.is_absolute():
         out = base / out
     rank, world, device = D.setup(tcfg.get("device"))
+    if tcfg.get("threads"):
+        torch.set_num_threads(int(tcfg["threads"]))  # 1 is much faster on an oversubscribed CPU
     seed = int(tcfg["seed"])
     torch.manual_seed(seed)
     np.random.seed(seed)
