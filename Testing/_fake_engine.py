@@ -43,7 +43,7 @@ class Encoding:
                                           "shape": list(self.shape)}))
 
     @classmethod
-    def load(cls, path, engine):
+    def load(cls, path, engine, volume=None):
         try:
             d = json.loads(Path(path).read_text())
         except (OSError, ValueError):
@@ -51,7 +51,12 @@ class Encoding:
         if d.get("model_id") != engine.model_id:
             raise InputError(f"the encoding {Path(path).name} was made with model {d.get('model_id')}, "
                              f"not {engine.model_id}")
-        return cls(d["volume_hash"], d["model_id"], tuple(d["shape"]))
+        enc = cls(d["volume_hash"], d["model_id"], tuple(d["shape"]))
+        if volume is not None:
+            if volume.content_hash() != enc.volume_hash:
+                raise InputError("The encoding was computed for a different volume; encode it again.")
+            enc.array = volume.array
+        return enc
 
 
 class Engine:
@@ -81,7 +86,7 @@ class Engine:
             progress(1.0, "encoded")
         return Encoding(volume.content_hash(), self.model_id, volume.array.shape, volume.array)
 
-    def query(self, enc, prompt, mask_threshold=0.5):
+    def query(self, enc, prompt, mask_threshold=0.5, volume=None):
         Engine.calls.append(("query", prompt))
         p = parse_prompt(prompt)
         arr = enc.array

@@ -259,7 +259,7 @@ def test_encoding_from_another_volume(tmp_path, fake, nifti, capsys):
     out = tmp_path / "o"
     code, _, err = run(["query", str(nifti), "-p", "liver", "--encoding", str(enc), "--out", str(out),
                         "--model", str(fake)], capsys)
-    assert_one_error_line(code, err, "different volume")
+    assert_one_error_line(code, err, "volume")
     assert not out.exists()
 
 
@@ -341,3 +341,70 @@ def test_real_engine_demo_end_to_end(tmp_path, capsys):
     assert p is not None and 0.0 <= p <= 1.0
     seg = hd.seg.segread(str(res / "segmentation.dcm"))
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == doc["input"]["series_uid"]
+
+
+# ------------------------------------------------------------------------------- real engine, random weights
+# The real Engine on a tiny randomly initialised model: checks the CLI <-> engine contract
+# (Finding attributes, Encoding save/load, model/volume checks) independently of training.
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    pytest.importorskip("ctlanguage.engine")
+    import torch
+
+    from ctlanguage.model import GroundedCTModel, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_id="cli-random", encoder_channels=[8, 16, 24], dense_channels=16,
+                      spec_params={"spacing_mm": 4.0})
+    d = tmp_path_factory.mktemp("model") / "cli-random"
+    GroundedCTModel(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.mark.slow
+def test_real_engine_query_dicom_encode_reuse_and_refusals(tmp_path, random_model, dicom_dir, nifti, capsys):
+    import highdicom as hd
+
+    folder, uid = dicom_dir
+    out = tmp_path / "out"
+    code, _, err = run(["query", str(folder), "-p", "liver; liver lesion", "-p", "fluid around the left lung",
+                        "-p", "florbix", "--out", str(out), "--model", str(random_model), "--device", "cpu"], capsys)
+    assert code == 0, err
+    doc = json.loads((out / "findings.json").read_text())
+    assert doc["model"]["id"] == "cli-random" and len(doc["model"]["sha256"]) == 64
+    recs = doc["findings"]
+    assert [r["prompt"] for r in recs] == ["liver", "liver lesion", "fluid around the left lung", "florbix"]
+    assert recs[0]["anatomy"] == "liver" and recs[0]["probability"] is None
+    assert recs[1]["finding"] == "liver_lesion" and 0.0 <= recs[1]["probability"] <= 1.0
+    assert recs[2]["laterality"] == "left"
+    assert recs[3]["prompt_confidence"] < recs[0]["prompt_confidence"]
+    seg = hd.seg.segread(str(out / "segmentation.dcm"))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
+    # encode once, query with the saved encoding
+    enc = tmp_path / "ct.enc"
+    code, _, err = run(["encode", str(folder), "--out", str(enc), "--model", str(random_model)], capsys)
+    assert code == 0, err
+    code, _, err = run(["query", str(folder), "-p", "liver", "--encoding", str(enc), "--out",
+                        str(tmp_path / "o2"), "--model", str(random_model)], capsys)
+    assert code == 0, err
+    a = json.loads((tmp_path / "o2" / "findings.json").read_text())["findings"][0]
+    assert a["volume_ml"] == pytest.approx(recs[0]["volume_ml"], rel=1e-6)
+    # the same encoding against another volume: refused, nothing written
+    code, _, err = run(["query", str(nifti), "-p", "liver", "--encoding", str(enc), "--out",
+                        str(tmp_path / "o3"), "--model", str(random_model)], capsys)
+    assert_one_error_line(code, err, "volume")
+    assert not (tmp_path / "o3").exists()
+
+
+@pytest.mark.slow
+def test_real_engine_corrupt_checkpoint(tmp_path, random_model, nifti, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(random_model, bad)
+    w = bad / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    code, _, err = run(["query", str(nifti), "-p", "liver", "--out", str(tmp_path / "o"), "--model", str(bad)], capsys)
+    assert_one_error_line(code, err)
+    assert not (tmp_path / "o").exists()

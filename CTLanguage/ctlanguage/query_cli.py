@@ -117,7 +117,8 @@ class LoadedModel:
 def model_info(engine: Any, path: Path | None, entry: Any) -> dict:
     """{"id", "version", "sha256"} of the loaded model (engine attributes, else catalog/config)."""
     info: dict = {}
-    for src in (getattr(engine, "model_info", None), getattr(engine, "info", None)):
+    described = engine.describe() if callable(getattr(engine, "describe", None)) else None
+    for src in (described, getattr(engine, "model_info", None), getattr(engine, "info", None)):
         if isinstance(src, dict):
             info.update({k: src[k] for k in ("id", "version", "sha256") if src.get(k)})
     for key, names in (("id", ("model_id", "id")), ("version", ("model_version", "version")),
@@ -207,7 +208,7 @@ def get_encoding(model: LoadedModel, volume: Any, encoding_file: str | None, rep
         if not p.exists():
             raise InputError(f"encoding file {p} does not exist")
         with reporter.step(f"loading encoding {p.name}") as cb:
-            enc = Encoding.load(p, model.engine)
+            enc = Encoding.load(p, model.engine, volume=volume)  # checks model and volume
             cb(1.0, "")
         h = encoding_volume_hash(enc)
         if h is not None and h != volume.content_hash():
@@ -242,7 +243,7 @@ def query_and_export(model: LoadedModel, enc: Any, volume: Any, prompts: list[st
     with reporter.step(f"querying {len(prompts)} prompt{'s' * (len(prompts) != 1)}") as cb:
         findings = []
         for i, prompt in enumerate(prompts):
-            findings.extend(model.engine.query(enc, prompt, mask_threshold=mask_threshold))
+            findings.extend(model.engine.query(enc, prompt, mask_threshold=mask_threshold, volume=volume))
             cb((i + 1) / len(prompts), prompt[:40])
     t_query = time.perf_counter() - t0
     t1 = time.perf_counter()
