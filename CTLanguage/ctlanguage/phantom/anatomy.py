@@ -52,7 +52,7 @@ def anatomy_mask(lab: np.ndarray, name: str) -> np.ndarray:
         return lab > 0
     if len(ids) == 1:
         return lab == ids[0]
-    return np.isin(lab, ids)
+    return isin(lab, ids)
 
 
 # ----------------------------------------------------------------------------- grid
@@ -62,6 +62,20 @@ class Box:
     x: np.ndarray  # [1,1,ni]
     y: np.ndarray  # [1,nj,1]
     z: np.ndarray  # [nk,1,1]
+    index: tuple | None = None  # for scattered voxel lists: (gx, gy, gz, ii, jj, kk)
+
+
+def points_box(b: "Box", kk, jj, ii) -> "Box":
+    """A Box of scattered voxels (1-D coordinates) inside box ``b``."""
+    gx, gy, gz = b.x[0, 0, :], b.y[0, :, 0], b.z[:, 0, 0]
+    return Box(None, gx[ii], gy[jj], gz[kk], (gx, gy, gz, ii, jj, kk))
+
+
+def isin(lab: np.ndarray, ids) -> np.ndarray:
+    """Fast membership test for uint8 label arrays (lookup table instead of np.isin)."""
+    lut = np.zeros(256, dtype=bool)
+    lut[np.asarray(ids, dtype=np.int64)] = True
+    return lut[lab]
 
 
 class Grid:
@@ -150,7 +164,7 @@ class Ellipsoid:
                 u = dx * r[0] + dy * r[1] + dz * r[2]
                 q = u * u if q is None else q + u * u
         if self.deform is not None:
-            q = q / (1.0 + self.deform(b.x, b.y, b.z)) ** 2
+            q = q / (1.0 + self.deform(b.x, b.y, b.z, index=b.index)) ** 2
         return q
 
     def mask(self, b: Box) -> np.ndarray:
@@ -204,8 +218,13 @@ def stamp_indices(grid: Grid, centers: np.ndarray, radii: np.ndarray) -> np.ndar
         if len(offs) <= 1:
             continue
         idx = near[sel][:, None, :] + offs[None, :, :]  # (n, m, 3)
-        d = (idx - vox[sel][:, None, :]) * grid.spacing
-        inside = (d ** 2).sum(-1) <= (radii[sel][:, None] ** 2)
+        frac = ((near[sel] - vox[sel]) * grid.spacing).astype(np.float32)  # (n, 3)
+        offm = (offs * grid.spacing).astype(np.float32)  # (m, 3)
+        d2 = None
+        for a in range(3):
+            da = frac[:, None, a] + offm[None, :, a]
+            d2 = da * da if d2 is None else d2 + da * da
+        inside = d2 <= (radii[sel][:, None] ** 2).astype(np.float32)
         idx = idx[inside]
         ok = np.all((idx >= 0) & (idx < lim), axis=1)
         parts.append(idx[ok])
@@ -324,9 +343,9 @@ class Anatomy:
         if only is not None or exclude is not None:
             mask = mask.copy()
             if only is not None:
-                mask &= np.isin(lab, only)
+                mask &= isin(lab, only)
             if exclude is not None:
-                mask &= ~np.isin(lab, exclude)
+                mask &= ~isin(lab, exclude)
         if label is not None:
             lab[mask] = label
         hv = self.hu[b.sl]
@@ -678,7 +697,7 @@ def _lungs(A: Anatomy, rng):
                         deform=SmoothField(rng, 0.03, (80, 200), 2))
         side_m = region & (sgn * x > 0) & (lab > 0)
         kk, jj, ii = np.nonzero(side_m)  # evaluate the envelope on candidate voxels only
-        inside = env.mask(Box(None, b.x[0, 0, ii], b.y[0, jj, 0], b.z[kk, 0, 0]))
+        inside = env.mask(points_box(b, kk, jj, ii))
         side_m[kk[~inside], jj[~inside], ii[~inside]] = False
         A.geo["lung_region"][side] = side_m
     # pleural shell = lung-space voxels touching the outside
@@ -694,7 +713,7 @@ def _lungs(A: Anatomy, rng):
             core[cs] = ndimage.binary_erosion(m[cs], st, iterations=1, border_value=0)
         shell = m & ~core
         kk, jj, ii = np.nonzero(core)
-        pts = Box(None, b.x[0, 0, ii], b.y[0, jj, 0], b.z[kk, 0, 0])  # 1-D coordinates of lung voxels
+        pts = points_box(b, kk, jj, ii)  # 1-D coordinates of lung voxels
         lobes = _lobe_split(A, pts, side, rng)
         hu[kk, jj, ii] = T["lung"]
         for name, lm in lobes.items():
@@ -710,11 +729,11 @@ def _lobe_split(A: Anatomy, b: Box, side: str, rng) -> dict[str, np.ndarray]:
     hil = A.geo["hilum"][side]
     f = SmoothField(rng, 6.0, (60, 160), 2)
     slope = u(0.9, 1.35)
-    z_obl = hil[2] + u(5, 25) - slope * (y - hil[1]) + f(x, y, z)
+    z_obl = hil[2] + u(5, 25) - slope * (y - hil[1]) + f(x, y, z, index=b.index)
     upper = z > z_obl
     if side == "left":
         return {"lung_upper_lobe_left": upper, "lung_lower_lobe_left": ~upper}
-    z_hor = hil[2] + u(-5, 12) + 0.08 * (y - hil[1]) + f(y, x, z) * 0.5
+    z_hor = hil[2] + u(-5, 12) + 0.08 * (y - hil[1]) + f(x, y, z, index=b.index)[::1] * 0.5
     middle = upper & (z <= z_hor) & (y > hil[1] - 20)
     return {"lung_upper_lobe_right": upper & ~middle, "lung_middle_lobe_right": middle,
             "lung_lower_lobe_right": ~upper}
@@ -857,7 +876,7 @@ def _abdomen(A: Anatomy, rng):
     rads = np.interp(np.linspace(0, 1, len(line)), [0, 0.25, 1], [15, 11, 9]) * h
     pts, rs = polyline_points(line, rads, 0.7 * float(g.spacing.min()))
     pm = stamp_indices(g, pts, rs)
-    pm = pm[A.geo["abdomen"].reshape(-1)[pm] & np.isin(A.lab.reshape(-1)[pm], abd_ids + [LABEL["liver"]])]
+    pm = pm[A.geo["abdomen"].reshape(-1)[pm] & isin(A.lab.reshape(-1)[pm], abd_ids + [LABEL["liver"]])]
     A.lab.reshape(-1)[pm] = LABEL["pancreas"]
     A.hu.reshape(-1)[pm] = T["pancreas"]
     # kidneys: cortex shell, medulla, sinus fat
@@ -951,8 +970,10 @@ def _bowel(A: Anatomy, rng):
         mott = f(xs, ys, zs)
         gas = (mott > 0.05) | (ys > 25)
         huf[lumen] = np.where(gas, T["air"], T["stool"] + 60 * mott)
-    # small bowel loops: random walks in the lower central abdomen
-    n_loops = rng.integers(10, 18)
+    # small bowel loops: random walks in the lower central abdomen, rasterised in three passes
+    # (all walls, fluid-filled lumens, gas-filled lumens)
+    n_loops = int(rng.integers(10, 18))
+    walls_p, walls_r, lum = [], [], {True: ([], []), False: ([], [])}
     for _ in range(n_loops):
         p = np.array([rng.uniform(-0.4, 0.4) * ca0, rng.uniform(0, 60) * h, rng.uniform(zk - 120, zk + 20)])
         d = rng.normal(size=3)
@@ -965,13 +986,23 @@ def _bowel(A: Anatomy, rng):
         pts_ = np.array(pts_)
         r = rng.uniform(9, 13) * h
         pp, rr = polyline_points(pts_, np.full(len(pts_), r), float(g.spacing.min()))
-        w = stamp_indices(g, pp, rr)
-        w = w[labf[w] == PER]
-        lm = stamp_indices(g, pp, rr - 2.5)
-        lm = lm[labf[lm] == PER]
-        labf[w] = LABEL["body"]
-        huf[w] = T["gut_wall"]
-        huf[lm] = (T["fluid"] + rng.uniform(5, 30)) if rng.random() < 0.7 else T["air"]
+        walls_p.append(pp)
+        walls_r.append(rr)
+        gas = bool(rng.random() >= 0.7)
+        lum[gas][0].append(pp)
+        lum[gas][1].append(rr - 2.5)
+    w = stamp_indices(g, np.concatenate(walls_p), np.concatenate(walls_r))
+    w = w[labf[w] == PER]
+    fluid_hu = T["fluid"] + rng.uniform(5, 30)
+    lumens = {}
+    for gas, (pl, rl) in lum.items():
+        if pl:
+            lm = stamp_indices(g, np.concatenate(pl), np.concatenate(rl))
+            lumens[gas] = lm[labf[lm] == PER]
+    labf[w] = LABEL["body"]
+    huf[w] = T["gut_wall"]
+    for gas, lm in lumens.items():
+        huf[lm] = T["air"] if gas else fluid_hu
 
 
 def _lung_vessels(A: Anatomy, rng):
@@ -984,7 +1015,7 @@ def _lung_vessels(A: Anatomy, rng):
     pts_all, r_all, air_pts, air_r = [], [], [], []
     for side in ("right", "left"):
         ids = anatomy_labels(f"lung_{side}")
-        cand = np.flatnonzero(np.isin(A.lab, ids))
+        cand = np.flatnonzero(isin(A.lab, ids))
         if cand.size < 200:
             continue
         cand = cand[rng.choice(cand.size, size=min(cand.size, 2500), replace=False)]
@@ -1034,6 +1065,6 @@ def _lung_vessels(A: Anatomy, rng):
         return
     pts, rs = np.concatenate(pts_all), np.concatenate(r_all)
     vm = stamp_indices(g, pts, rs)
-    vm = vm[np.isin(A.lab.reshape(-1)[vm], LUNG_IDS)]
+    vm = vm[isin(A.lab.reshape(-1)[vm], LUNG_IDS)]
     A.hu.reshape(-1)[vm] = T["lung_vessel"]
     A.geo["airways"] = (np.concatenate(air_pts), np.concatenate(air_r)) if air_pts else (np.zeros((0, 3)), np.zeros(0))

@@ -124,7 +124,7 @@ def _ids(name: str) -> list[int]:
 def _pick_point(A, ids, rng, radius: float, frac_inside: float = 0.6, tries: int = 25, weights=None):
     """A random voxel centre of the given labels whose ball of ``radius`` is mostly inside."""
     lab = A.lab
-    cand = np.flatnonzero(np.isin(lab, ids))
+    cand = np.flatnonzero(an.isin(lab, ids))
     if cand.size == 0:
         return None
     g = A.grid
@@ -136,7 +136,7 @@ def _pick_point(A, ids, rng, radius: float, frac_inside: float = 0.6, tries: int
         b = g.box(p - radius, p + radius)
         d2 = (b.x - p[0]) ** 2 + (b.y - p[1]) ** 2 + (b.z - p[2]) ** 2
         ball = d2 <= radius * radius
-        nin = np.isin(lab[b.sl], ids)[ball].mean() if ball.any() else 1.0
+        nin = an.isin(lab[b.sl], ids)[ball].mean() if ball.any() else 1.0
         if nin > best_f:
             best, best_f = p, nin
         if nin >= frac_inside:
@@ -187,7 +187,7 @@ def measure(mask: np.ndarray, grid) -> dict:
 
 def _lobe_of(A, mask) -> str | None:
     vals = A.lab[mask]
-    vals = vals[np.isin(vals, LUNG_IDS)]
+    vals = vals[an.isin(vals, LUNG_IDS)]
     if vals.size == 0:
         return None
     return an.STRUCTURE_LABELS[int(np.bincount(vals).argmax())]
@@ -284,7 +284,7 @@ def apply_findings(A, plan: dict, rng: np.random.Generator) -> list[Finding]:
         sev = u(0.05, 0.3)
         for side in plan["emphysema"]["sides"]:
             lobes = [n for n in an.LOBES[side] if ("lower" in n) == panlob]
-            region = np.isin(A.lab, [LABEL[n] for n in lobes])
+            region = an.isin(A.lab, [LABEL[n] for n in lobes])
             if region.sum() < 100:
                 continue
             # low-attenuation foci (centrilobular holes / confluent lucency)
@@ -320,7 +320,7 @@ def apply_findings(A, plan: dict, rng: np.random.Generator) -> list[Finding]:
                 r2 = (b.x - p[0]) ** 2 + (b.y - p[1]) ** 2 + (b.z - p[2]) ** 2
                 m = np.zeros(A.grid.shape, bool)
                 m[b.sl] = (np.abs(d) < th / 2) & (r2 < R * R)
-                m &= np.isin(A.lab, ids)
+                m &= an.isin(A.lab, ids)
         if m is not None and m.any():
             A.hu[m] = u(60, 100) if con else u(25, 50)
             out.append(_finding(A, "atelectasis", side, m, kind=kind, lobe=_lobe_of(A, m)))
@@ -356,7 +356,7 @@ def apply_findings(A, plan: dict, rng: np.random.Generator) -> list[Finding]:
             if p is None:
                 continue
             m = _blob(A, p, d, rng, lobulation=0.18 if name == "lung_mass" else 0.06)
-            m &= np.isin(A.lab, ids)
+            m &= an.isin(A.lab, ids)
             if not m.any():
                 continue
             hu = u(25, 55) + (20 if con else 0)
@@ -437,7 +437,7 @@ def apply_findings(A, plan: dict, rng: np.random.Generator) -> list[Finding]:
             if p is None:
                 continue
             m = _blob(A, p, d, rng, lobulation=0.0, elong=0.05)
-            m &= np.isin(A.lab, [kid, LABEL["body"]]) & A.geo["abdomen"]  # may bulge out (exophytic)
+            m &= an.isin(A.lab, [kid, LABEL["body"]]) & A.geo["abdomen"]  # may bulge out (exophytic)
             A.lab[m] = kid
             A.hu[m] = T["fluid"]
             total |= m
@@ -507,7 +507,7 @@ def _effusion(A, side, rng, plan):
         return None
     ids = [LABEL[f"pleural_space_{side}"]] + an.anatomy_labels(f"lung_{side}")
     lab = A.lab[b.sl]
-    space = np.isin(lab, ids)
+    space = an.isin(lab, ids)
     if space.sum() < 200:
         return None
     # supine patient: the fluid surface is (nearly) horizontal, i.e. y = const, slightly tilted
@@ -528,7 +528,7 @@ def _effusion(A, side, rng, plan):
     if not fluid.any():
         return None
     plan.setdefault("_eff_depth", {})[side] = depth
-    comp = space & ~fluid & (b.y < lvl + rng.uniform(6, 14)) & np.isin(lab, LUNG_IDS)
+    comp = space & ~fluid & (b.y < lvl + rng.uniform(6, 14)) & an.isin(lab, LUNG_IDS)
     lab[fluid] = LABEL[f"pleural_space_{side}"]
     A.hu[b.sl][fluid] = A.T["fluid"] + rng.uniform(0, 8)
     full = np.zeros(A.grid.shape, bool)
@@ -546,7 +546,7 @@ def _ascites(A, rng):
     kk = np.nonzero(per.any(axis=(1, 2)))[0]
     sl = slice(kk[0], kk[-1] + 1)
     lab = A.lab[sl]
-    seeds = np.isin(lab, [LABEL["liver"], LABEL["spleen"]]) | ~A.geo["cavity"][sl]
+    seeds = an.isin(lab, [LABEL["liver"], LABEL["spleen"]]) | ~A.geo["cavity"][sl]
     d = rng.uniform(6, 30)
     # distance on a 2x coarser grid (the EDT dominates otherwise); the painted mask is exact
     # by construction since the mask *is* what gets painted
@@ -582,7 +582,7 @@ def _nodes(A, rng):
     for k in pick:
         s = rng.uniform(11, 28)
         m = _blob(A, stations[names[k]] + rng.normal(0, 3, 3), s * 1.25, rng, lobulation=0.05, elong=0.2)
-        m &= np.isin(A.lab, allowed)
+        m &= an.isin(A.lab, allowed)
         if m.sum() < 2:
             continue
         A.lab[m] = LABEL["body"]

@@ -73,8 +73,23 @@ class SmoothField:
         self.k = 2 * np.pi / lam
         self.phase = rng.uniform(0, 2 * np.pi, size=(terms, 3))
 
-    def __call__(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-        """x, y, z are broadcastable (e.g. x[None,None,:], y[None,:,None], z[:,None,None])."""
+    def __call__(self, x: np.ndarray, y: np.ndarray, z: np.ndarray, index=None) -> np.ndarray:
+        """x, y, z are broadcastable (e.g. x[None,None,:], y[None,:,None], z[:,None,None]).
+
+        ``index=(gx, gy, gz, ii, jj, kk)``: x, y, z are gathered from grid axes gx[ii], gy[jj],
+        gz[kk]; the cosines are then evaluated on the (short) axes and gathered — much cheaper for
+        scattered voxel lists.
+        """
+        if index is not None:
+            gx, gy, gz, ii, jj, kk = index
+            out = None
+            for t in range(len(self.amp)):
+                fx = np.cos(self.k[t, 0] * gx + self.phase[t, 0]).astype(np.float32)[ii]
+                fy = np.cos(self.k[t, 1] * gy + self.phase[t, 1]).astype(np.float32)[jj]
+                fz = np.cos(self.k[t, 2] * gz + self.phase[t, 2]).astype(np.float32)[kk]
+                term = self.amp[t] * fz * fy * fx
+                out = term if out is None else out + term
+            return out
         out = None
         for t in range(len(self.amp)):
             fx = np.cos(self.k[t, 0] * x + self.phase[t, 0]).astype(np.float32)
