@@ -153,12 +153,20 @@ class CTLanguageWebApp:
                           f"{self.session.max_upload_bytes / 1e6:.0f} MB.")
 
     def upload_chunk(self, files):
-        from trame_slicer.utils import ClientFile
+        try:
+            return self._upload_chunk(files)
+        except Exception as exc:  # noqa: BLE001 - never let an upload kill the session
+            log.exception("upload failed")
+            self._upload_files, self._upload_bytes = [], 0
+            self._load_failed(f"The upload could not be received: {exc}")
+
+    def _upload_chunk(self, files):
+        from trame.app.file_upload import ClientFile
 
         if files:
             for f in files:
                 cf = ClientFile(f)
-                content = cf.content
+                content = cf.content or b""
                 self._upload_bytes += len(content)
                 if self._upload_bytes <= self.session.max_upload_bytes:
                     self._upload_files.append((cf.name, content))
@@ -339,6 +347,7 @@ class CTLanguageWebApp:
             "loading = true; load_message = 'Uploading ' + fs[0].name + ' …'; load_message_type = 'info';"
             "window.load_files_by_chunks(fs, { trigger_name: 'ctl_upload_chunk' })"
             "  .then(({ status, errorMsg }) => trame.trigger('ctl_upload_end', [status ? 'success' : 'failure', errorMsg]))"
+            "  .catch((e) => trame.trigger('ctl_upload_end', ['failure', String(e)]))"
             "  .finally(() => { loading = false; $event.target.value = ''; });"
         )
         v.VFileInput(label="…or upload NIfTI / NRRD / MHA, or a zipped DICOM folder", accept=ACCEPT,
@@ -417,12 +426,19 @@ class CTLanguageWebApp:
         with html.Div(v_if=("results.length",), classes="d-flex flex-wrap", id="downloads"):
             v.VBtn("{{ k.label }}", v_for="k in export_kinds", key="k.kind", size="small",
                    variant="tonal", classes="ma-1 download-btn",
-                   href=("`${download_base}/${k.kind}`",), target="_blank",
+                   href=("`${download_base}/${k.kind}`",), raw_attrs=["download"],
                    __properties=[("data_kind", "data-kind")], data_kind=("k.kind",))
 
 def _no_gutter(server, view_id, slicer_view):
-    """No per-view toolbars: the demo keeps the views plain (the panel drives them)."""
-    return None
+    """No per-view toolbars (the panel drives the views): only a small name label, whose id
+    (``ctl-view-axial`` ...) also lets tests find a view's image."""
+    from trame.widgets import html
+
+    get = getattr(slicer_view, "get_orientation", None)
+    name = str(get() if callable(get) else "3D") or "3D"
+    html.Div(name, id=f"ctl-view-{name.lower()}", classes="ctl-view-label",
+             style="position: absolute; top: 4px; left: 8px; color: #e0e0e0; font-size: 12px; "
+                   "pointer-events: none; text-shadow: 0 0 3px #000;")
 
 
 # ---- process entry point -------------------------------------------------------------------------
@@ -446,6 +462,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args, _unknown = build_arg_parser().parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("trame_client", "trame_server", "wslink", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     configure_offscreen_gl()
     work_dir = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="ctlanguage-web-"))
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -180,12 +180,17 @@ class WebSession:
             raise ValueError(
                 f"Unsupported upload {', '.join(names)!s}: choose one .nii/.nii.gz/.nrrd/.mha file or a "
                 ".zip of a DICOM folder.")
+        def hide_paths(text: str) -> str:  # the page need not see this server's folders
+            for p in (folder / "unzipped", folder):
+                text = text.replace(str(p) + os.sep, "").replace(str(p), "the upload")
+            return text
+
         try:
             volume = read_ct(path)
         except CTLanguageError as exc:
-            raise ValueError(str(exc)) from None
+            raise ValueError(hide_paths(str(exc))) from None
         except Exception as exc:  # noqa: BLE001 - any reader failure is a bad upload, not a crash
-            raise ValueError(f"'{names[0]}' could not be read as a CT volume ({exc}).") from None
+            raise ValueError(hide_paths(f"'{names[0]}' could not be read as a CT volume ({exc}).")) from None
         kind = "dicom" if path.is_dir() else next(s for s in ("nii", "nrrd", "mha") if s in path.name.lower())
         kind = {"nii": "nifti"}.get(kind, kind)
         return self._install(LoadedInput(names[0] if len(names) == 1 else f"{len(names)} DICOM files",
@@ -217,6 +222,10 @@ class WebSession:
         for view in self.app.view_manager.get_slice_views():
             view.set_background_volume_id(node.GetID())
             view.set_foreground_volume_id(None)
+            try:  # the three slices also show in the 3D view, around the finding surfaces
+                view.set_visible_in_3d(True)
+            except Exception:  # noqa: BLE001
+                pass
         self.reset_views()
         return loaded
 

@@ -1,0 +1,248 @@
+"""Browser end-to-end test of the web demo, as a person would use it.
+
+Starts `ctlanguage web` on a free localhost port, drives Debian's Chromium (headless, through
+Playwright with an explicit executable path; no browser is downloaded), and checks:
+
+* the start page hands out a session; the bundled synthetic case loads; Encode shows progress;
+* a prompt for a finding the case contains gives a probability >= 0.5 in the results table, and
+  after clicking its row the *server-rendered axial view* (the PNG the page shows) has pixels in
+  the segment's colour, most of them inside the phantom's ground-truth mask of that finding
+  (mapped through the slice view's XY->RAS matrix and the CT's IJK->RAS), with the finding's
+  ground-truth centre in view;
+* a prompt for a finding the case does not contain gives a probability < 0.5;
+* the CSV export downloads and lists both prompts;
+* a second tab is another session (another process, nothing loaded); a corrupt upload and an
+  over-size upload give readable messages in the page, and that session still works;
+* stopping the server leaves no process and no temporary file behind.
+
+With CTLANGUAGE_WEB_TEST_MODEL pointing at an untrained model, set
+CTLANGUAGE_WEB_TEST_PLUMBING_ONLY=1 to skip the checks that need a trained model.
+
+Screenshots go to $CTLANGUAGE_WEB_SCREENSHOTS (docs/images when it is "docs"), else tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from web_helpers import (CHROMIUM, CHROMIUM_ARGS, WebServer, hex_rgb, offscreen_gl_available,
+                         overlay_pixels, pixels_to_ras, ras_in_mask, view_image, wait_stable_image)
+
+ROOT = Path(__file__).resolve().parents[1]
+CASE_ID, CASE_SEED = "synthetic-a", 5            # ctlanguage_web.session.BUNDLED_CASES
+PRESENT = ("pericardial_effusion", None, "fluid around the heart")
+ABSENT_PROMPT = "kidney stone"                    # not in the seed-5 phantom
+
+PLUMBING_ONLY = os.environ.get("CTLANGUAGE_WEB_TEST_PLUMBING_ONLY") == "1"
+pytestmark = [pytest.mark.web, pytest.mark.slow]
+
+
+def _requirements():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (scripts/install_system_deps.sh installs Debian's chromium)")
+    if not offscreen_gl_available():
+        pytest.skip("no offscreen OpenGL (libEGL or libOSMesa); run scripts/install_system_deps.sh")
+    pytest.importorskip("playwright.sync_api", reason="pip playwright is not installed")
+    pytest.importorskip("trame_slicer", reason="trame-slicer is not installed")
+    model = os.environ.get("CTLANGUAGE_WEB_TEST_MODEL", "default")
+    try:
+        from ctlanguage.engine import resolve_model_dir
+
+        resolve_model_dir(model)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"model {model!r} is not installed: {exc}")
+    return model
+
+
+def _shots_dir(tmp_path: Path) -> Path:
+    target = os.environ.get("CTLANGUAGE_WEB_SCREENSHOTS", "")
+    if target == "docs":
+        return ROOT / "docs" / "images"
+    return Path(target) if target else tmp_path / "shots"
+
+
+def _float(text: str) -> float:
+    m = re.search(r"[-+]?\d*\.?\d+", text)
+    assert m, f"no number in {text!r}"
+    return float(m.group())
+
+
+def _row(page, prompt: str):
+    rows = page.locator("tr.result-row").filter(has=page.locator("td.col-prompt", has_text=prompt))
+    rows.first.wait_for(timeout=60_000)
+    return rows.first
+
+
+def _run_prompt(page, prompt: str):
+    page.fill("#prompt-input", prompt)
+    page.click("#run-btn")
+    return _row(page, prompt)
+
+
+def test_web_demo_end_to_end(tmp_path):
+    model = _requirements()
+    from playwright.sync_api import sync_playwright
+
+    t_start = time.monotonic()
+    shots = _shots_dir(tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    server_tmp = tmp_path / "server_tmp"
+    server = WebServer(server_tmp, model, extra_args=["--max-upload-mb", "2", "--idle-timeout", "30"])
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                _drive(browser, server, shots, tmp_path)
+            finally:
+                browser.close()
+    finally:
+        server.stop()
+    # nothing left behind: no session process, no temporary folder
+    leftovers = [p.name for p in server_tmp.iterdir()] if server_tmp.exists() else []
+    assert leftovers == [], f"temporary files left behind: {leftovers}\n{server.log()[-2000:]}"
+    assert time.monotonic() - t_start < 180, "the end-to-end test must stay under 3 minutes"
+
+
+def _drive(browser, server, shots: Path, tmp_path: Path):
+    from ctlanguage.phantom import generate_case
+
+    context = browser.new_context(viewport={"width": 1480, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    # --- tab 1: start page -> own session --------------------------------------------------------
+    page.goto(server.url)
+    page.wait_for_selector("#load-case", timeout=120_000)
+    session_url = page.url
+    assert not session_url.startswith(server.url), "the start page should hand out a session URL"
+
+    # --- load the bundled synthetic case ----------------------------------------------------------
+    page.click("#load-case")
+    page.wait_for_selector("#volume-info", timeout=60_000)
+    assert "seed 5" in page.inner_text("#volume-info")
+    axial0 = wait_stable_image(page, "axial", settle=0.5)
+    assert axial0.std() > 10, "the axial view shows no CT"
+
+    # --- encode, with progress -------------------------------------------------------------------
+    page.click("#encode-btn")
+    seen = set()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        value = page.get_attribute("#encode-progress", "aria-valuenow")
+        if value is not None:
+            seen.add(float(value))
+        if page.inner_text("#encode-message").startswith("Encoded"):
+            break
+        assert not page.locator("#encode-error").count(), page.inner_text("#encode-error")
+        time.sleep(0.2)
+    assert page.inner_text("#encode-message").startswith("Encoded"), "encoding did not finish"
+    assert any(0 < v < 100 for v in seen), f"no intermediate progress was shown: {sorted(seen)}"
+
+    # --- a finding the case contains ---------------------------------------------------------------
+    key, side, prompt = PRESENT
+    row = _run_prompt(page, prompt)
+    p_present = _float(row.locator("td.col-probability").inner_text())
+    assert PLUMBING_ONLY or p_present >= 0.5, f"{prompt!r}: probability {p_present} for a finding the case contains"
+    color = hex_rgb(page.evaluate(
+        "(p) => { const r = trame.state.get('results').find(r => r.prompt === p); return r.color; }", prompt))
+
+    row.click()  # jump to the finding
+    page.wait_for_timeout(300)
+    axial = wait_stable_image(page, "axial")
+    geo = page.evaluate("() => trame.trigger('ctl_view_geometry', ['axial'])")
+    assert axial.shape[:2] == (geo["height"], geo["width"]), (axial.shape, geo)
+
+    case = generate_case(CASE_SEED)
+    truth = np.zeros(np.shape(case.volume), dtype=np.uint8)
+    for f in case.findings:
+        if f.name == key and (side is None or f.laterality == side):
+            truth |= np.asarray(f.mask, dtype=np.uint8)
+    assert truth.any(), f"the phantom seed {CASE_SEED} has no {key}: update the test's constants"
+
+    if PLUMBING_ONLY:
+        return _rest(page, context, server, shots, tmp_path, session_url, errors, prompt)
+    tinted = overlay_pixels(axial, color)
+    rows_, cols_ = np.nonzero(tinted)
+    assert len(rows_) >= 30, f"only {len(rows_)} overlay-coloured pixels in the axial view"
+    ras = pixels_to_ras(rows_, cols_, geo["height"], geo["xy_to_ras"])
+    inside = ras_in_mask(ras, truth, case.ijk_to_ras, dilate=2)
+    assert inside.mean() >= 0.6, f"only {inside.mean():.0%} of the overlay lies on the true {key}"
+    # and the true finding on this slice is (mostly) drawn
+    H, W = geo["height"], geo["width"]
+    rr, cc = np.mgrid[0:H:2, 0:W:2]
+    grid_ras = pixels_to_ras(rr.ravel(), cc.ravel(), H, geo["xy_to_ras"])
+    true_px = ras_in_mask(grid_ras, truth, case.ijk_to_ras, dilate=0)
+    assert true_px.sum() > 0, "the axial slice after the jump does not cross the true finding"
+    drawn = tinted[rr.ravel()[true_px], cc.ravel()[true_px]].mean()
+    assert drawn >= 0.4, f"only {drawn:.0%} of the true {key} on this slice is overlaid"
+    page.screenshot(path=str(shots / "web_present_finding.png"))
+    _save_png(shots / "web_axial_view.png", axial)
+    _rest(page, context, server, shots, tmp_path, session_url, errors, prompt)
+
+
+def _rest(page, context, server, shots, tmp_path, session_url, errors, prompt):
+
+    # --- a finding the case does not contain ----------------------------------------------------
+    row2 = _run_prompt(page, ABSENT_PROMPT)
+    p_absent = _float(row2.locator("td.col-probability").inner_text())
+    assert PLUMBING_ONLY or p_absent < 0.5, f"{ABSENT_PROMPT!r}: probability {p_absent} for an absent finding"
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(shots / "web_overview.png"))
+
+    # --- downloads ----------------------------------------------------------------------------------
+    with page.expect_download(timeout=60_000) as dl:
+        page.click("#downloads a[data-kind='csv']")
+    csv_path = tmp_path / "findings.csv"
+    dl.value.save_as(str(csv_path))
+    csv_text = csv_path.read_text()
+    assert prompt in csv_text and ABSENT_PROMPT in csv_text
+    assert page.url == session_url, page.url
+    with page.expect_download(timeout=60_000) as dl:
+        page.click("#downloads a[data-kind='seg_nrrd']")
+    assert dl.value.suggested_filename.endswith(".seg.nrrd")
+
+    # --- tab 2: an independent session; bad uploads give messages, not crashes ----------------------
+    page2 = context.new_page()
+    page2.goto(server.url)
+    page2.wait_for_selector("#load-case", timeout=120_000)
+    assert page2.url != session_url, "two tabs got the same session"
+    assert page2.locator("#volume-info").count() == 0 and page2.locator("tr.result-row").count() == 0
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"this is not a NIfTI file" * 100)
+    page2.set_input_files("#upload-input", str(bad))
+    msg = page2.locator("#load-message")
+    msg.wait_for(timeout=60_000)
+    page2.wait_for_function(
+        "() => { const e = document.querySelector('#load-message'); return e && !/Uploading/.test(e.innerText); }",
+        timeout=60_000)
+    text = msg.inner_text()
+    assert "broken.nii.gz" in text and "Loaded" not in text, text
+    big = tmp_path / "big.nrrd"
+    big.write_bytes(b"\0" * 2_500_000)
+    page2.set_input_files("#upload-input", str(big))
+    page2.wait_for_function(
+        "() => { const e = document.querySelector('#load-message'); return e && /at most/.test(e.innerText); }",
+        timeout=30_000)
+    page2.screenshot(path=str(shots / "web_bad_upload.png"))
+    page2.click("#load-case")  # the session still works after the bad uploads
+    page2.wait_for_selector("#volume-info", timeout=60_000)
+    # the first tab is untouched by the second
+    assert page.locator("tr.result-row").count() == 2
+    assert not errors, f"JavaScript errors in the page: {errors}"
+    page2.close()
+    page.close()
+    context.close()
+
+
+def _save_png(path: Path, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(rgb).save(path)
