@@ -317,7 +317,7 @@ class CTLanguageWebApp:
                           classes="text-caption text-medium-emphasis ml-4")
                 v.VSpacer()
                 html.Span("{{ model_label }}", classes="text-caption text-warning mr-4", id="model-label")
-            with v.VNavigationDrawer(permanent=True, width=440, id="ctl-panel"):
+            with v.VNavigationDrawer(permanent=True, width=470, id="ctl-panel"):
                 with html.Div(classes="pa-3", style="font-size: 14px;"):
                     self._load_section(html, v)
                     v.VDivider(classes="my-3")
@@ -394,7 +394,7 @@ class CTLanguageWebApp:
             with v.VTable(density="compact", id="results-table", hover=True):
                 with html.Thead():
                     with html.Tr():
-                        for title in ("", "prompt", "anatomy", "probability", "prompt conf.", "volume ml", ""):
+                        for title in ("", "prompt", "anatomy", "probability", "confidence", "ml", ""):
                             html.Th(title, style="padding: 0 4px;")
                 with html.Tbody():
                     with html.Tr(v_for="r in results", key="r.row", classes="result-row",

@@ -235,6 +235,16 @@ class WebSession:
                 view.reset_view()
             except Exception:  # noqa: BLE001 - a view that is not mapped yet
                 log.debug("reset_view failed", exc_info=True)
+        for view in self.app.view_manager.get_threed_views():
+            try:  # an oblique anterior-left view shows all three slice planes and the surfaces
+                cam = view.renderer().GetActiveCamera()
+                cam.Azimuth(-35)
+                cam.Elevation(20)
+                cam.OrthogonalizeViewUp()
+                view.renderer().ResetCameraClippingRange()
+                view.schedule_render()
+            except Exception:  # noqa: BLE001
+                log.debug("3D camera setup failed", exc_info=True)
 
     def volume_summary(self) -> str:
         if self.input is None:
