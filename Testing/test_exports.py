@@ -336,3 +336,57 @@ def test_seg_nrrd_non_ascii_and_long_names_round_trip_in_slicer(tmp_path):
     segs = _read_seg_with_slicer(tmp_path / "out" / "segmentation.seg.nrrd")
     assert segs[0]["name"] == "épanchement pleural — 肺"
     assert segs[1]["name"] == fs[1].prompt.strip()
+
+
+def test_dicom_seg_from_reoriented_volume_lines_up_with_source(tmp_path, dicom_case):
+    """Masks on a permuted/flipped copy of the grid still land on the right source pixels, and
+    every instance of the series is referenced even when only some hold segment voxels."""
+    import highdicom as hd
+    import pydicom
+
+    from ctlanguage.volume import CTVolume
+
+    folder, uid, vol = dicom_case
+    fs = synthetic_findings(SHAPE)
+    # new grid: array axes (k, j, i) -> (i, k, j) with k flipped
+    perm_arr = np.ascontiguousarray(vol.array[::-1].transpose(2, 0, 1))
+    n_k = SHAPE[0]
+    old = vol.ijk_to_ras
+    new = np.eye(4)
+    # new voxel (i', j', k') = (j_old, k_flipped, i_old)
+    new[:3, 0] = old[:3, 1]
+    new[:3, 1] = -old[:3, 2]
+    new[:3, 2] = old[:3, 0]
+    new[:3, 3] = old[:3, 3] + old[:3, 2] * (n_k - 1)
+    rvol = CTVolume(perm_arr, new, source=vol.source, modality="CT", series_uid=uid)
+    rfs = synthetic_findings(SHAPE)
+    for f in rfs:
+        f.mask = np.ascontiguousarray(f.mask[::-1].transpose(2, 0, 1))
+    res = export_all(rvol, rfs, tmp_path / "out", model=MODEL_INFO, formats=("dicom_seg",))
+    seg = hd.seg.segread(str(res.files["segmentation.dcm"]))
+    srcs = sorted((pydicom.dcmread(p, stop_before_pixels=True) for p in folder.iterdir()),
+                  key=lambda d: float(d.ImagePositionPatient[2]))
+    refs = {r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert refs == {d.SOPInstanceUID for d in srcs}
+    px = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[d.SOPInstanceUID for d in srcs],
+        segment_numbers=list(seg.segment_numbers), combine_segments=False,
+        assert_missing_frames_are_empty=True)
+    for n, f in enumerate(fs):
+        np.testing.assert_array_equal(px[..., n], f.mask, err_msg=f.prompt)
+
+
+def test_frame_samplers_agree(dicom_case):
+    """The vectorised series sampler and the per-instance sampler give identical frames."""
+    import pydicom
+
+    from ctlanguage.exports.dicom_seg import _SeriesSampler, _frame_sampler
+
+    folder, _, vol = dicom_case
+    dss = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(folder.iterdir())]
+    inv = np.linalg.inv(vol.ijk_to_ras)
+    mask = synthetic_findings(SHAPE)[1].mask
+    fast = _SeriesSampler(dss, inv, SHAPE)
+    assert fast.fast is not None
+    slow = np.stack([_frame_sampler(ds, inv, SHAPE)(mask) for ds in dss])
+    np.testing.assert_array_equal(fast(mask), slow)

@@ -129,6 +129,68 @@ def _frame_sampler(ds: Any, ras_to_ijk: np.ndarray, shape_kji: tuple[int, int, i
     return sample_general
 
 
+def _axis_params(ds: Any, ras_to_ijk: np.ndarray):
+    """(col axis, col sign, row axis, row sign, voxel index of pixel (0,0)) when the instance's
+    rows/columns run along voxel axes on integer positions, else None."""
+    ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+    iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+    dr, dc = (float(v) for v in ds.PixelSpacing)
+
+    def to_ijk(lps):
+        return ras_to_ijk[:3, :3] @ (_LPS @ lps) + ras_to_ijk[:3, 3]
+
+    p0 = to_ijk(ipp)
+    out = []
+    for step in (to_ijk(ipp + dc * iop[:3]) - p0, to_ijk(ipp + dr * iop[3:]) - p0):
+        a = int(np.argmax(np.abs(step)))
+        if abs(abs(step[a]) - 1.0) > 1e-3 or np.any(np.abs(np.delete(step, a)) > 1e-3):
+            return None
+        out += [a, int(np.sign(step[a]))]
+    p0r = np.round(p0)
+    if out[0] == out[2] or np.any(np.abs(p0 - p0r) > 1e-2):
+        return None
+    return (*out, tuple(int(v) for v in p0r))
+
+
+class _SeriesSampler:
+    """Maps a [k, j, i] mask to the (frames, rows, cols) stack of the source instances.
+
+    Normal case (all instances share in-plane axes/start, e.g. any axis-aligned series): one
+    transposed view and a gather along the slice axis. Otherwise per-instance sampling."""
+
+    def __init__(self, datasets: Sequence[Any], ras_to_ijk: np.ndarray, shape_kji: tuple):
+        self.rows, self.cols = int(datasets[0].Rows), int(datasets[0].Columns)
+        self.shape = shape_kji
+        params = [_axis_params(ds, ras_to_ijk) for ds in datasets]
+        self.fast = None
+        if all(p is not None for p in params) and all(int(ds.Rows) == self.rows and
+                                                       int(ds.Columns) == self.cols for ds in datasets):
+            axc, sc, axr, sr, p0 = params[0]
+            same = all(p[:4] == (axc, sc, axr, sr) and p[4][axc] == p0[axc] and p[4][axr] == p0[axr]
+                       for p in params)
+            if same:
+                size = (shape_kji[2], shape_kji[1], shape_kji[0])  # voxels along i, j, k
+                fixed = 3 - axc - axr
+                rows_idx = p0[axr] + sr * np.arange(self.rows)
+                cols_idx = p0[axc] + sc * np.arange(self.cols)
+                fixed_idx = np.array([p[4][fixed] for p in params])
+                if (rows_idx.min() >= 0 and rows_idx.max() < size[axr] and cols_idx.min() >= 0
+                        and cols_idx.max() < size[axc] and fixed_idx.min() >= 0
+                        and fixed_idx.max() < size[fixed]):
+                    self.fast = ((2 - fixed, 2 - axr, 2 - axc), fixed_idx, rows_idx, cols_idx)
+        if self.fast is None:
+            self.samplers = [_frame_sampler(ds, ras_to_ijk, shape_kji) for ds in datasets]
+
+    def __call__(self, mask: np.ndarray) -> np.ndarray:
+        if self.fast is not None:
+            perm, fixed_idx, rows_idx, cols_idx = self.fast
+            v = mask.transpose(perm)
+            out = np.take(v, fixed_idx, axis=0)
+            out = np.take(out, rows_idx, axis=1)
+            return np.take(out, cols_idx, axis=2).astype(np.uint8, copy=False)
+        return np.stack([s(mask) for s in self.samplers])
+
+
 # ------------------------------------------------------------------------------- codes
 
 def _code(triple: Any):
@@ -221,16 +283,35 @@ def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], sour
         raise ExportError("DICOM SEG needs at least one segment")
     ras_to_ijk = np.linalg.inv(np.asarray(volume.ijk_to_ras, dtype=np.float64))
     shape = tuple(int(s) for s in np.shape(volume.array))
-    samplers = [_frame_sampler(ds, ras_to_ijk, shape) for ds in datasets]  # type: ignore[arg-type]
+    sampler = _SeriesSampler(datasets, ras_to_ijk, shape)  # type: ignore[arg-type]
     n_seg = len(findings)
-    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
-    pixels = np.zeros((len(datasets), rows, cols, n_seg), dtype=np.uint8)
-    for s, f in enumerate(findings):
+    stacks = []
+    overlap = np.zeros(1, dtype=bool)
+    occupied = None
+    for f in findings:
         mask = getattr(f, "mask", None)
-        if mask is None:
-            continue
-        for fi, sample in enumerate(samplers):
-            pixels[fi, :, :, s] = sample(mask)
+        st = sampler(mask) if mask is not None else np.zeros((len(datasets), sampler.rows, sampler.cols), np.uint8)
+        st = (st > 0)
+        if occupied is None:
+            occupied = st.copy()
+        else:
+            overlap |= np.any(occupied & st)
+            occupied |= st
+        stacks.append(st)
+    # only instances that hold any segment become frames (highdicom would drop empty frames
+    # anyway); the others are still listed as referenced instances of the series
+    used = np.flatnonzero(occupied.any(axis=(1, 2))) if occupied is not None else np.array([], int)
+    if used.size == 0:
+        used = np.array([0])
+    frames_src = [datasets[i] for i in used]
+    further = [ds for i, ds in enumerate(datasets) if i not in set(used.tolist())]
+    if overlap.any():
+        pixels = np.stack([st[used] for st in stacks], axis=-1).astype(np.uint8)
+    else:  # no overlap: a label-map style array is equivalent and far cheaper to validate
+        pixels = np.zeros((used.size, sampler.rows, sampler.cols), np.uint8)
+        for n, st in enumerate(stacks):
+            pixels[st[used]] = n + 1
+    del stacks
     model = model or {}
     algo = hd.AlgorithmIdentificationSequence(
         name=f"CTLanguage {model.get('id', 'model')}"[:64],
@@ -264,7 +345,8 @@ def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], sour
         descriptions.append(desc)
     try:
         seg = hd.seg.Segmentation(
-            source_images=datasets,
+            source_images=frames_src,
+            further_source_images=further or None,
             pixel_array=pixels,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
