@@ -246,3 +246,103 @@ def _save_png(path: Path, rgb: np.ndarray) -> None:
     from PIL import Image
 
     Image.fromarray(rgb).save(path)
+
+
+# ---- the session logic without a browser (fast) ---------------------------------------------------
+
+class _StubFinding:
+    def __init__(self, prompt, mask):
+        self.prompt, self.mask = prompt, mask
+        self.anatomy, self.finding, self.laterality = "liver", "liver_lesion", None
+        self.probability, self.prompt_confidence, self.volume_ml = 0.8, 0.9, float(mask.sum()) / 1000
+        self.codes, self.color = None, (0.9, 0.2, 0.2)
+
+
+class _StubEngine:
+    model_id, model_version = "stub", "0"
+
+    def encode(self, volume, progress=None, cancel=None):
+        if progress:
+            progress(0.5, "half")
+        return {"shape": np.shape(volume.array)}
+
+    def query(self, enc, text, mask_threshold=0.5):
+        mask = np.zeros(enc["shape"], np.uint8)
+        mask[2:5, 3:7, 3:7] = 1
+        return [_StubFinding(p.strip(), mask) for p in text.split(";") if p.strip()]
+
+
+def _web_session(tmp_path, max_upload_mb=50):
+    pytest.importorskip("trame_slicer")
+    from trame_slicer.core import SlicerApp
+
+    from ctlanguage_web.session import WebSession
+
+    return WebSession(SlicerApp(), tmp_path / "work", engine_loader=lambda m, d: _StubEngine(),
+                      max_upload_mb=max_upload_mb)
+
+
+def _small_volume():
+    from ctlanguage.volume import CTVolume
+
+    arr = np.full((8, 12, 10), -1000, np.float32)
+    arr[1:7, 2:10, 2:8] = 40
+    aff = np.diag([1.5, 1.5, 2.5, 1.0])
+    aff[:3, 3] = (-10, 20, 30)
+    return CTVolume(array=arr, ijk_to_ras=aff, source="test", modality="CT")
+
+
+def test_web_session_uploads_exports_and_cleanup(tmp_path):
+    import zipfile
+
+    from ctlanguage.dicom_io import write_dicom_series
+    from ctlanguage.io import write_volume
+
+    s = _web_session(tmp_path, max_upload_mb=1)
+    vol = _small_volume()
+    # NIfTI upload -> encode -> prompts -> exports (no DICOM SEG for a NIfTI input)
+    write_volume(vol, tmp_path / "ct.nii.gz")
+    s.load_upload([("ct.nii.gz", (tmp_path / "ct.nii.gz").read_bytes())])
+    assert s.input.kind == "nifti" and np.allclose(s.input.volume.ijk_to_ras, vol.ijk_to_ras)
+    with pytest.raises(ValueError, match="Encode"):
+        s.run_prompts("liver lesion")
+    s.encode()
+    rows = s.run_prompts("liver lesion; liver cyst")
+    assert [r["prompt"] for r in rows] == ["liver lesion", "liver cyst"]
+    assert rows[0]["probability_text"] == "0.80" and rows[0]["color"] == "#e63333"
+    assert [k["kind"] for k in s.export_kinds()] == ["seg_nrrd", "masks", "csv", "json", "html", "all"]
+    path, name, _mime = s.export_file("csv")
+    assert "liver cyst" in path.read_text() and name.endswith(".csv")
+    with zipfile.ZipFile(s.export_file("all")[0]) as zf:
+        assert {"findings.json", "segmentation.seg.nrrd", "report.html"} <= set(zf.namelist())
+    with pytest.raises(ValueError, match="DICOM"):
+        s.export_file("dicom_seg")
+    # zipped DICOM folder -> DICOM SEG available
+    write_dicom_series(vol, tmp_path / "dcm")
+    with zipfile.ZipFile(tmp_path / "series.zip", "w") as zf:
+        for p in sorted((tmp_path / "dcm").rglob("*")):
+            if p.is_file():
+                zf.write(p, "study/" + p.relative_to(tmp_path / "dcm").as_posix())
+    s.load_upload([("series.zip", (tmp_path / "series.zip").read_bytes())])
+    assert s.input.kind == "dicom" and s.rows() == []
+    s.encode()
+    s.run_prompts("liver lesion")
+    assert s.export_file("dicom_seg")[0].stat().st_size > 0
+    # bad uploads: readable messages, no server path in them
+    for files, pattern in [
+        ([("broken.nii.gz", b"not a nifti" * 10)], "broken.nii.gz"),
+        ([("notes.txt", b"hello")], "Unsupported upload"),
+        ([("x.zip", b"PK not really")], "not a valid zip"),
+        ([("big.nrrd", b"\0" * 1_200_000)], "at most 1 MB"),
+    ]:
+        with pytest.raises(ValueError, match=pattern) as exc:
+            s.load_upload(files)
+        assert str(tmp_path) not in str(exc.value)
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../../escape.dcm", b"x")
+    with pytest.raises(ValueError, match="unsafe path"):
+        s.load_upload([("evil.zip", evil.read_bytes())])
+    assert not (tmp_path / "escape.dcm").exists()
+    s.cleanup()
+    assert not (tmp_path / "work").exists()

@@ -143,6 +143,15 @@ class WebSession:
         return self._install(LoadedInput(title, "synthetic", volume, truth))
 
     def load_upload(self, files: list[tuple[str, bytes]]) -> LoadedInput:
+        n_before = self._n_loads
+        try:
+            return self._load_upload(files)
+        except ValueError:
+            if self._n_loads != n_before:  # a refused upload leaves no file behind
+                shutil.rmtree(self.work_dir / f"upload_{self._n_loads:03d}", ignore_errors=True)
+            raise
+
+    def _load_upload(self, files: list[tuple[str, bytes]]) -> LoadedInput:
         """``files``: [(file name, content)] as sent by the page. One volume file (NIfTI, NRRD,
         MHA) or one zip of a DICOM folder (or several .dcm files of one series)."""
         from ctlanguage.errors import CTLanguageError
