@@ -390,3 +390,19 @@ def test_frame_samplers_agree(dicom_case):
     assert fast.fast is not None
     slow = np.stack([_frame_sampler(ds, inv, SHAPE)(mask) for ds in dss])
     np.testing.assert_array_equal(fast(mask), slow)
+
+
+def test_dicom_seg_without_overlaps_and_with_empty_segments(tmp_path, dicom_case):
+    import highdicom as hd
+
+    folder, uid, vol = dicom_case
+    fs = [f for f in synthetic_findings(SHAPE) if f.prompt in ("liver", "left lung", "fluid around the right lung")]
+    res = export_all(vol, fs, tmp_path / "out", model=MODEL_INFO, formats=("dicom_seg",))
+    seg = hd.seg.segread(str(res.files["segmentation.dcm"]))
+    assert seg.number_of_segments == 3
+    v = seg.get_volume(combine_segments=False)
+    assert v.array[..., 0].sum() == fs[0].mask.sum() and v.array[..., 1].sum() == fs[1].mask.sum()
+    assert v.array[..., 2].sum() == 0
+    lung = seg.get_segment_description(2)
+    mods = lung.SegmentedPropertyTypeCodeSequence[0].get("SegmentedPropertyTypeModifierCodeSequence")
+    assert "left" in lung.segmented_property_type.meaning.lower() or (mods and mods[0].CodeValue == "7771000")

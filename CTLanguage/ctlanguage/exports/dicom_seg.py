@@ -152,6 +152,19 @@ def _axis_params(ds: Any, ras_to_ijk: np.ndarray):
     return (*out, tuple(int(v) for v in p0r))
 
 
+def _as_slice(ix: np.ndarray):
+    """A step +-1 arithmetic progression as a slice (views instead of gathers), else the array."""
+    if ix.size == 0:
+        return ix
+    if ix.size == 1:
+        return slice(int(ix[0]), int(ix[0]) + 1)
+    step = int(ix[1] - ix[0])
+    if step in (1, -1) and np.array_equal(ix, ix[0] + step * np.arange(ix.size)):
+        stop = int(ix[-1]) + step
+        return slice(int(ix[0]), None if stop < 0 else stop, step)
+    return ix
+
+
 class _SeriesSampler:
     """Maps a [k, j, i] mask to the (frames, rows, cols) stack of the source instances.
 
@@ -185,9 +198,13 @@ class _SeriesSampler:
         if self.fast is not None:
             perm, fixed_idx, rows_idx, cols_idx = self.fast
             v = mask.transpose(perm)
-            out = np.take(v, fixed_idx, axis=0)
-            out = np.take(out, rows_idx, axis=1)
-            return np.take(out, cols_idx, axis=2).astype(np.uint8, copy=False)
+            index = tuple(_as_slice(ix) for ix in (fixed_idx, rows_idx, cols_idx))
+            if all(isinstance(ix, slice) for ix in index):
+                return v[index]  # a view: no copy of the volume
+            out = v
+            for axis, ix in enumerate(index):
+                out = out[(slice(None),) * axis + (ix,)] if isinstance(ix, slice) else np.take(out, ix, axis=axis)
+            return out
         return np.stack([s(mask) for s in self.samplers])
 
 
@@ -286,27 +303,33 @@ def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], sour
     sampler = _SeriesSampler(datasets, ras_to_ijk, shape)  # type: ignore[arg-type]
     n_seg = len(findings)
     stacks = []
-    overlap = np.zeros(1, dtype=bool)
     occupied = None
+    total = 0
     for f in findings:
         mask = getattr(f, "mask", None)
-        st = sampler(mask) if mask is not None else np.zeros((len(datasets), sampler.rows, sampler.cols), np.uint8)
-        st = (st > 0)
+        if mask is None:
+            st = np.zeros((len(datasets), sampler.rows, sampler.cols), bool)
+        else:
+            st = sampler(mask) > 0
+        total += int(np.count_nonzero(st))
         if occupied is None:
             occupied = st.copy()
         else:
-            overlap |= np.any(occupied & st)
-            occupied |= st
+            np.logical_or(occupied, st, out=occupied)
         stacks.append(st)
+    overlap = occupied is not None and int(np.count_nonzero(occupied)) < total
     # only instances that hold any segment become frames (highdicom would drop empty frames
     # anyway); the others are still listed as referenced instances of the series
     used = np.flatnonzero(occupied.any(axis=(1, 2))) if occupied is not None else np.array([], int)
     if used.size == 0:
         used = np.array([0])
     frames_src = [datasets[i] for i in used]
-    further = [ds for i, ds in enumerate(datasets) if i not in set(used.tolist())]
-    if overlap.any():
-        pixels = np.stack([st[used] for st in stacks], axis=-1).astype(np.uint8)
+    used_set = set(used.tolist())
+    further = [ds for i, ds in enumerate(datasets) if i not in used_set]
+    if overlap:
+        pixels = np.zeros((used.size, sampler.rows, sampler.cols, n_seg), np.uint8)
+        for n, st in enumerate(stacks):
+            pixels[..., n] = st[used]
     else:  # no overlap: a label-map style array is equivalent and far cheaper to validate
         pixels = np.zeros((used.size, sampler.rows, sampler.cols), np.uint8)
         for n, st in enumerate(stacks):
