@@ -63,14 +63,15 @@ def assign_layers(masks: Sequence[np.ndarray | None]) -> list[int]:
 
 
 def _extent(mask: np.ndarray | None) -> str:
-    if mask is None or not mask.any():
+    if mask is None:
         return "0 -1 0 -1 0 -1"
-    idx = []
-    for axis in (2, 1, 0):  # i, j, k
-        other = tuple(a for a in range(3) if a != axis)
-        nz = np.flatnonzero(mask.any(axis=other))
-        idx += [int(nz[0]), int(nz[-1])]
-    return " ".join(str(v) for v in idx)
+    ks = np.flatnonzero(mask.any(axis=(1, 2)))
+    if ks.size == 0:
+        return "0 -1 0 -1 0 -1"
+    slab = mask[ks[0]:ks[-1] + 1]  # bounding slab only for the in-plane extents
+    js = np.flatnonzero(slab.any(axis=(0, 2)))
+    i_s = np.flatnonzero(slab.any(axis=(0, 1)))
+    return f"{i_s[0]} {i_s[-1]} {js[0]} {js[-1]} {ks[0]} {ks[-1]}"
 
 
 def _matrix_string(ijk_to_ras: np.ndarray, shape_kji: tuple[int, int, int]) -> str:
@@ -94,7 +95,7 @@ def write_seg_nrrd(path: str | Path, volume: Any, findings: Sequence[Any],
     masks = [getattr(f, "mask", None) for f in findings]
     layer_of = assign_layers(masks)
     n_layers = max(layer_of, default=0) + 1
-    data = np.zeros(shape + ((n_layers,) if n_layers > 1 else ()), dtype=np.uint8)  # C order
+    layers = [np.zeros(shape, dtype=np.uint8) for _ in range(n_layers)]
     label_in_layer = [0] * n_layers
     dirs = (_LPS @ ijk_to_ras[:3, :3]).T  # rows: i, j, k axis vectors in LPS
     origin = _LPS @ ijk_to_ras[:3, 3]
@@ -124,12 +125,8 @@ def write_seg_nrrd(path: str | Path, volume: Any, findings: Sequence[Any],
     for idx, (f, mask, layer) in enumerate(zip(findings, masks, layer_of)):
         label_in_layer[layer] += 1
         value = label_in_layer[layer]
-        if mask is not None and mask.any():
-            sel = mask.astype(bool, copy=False)
-            if n_layers > 1:
-                data[..., layer][sel] = value
-            else:
-                data[sel] = value
+        if mask is not None:
+            np.copyto(layers[layer], np.uint8(value), where=mask.astype(bool, copy=False))
         name = names[idx] if names is not None else getattr(f, "prompt", f"Segment {idx + 1}")
         r, g, b = finding_color(f, idx)
         p = f"Segment{idx}_"
@@ -144,6 +141,9 @@ def write_seg_nrrd(path: str | Path, volume: Any, findings: Sequence[Any],
         term = terminology_string(f)
         header[p + "Tags"] = (f"TerminologyEntry:{_clean(term)}|" if term else "|")
     lines += [f"{key}:={value}" for key, value in header.items()]
+    # C-order (k, j, i, layer): the list axis is the fastest, as NRRD's first axis must be
+    data = layers[0] if n_layers == 1 else np.stack(layers, axis=-1)
+    del layers
     head = ("\n".join(lines) + "\n\n").encode("utf-8")
     # C-order array (k, j, i[, layer]) == NRRD axes ([layer,] i, j, k) with the first fastest
     with open(path, "wb") as fh:
