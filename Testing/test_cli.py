@@ -398,6 +398,23 @@ def test_real_engine_query_dicom_encode_reuse_and_refusals(tmp_path, random_mode
 
 
 @pytest.mark.slow
+def test_real_engine_unknown_long_non_ascii_prompts(tmp_path, random_model, nifti, capsys):
+    long_prompt = ("small nodule in the left lower lobe " * 300)[:10000]
+    out = tmp_path / "o"
+    code, _, err = run(["query", str(nifti), "-p", "zorbleflux quantum", "-p", long_prompt,
+                        "-p", "épanchement pleural gauche — 肺", "--out", str(out),
+                        "--model", str(random_model)], capsys)
+    assert code == 0, err
+    recs = json.loads((out / "findings.json").read_text())["findings"]
+    assert len(recs) == 3
+    assert recs[0]["prompt_confidence"] < 0.5  # unknown: answered, with low confidence
+    assert recs[2]["prompt"] == "épanchement pleural gauche — 肺"
+    assert all((out / r["mask"]).is_file() for r in recs)
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "épanchement pleural gauche — 肺" in html
+
+
+@pytest.mark.slow
 def test_real_engine_corrupt_checkpoint(tmp_path, random_model, nifti, capsys):
     import shutil
 
