@@ -30,7 +30,7 @@ import urllib.request
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from .errors import CheckpointError, CTLanguageError
 

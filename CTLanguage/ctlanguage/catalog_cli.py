@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .errors import CheckpointError, CTLanguageError
+from .errors import CTLanguageError
 
 
 def _status(entry) -> tuple[str, str]:

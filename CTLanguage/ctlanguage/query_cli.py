@@ -14,7 +14,6 @@ import io as _io
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,17 +289,10 @@ def cmd_encode(args) -> int:
     model = load_model(args.model, args.device, reporter)
     with reporter.step("encoding") as cb:
         enc = model.engine.encode(volume, progress=cb)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
-    os.close(fd)
     try:
-        enc.save(tmp)
-        os.replace(tmp, out)
+        enc.save(out)  # atomic (temporary file + rename) in the engine
     except OSError as exc:
         raise ExportError(f"could not write the encoding {out}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
     reporter.info(f"encoding written to [bold]{out}[/bold]")
     return 0
 
