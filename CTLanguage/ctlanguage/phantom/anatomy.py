@@ -664,7 +664,7 @@ def _lungs(A: Anatomy, rng):
     heart = A.geo["heart"]
     # exclusions: mediastinum band, heart, aorta, spine block, airway, esophagus
     zc = P["z_carina"]
-    wmed = 9 + 14 * np.clip((z - zc + 10) / 30.0, 0, 1) + 10 * np.clip((y - 10) / 60.0, 0, 1) * 0
+    wmed = 9 + 12 * np.clip((z - zc + 20) / 90.0, 0, 1) ** 0.7
     ymed = A.geo["trachea"]["y"]
     medband = (np.abs(x + 4) < wmed) & (y > A.P["y_vb"] - 10)
     hb = heart.scaled(1.0, 9.0)
@@ -677,7 +677,7 @@ def _lungs(A: Anatomy, rng):
     excl |= _aorta_mask(A, b, grow=5.0)
     sp = A.geo.get("spine_box")
     rx, ry = A.geo["vb"](z)
-    spine_block = (np.abs(x) < (rx + 6)) & (y < P["y_vb"] + ry + 6)
+    spine_block = ((x / (rx + 4)) ** 2 + ((y - P["y_vb"]) / (ry + 4)) ** 2 < 1) | ((np.abs(x) < (rx + 4)) & (y < P["y_vb"]))
     excl |= np.broadcast_to(spine_block, excl.shape)
     tr = A.geo["trachea"]
     es = A.geo["esophagus"]
@@ -753,12 +753,23 @@ def _mediastinum_paint(A: Anatomy, rng):
         fluid = P.get("pericardial_fluid_mm", 0) > 0
         A.paint(b, pm, LABEL["pericardium"], T["fluid"] if fluid else (T["soft"] - 15))
         hm = heart.mask(b) & incav
-        qin = heart.scaled(1.0, -9.0 * h).q(b)
-        A.paint(b, hm, LABEL["heart"], np.where(qin < 1, T["blood"], T["myocardium"]))
-        # septum
-        sep = hm & (np.abs((b.x - heart.center[0]) * 0.6 + (b.y - heart.center[1]) * 0.8) < 5) & (qin < 1)
-        A.paint(b, sep, None, T["myocardium"])
-        # epicardial fat pad inside the pericardium near the apex
+        qin = heart.scaled(1.0, -7.0 * h).q(b)
+        # chambers: a septal plane along the long axis splits right (anterior-right) from left
+        # heart, an atrioventricular plane splits atria (base) from ventricles (apex side)
+        ax_long, ax2 = heart.rot[:, 0], heart.rot[:, 1]
+        dx, dy, dz = b.x - heart.center[0], b.y - heart.center[1], b.z - heart.center[2]
+        n_sep = np.cross(ax_long, [0.0, 0.0, 1.0])
+        n_sep /= np.linalg.norm(n_sep)
+        ssep = dx * n_sep[0] + dy * n_sep[1] + dz * n_sep[2]
+        slong = dx * ax_long[0] + dy * ax_long[1] + dz * ax_long[2]
+        right_heart = ssep > 0 if n_sep[0] > 0 else ssep < 0  # towards the patient's right
+        blood_r = T["blood"] if not A.P["contrast"] else T["blood"] * 0.75 + T["blood_venous"] * 0.25
+        val = np.where(right_heart, blood_r, T["blood"]).astype(np.float32)
+        lv_wall = (~right_heart) & (qin > 0.62) & (slong > -0.1 * heart.radii[0])  # thick LV wall
+        wall = (qin >= 1) | lv_wall | (np.abs(ssep) < 4.0 * h) & (slong > -0.1 * heart.radii[0]) \
+            | (np.abs(slong + 0.1 * heart.radii[0]) < 2.5) & (qin < 1)
+        val = np.where(wall, np.float32(T["myocardium"]), val)
+        A.paint(b, hm, LABEL["heart"], val)
     # great veins (label body): SVC and IVC, pulmonary trunk
     zc = P["z_carina"]
     hz = heart.center[2]
@@ -1024,7 +1035,7 @@ def _lung_vessels(A: Anatomy, rng):
         hil = A.geo["hilum"][side].astype(np.float64)
         dh = np.linalg.norm(L - hil, axis=1)
         parents = [(hil, 5.5 * h)]
-        fan = [6, 3, 3, 3]
+        fan = [8, 3, 3, 3]
         radius = [5.0, 3.2, 2.0, 1.2]
         reach = [np.inf, 55.0, 35.0, 22.0]
         for lev, nchild in enumerate(fan):
@@ -1046,9 +1057,11 @@ def _lung_vessels(A: Anatomy, rng):
                     pp, rr = polyline_points(np.array([p, mid, q]), np.array([rp, 0.5 * (rp + r1), r1]), step)
                     pts_all.append(pp)
                     r_all.append(rr)
-                    if lev <= 1:
-                        air_pts.append(pp)
-                        air_r.append(rr * 0.55)
+                    if lev <= 2:  # bronchi run with the larger arteries
+                        off = np.cross(q - p, [0.0, 0.0, 1.0])
+                        off = off / (np.linalg.norm(off) + 1e-9) * (rp + 1.0)
+                        air_pts.append(pp + off)
+                        air_r.append(np.maximum(rr * 0.6, 1.0))
                     nxt.append((q, r1))
             parents = nxt
         # terminal twigs towards the pleura

@@ -287,12 +287,18 @@ def apply_findings(A, plan: dict, rng: np.random.Generator) -> list[Finding]:
             region = an.isin(A.lab, [LABEL[n] for n in lobes])
             if region.sum() < 100:
                 continue
-            # low-attenuation foci (centrilobular holes / confluent lucency)
-            f = SmoothField(rng, 1.0, (8, 25), 3)
-            kk, jj, ii = np.nonzero(region)
-            val = f(A.grid.x[ii], A.grid.y[jj], A.grid.z[kk])
-            holes = val > np.quantile(val, 1 - sev)
-            A.hu[kk[holes], jj[holes], ii[holes]] = u(-990, -950)
+            # low-attenuation foci (centrilobular holes / confluent lucency): random small balls
+            idx = np.flatnonzero(region)
+            n_voxels = idx.size
+            r_mean = 3.5 if not panlob else 5.0
+            ball_vox = 4.19 * r_mean ** 3 / 1000.0 / A.grid.voxel_ml
+            n = int(np.clip(sev * n_voxels / max(ball_vox, 1.0), 20, 4000))
+            centers = idx[rng.integers(0, idx.size, n)]
+            kk, jj, ii = np.unravel_index(centers, region.shape)
+            pts = np.stack([A.grid.x[ii], A.grid.y[jj], A.grid.z[kk]], axis=1)
+            holes = an.stamp_indices(A.grid, pts, rng.uniform(0.6, 1.4, n) * r_mean)
+            holes = holes[region.reshape(-1)[holes]]
+            A.hu.reshape(-1)[holes] = rng.uniform(-995, -960, holes.size).astype(np.float32)
             out.append(_finding(A, "emphysema", side, region, lobes=lobes, kind="panlobular" if panlob else "centrilobular",
                                 severity="severe" if sev > 0.22 else ("moderate" if sev > 0.12 else "mild")))
     if "pleural_effusion" in plan:
