@@ -384,7 +384,7 @@ def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], sour
             series_description=series_description,
             content_label="CTLANGUAGE",
             content_description="Prompt-based segmentation (research use only)",
-            omit_empty_frames=True,
+            omit_empty_frames=bool(occupied is not None and occupied.any()),
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ExportError(f"could not build the DICOM SEG: {exc}") from None
