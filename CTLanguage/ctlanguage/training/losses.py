@@ -18,17 +18,27 @@ import torch.nn.functional as F
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
-             dice_weight: float = 1.0, bce_weight: float = 1.0) -> torch.Tensor:
-    """logits/target [B,N,...]; soft Dice per (b, n) plus voxel BCE. Empty targets are fine."""
-    logits = logits.float()
-    target = target.float()
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    p = torch.sigmoid(logits).flatten(2)
-    t = target.flatten(2)
+             dice_weight: float = 1.0, bce_weight: float = 1.0, max_pos_weight: float = 10.0) -> torch.Tensor:
+    """logits/target [B,N,...] -> Dice + class-balanced BCE.
+
+    * BCE: foreground voxels of each (b, n) are up-weighted by min(n_bg / n_fg, max_pos_weight),
+      so sparse organ/lesion masks cannot collapse to "predict nothing".
+    * Dice: soft Dice per (b, n), averaged over pairs whose target is not empty (an empty
+      target is handled by the BCE term alone)."""
+    logits = logits.float().flatten(2)
+    t = target.float().flatten(2)
+    n_fg = t.sum(-1, keepdim=True)
+    n_bg = t.shape[-1] - n_fg
+    pos_w = (n_bg / n_fg.clamp_min(1.0)).clamp(1.0, max_pos_weight)
+    w = 1.0 + (pos_w - 1.0) * t
+    bce = (F.binary_cross_entropy_with_logits(logits, t, reduction="none") * w).sum(-1) / w.sum(-1)
+    p = torch.sigmoid(logits)
     inter = (p * t).sum(-1)
     denom = p.sum(-1) + t.sum(-1)
     dice = 1.0 - (2.0 * inter + smooth) / (denom + smooth)
-    return dice_weight * dice.mean() + bce_weight * bce
+    has = (n_fg[..., 0] > 0.5).float()
+    dice_term = (dice * has).sum() / has.sum().clamp_min(1.0)
+    return dice_weight * dice_term + bce_weight * bce.mean()
 
 
 def soft_target_matrix(text_ids, normal, anatomy, fn_calibration: bool) -> torch.Tensor:

@@ -290,6 +290,15 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((lo + hi) / 2)
 
 
+def case_level(logits: np.ndarray, labels: np.ndarray, items) -> tuple[np.ndarray, np.ndarray, list]:
+    """Per (case, finding): max logit over sides and 'present on any side' — what the engine
+    reports for an unsided prompt (max of the per-side probabilities; sigmoid is monotonic)."""
+    names = list(dict.fromkeys(it[0] for it in items))
+    z = np.stack([logits[:, [i for i, it in enumerate(items) if it[0] == f]].max(1) for f in names], 1)
+    y = np.stack([labels[:, [i for i, it in enumerate(items) if it[0] == f]].max(1) for f in names], 1)
+    return z, y, names
+
+
 def summarize(pred: dict, temperature: float = 1.0) -> dict:
     from sklearn.metrics import roc_auc_score
 
@@ -302,21 +311,24 @@ def summarize(pred: dict, temperature: float = 1.0) -> dict:
     finding_dice = {f: float(np.mean(v)) for f, v in fd.items()}
 
     def aucs(lg):
+        z_all, y_all, names = case_level(lg, pred["labels"], items)
         out = {}
-        for f in dict.fromkeys(it[0] for it in items):
-            idx = [i for i, it in enumerate(items) if it[0] == f]
-            z, y = lg[:, idx].ravel(), pred["labels"][:, idx].ravel()
+        for k, f in enumerate(names):
+            z, y = z_all[:, k], y_all[:, k]
             ok = ~np.isnan(z)
             if ok.any() and 0 < y[ok].sum() < ok.sum():
                 out[f] = float(roc_auc_score(y[ok], z[ok]))
         return out
 
     auc = aucs(pred["logits"])
+    zc, yc, _ = case_level(pred["logits"], pred["labels"], items)
     res = {
         "mean_organ_dice": float(np.mean(list(organ.values()))) if organ else float("nan"),
         "mean_finding_dice": float(np.mean(list(finding_dice.values()))) if finding_dice else float("nan"),
         "mean_finding_auc": float(np.mean(list(auc.values()))) if auc else float("nan"),
-        "ece": expected_calibration_error(1 / (1 + np.exp(-pred["logits"] / temperature)), pred["labels"]),
+        "ece": expected_calibration_error(1 / (1 + np.exp(-zc / temperature)), yc),
+        "ece_per_side": expected_calibration_error(1 / (1 + np.exp(-pred["logits"] / temperature)),
+                                                   pred["labels"]),
         "organ_dice": organ, "finding_dice": finding_dice, "finding_auc": auc,
         "n_cases": int(pred["labels"].shape[0]),
     }
@@ -576,12 +588,14 @@ def calibrate(model_dir: Path, manifest: Path, device=None) -> dict:
     model = GroundedCTModel.from_pretrained(model_dir, device=device)
     ds = ManifestDataset(manifest, model.config.spec, model.config.anatomies)
     pred = collect_predictions(model, ds)
-    T = fit_temperature(pred["logits"], pred["labels"])
+    zc, yc, _ = case_level(pred["logits"], pred["labels"], pred["items"])
+    T = fit_temperature(zc, yc)
     before = summarize(pred, 1.0)
     after = summarize(pred, T)
     model.config.calibration_temperature = T
     model.config.calibration = {
-        "method": "temperature scaling of the organ prompt-ensemble logit (binary NLL)",
+        "method": "temperature scaling (binary NLL) of the organ prompt-ensemble logit, case level: "
+                  "max over sides for sided findings, as the engine reports unsided prompts",
         "manifest": str(manifest), "n_cases": int(pred["labels"].shape[0]),
         "n_pairs": int(pred["labels"].size), "ece_before": before["ece"], "ece_after": after["ece"],
         "auc": after["mean_finding_auc"],
