@@ -150,6 +150,23 @@ def test_batch_resumable_and_failure_tolerant(tmp_path, fake, nifti, capsys):
     assert _fake_engine.Engine.calls.count("encode") == 1
 
 
+def test_batch_folder_with_dicom_case(tmp_path, fake, nifti, dicom_dir, capsys):
+    import shutil
+
+    folder, uid = dicom_dir
+    cohort = tmp_path / "cohort"
+    shutil.copytree(folder, cohort / "patient_dicom")
+    (cohort / "patient_nifti").mkdir()
+    shutil.copy(nifti, cohort / "patient_nifti" / "ct.nii.gz")
+    out = tmp_path / "out"
+    code, _, err = run(["batch", str(cohort), "-p", "liver", "--out", str(out), "--model", str(fake)], capsys)
+    assert code == 0, err
+    assert (out / "patient_dicom" / "segmentation.dcm").is_file()
+    assert not (out / "patient_nifti" / "segmentation.dcm").exists()
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert [r["case_id"] for r in rows] == ["patient_dicom", "patient_nifti"]
+
+
 def test_batch_manifest(tmp_path, fake, nifti, capsys):
     man = tmp_path / "manifest.jsonl"
     man.write_text(json.dumps({"case_id": "c1", "image": str(nifti)}) + "\n")
@@ -390,6 +407,11 @@ def test_real_engine_query_dicom_encode_reuse_and_refusals(tmp_path, random_mode
     assert code == 0, err
     a = json.loads((tmp_path / "o2" / "findings.json").read_text())["findings"][0]
     assert a["volume_ml"] == pytest.approx(recs[0]["volume_ml"], rel=1e-6)
+    # a file that is not an encoding: refused
+    code, _, err = run(["query", str(folder), "-p", "liver", "--encoding", str(nifti), "--out",
+                        str(tmp_path / "o4"), "--model", str(random_model)], capsys)
+    assert_one_error_line(code, err)
+    assert not (tmp_path / "o4").exists()
     # the same encoding against another volume: refused, nothing written
     code, _, err = run(["query", str(nifti), "-p", "liver", "--encoding", str(enc), "--out",
                         str(tmp_path / "o3"), "--model", str(random_model)], capsys)
