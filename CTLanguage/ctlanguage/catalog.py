@@ -407,6 +407,8 @@ def update_embedded_entries(path: str | Path | None = None) -> list[str]:
             cfg = json.loads((w.parent / CONFIG).read_text())
             if isinstance(cfg.get("metrics"), dict) and cfg["metrics"]:
                 m["metrics"] = cfg["metrics"]
+            if cfg.get("version"):
+                m["version"] = str(cfg["version"])
         except (OSError, ValueError):
             pass
     p.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
