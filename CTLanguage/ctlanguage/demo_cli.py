@@ -45,9 +45,30 @@ def _dice(a, b) -> float | None:
     return None if s == 0 else 2.0 * int(np.count_nonzero(a & b)) / s
 
 
-def _truth_for(case, f) -> str:
+def _to_grid(mask, src_ijk_to_ras, dst_ijk_to_ras, dst_shape):
+    """Nearest-neighbour copy of a phantom-grid mask onto the grid the query ran on (the DICOM
+    reader may order slices differently from the phantom, e.g. k flipped)."""
+    import numpy as np
+
+    m = np.linalg.inv(np.asarray(src_ijk_to_ras, float)) @ np.asarray(dst_ijk_to_ras, float)
+    if np.allclose(m, np.eye(4), atol=1e-3) and tuple(mask.shape) == tuple(dst_shape):
+        return mask
+    k, j, i = np.indices(dst_shape, dtype=np.float32)
+    out = np.zeros(dst_shape, dtype=mask.dtype)
+    src = [np.rint(m[r, 0] * i + m[r, 1] * j + m[r, 2] * k + m[r, 3]).astype(np.int64) for r in range(3)]
+    ok = np.ones(dst_shape, bool)
+    for r, n in zip(range(3), (mask.shape[2], mask.shape[1], mask.shape[0])):
+        ok &= (src[r] >= 0) & (src[r] < n)
+    out[ok] = mask[src[2][ok], src[1][ok], src[0][ok]]
+    return out
+
+
+def _truth_for(case, f, volume) -> str:
     """What the phantom really contains for this finding (present/absent, Dice of the mask)."""
     import numpy as np
+
+    def grid(mask):
+        return _to_grid(mask, case.ijk_to_ras, volume.ijk_to_ras, volume.array.shape)
 
     try:
         if getattr(f, "finding", None):
@@ -58,10 +79,10 @@ def _truth_for(case, f) -> str:
             union = np.zeros_like(hits[0].mask)
             for t in hits:
                 union |= t.mask
-            d = _dice(f.mask, union) if getattr(f, "mask", None) is not None else None
+            d = _dice(f.mask, grid(union)) if getattr(f, "mask", None) is not None else None
             return "present" + (f", Dice {d:.2f}" if d is not None else "")
         if getattr(f, "anatomy", None):
-            d = _dice(f.mask, case.anatomy_mask(f.anatomy))
+            d = _dice(f.mask, grid(case.anatomy_mask(f.anatomy)))
             return "—" if d is None else f"Dice {d:.2f}"
     except Exception:  # noqa: BLE001 - truth is a bonus column
         return "?"
@@ -148,7 +169,7 @@ def cmd_demo(args) -> int:
         con = reporter.console
         table = findings_table(findings, result,
                                title=f"CTLanguage demo — model {model.info['id']} {model.info['version']}",
-                               extra={"phantom truth": [_truth_for(case, f) for f in findings]})
+                               extra={"phantom truth": [_truth_for(case, f, volume) for f in findings]})
         con.print(table)
         truth = _truth_labels(case)
         if truth:
