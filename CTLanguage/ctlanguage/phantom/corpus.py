@@ -143,7 +143,7 @@ def generate_case(seed: int, spacing=None, orient: bool = True, findings=None, f
     visible = {an.STRUCTURE_LABELS[i] for i in range(1, len(counts)) if counts[i] >= 20}
     if counts[1:6].sum() >= 20:
         visible |= {"lung_left", "lung_right"}
-    report = write_report(finds, visible, r_rep, P["contrast"])
+    report = write_report(finds, visible, r_rep, P["contrast"], fov)
     vol = scanner(A.hu, grid.spacing, thickness, noise_sd, r_scan, fwhm)
     np.clip(vol, -1024, 3071, out=vol)
 

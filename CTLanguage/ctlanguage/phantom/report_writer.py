@@ -37,6 +37,7 @@ PHRASES = {
 NORMALS = {
     "lungs": ["The lungs are clear.", "No focal consolidation, mass or suspicious nodule is seen in either lung.",
               "The lungs are well aerated without focal opacity.", "Lung parenchyma is unremarkable."],
+    "lung_bases": ["The visualized lung bases are clear.", "No consolidation or nodule at the lung bases."],
     "emphysema": ["No emphysema.", "There is no emphysematous change."],
     "pleura": ["No pleural effusion.", "There is no pleural effusion or pneumothorax.", "The pleural spaces are clear."],
     "heart": ["The heart is normal in size.", "Heart size is within normal limits.", "No cardiomegaly."],
@@ -103,7 +104,7 @@ class _Writer:
         return None
 
 
-def write_report(findings, visible: set, rng: np.random.Generator, contrast: bool) -> str:
+def write_report(findings, visible: set, rng: np.random.Generator, contrast: bool, fov: str = "chest_abdomen") -> str:
     """Compose the report text. ``visible``: structure names present in the field of view."""
     w = _Writer(rng)
     by = {}
@@ -114,6 +115,7 @@ def write_report(findings, visible: set, rng: np.random.Generator, contrast: boo
     impression: list[str] = []
     thorax = any(n.startswith("lung_") for n in visible)
     abdomen = "liver" in visible or "kidney_left" in visible or "kidney_right" in visible
+    partial_chest = fov == "abdomen"  # only the lung bases / lower heart are in the field of view
 
     def hedged(noun, loc, sentence, imp):
         """Occasionally replace a finding's sentence by an uncertain one (label stays positive)."""
@@ -177,7 +179,7 @@ def write_report(findings, visible: set, rng: np.random.Generator, contrast: boo
         if rng.random() < 0.5:
             L.append(w.pick(NORMALS["emphysema"]))
     if thorax and not any(k in by for k in ("lung_nodule", "lung_mass", "consolidation", "atelectasis")):
-        L.insert(0, w.pick(NORMALS["lungs"]))
+        L.insert(0, w.pick(NORMALS["lung_bases"] if partial_chest else NORMALS["lungs"]))
     eff = by.get("pleural_effusion", [])
     if eff:
         for f in eff:
@@ -223,7 +225,8 @@ def write_report(findings, visible: set, rng: np.random.Generator, contrast: boo
                              f"There is {noun} ({where}), up to {short:.0f} mm short axis."]))
             impression.append(f"{_cap(noun)}.")
         else:
-            H.append(w.pick(NORMALS["nodes"]))
+            if not partial_chest:
+                H.append(w.pick(NORMALS["nodes"]))
 
     V = lines["VESSELS"]
     if "aorta" in visible:
@@ -334,8 +337,13 @@ def write_report(findings, visible: set, rng: np.random.Generator, contrast: boo
             Ab.append(w.pick(NORMALS["peritoneum"]))
     lines["BONES"].append(w.pick(NORMALS["bones"]))
 
-    out = ["TECHNIQUE: CT of the " + ("chest, abdomen" if thorax and abdomen else ("chest" if thorax else "abdomen"))
-           + (" with intravenous contrast." if contrast else " without intravenous contrast."), "", "FINDINGS:"]
+    region = {"chest": "chest", "abdomen": "abdomen", "chest_abdomen": "chest and abdomen"}.get(fov, "chest and abdomen")
+    out = [f"TECHNIQUE: CT of the {region}" + (" with intravenous contrast." if contrast else " without intravenous contrast."),
+           "", "FINDINGS:"]
+    if fov == "abdomen":
+        lines = {("LUNG BASES" if k == "LUNGS AND PLEURA" else k): v for k, v in lines.items()}
+    elif fov == "chest":
+        lines = {("UPPER ABDOMEN" if k == "ABDOMEN" else k): v for k, v in lines.items()}
     for sec, ls in lines.items():
         if ls:
             out.append(f"{sec}: " + " ".join(ls))
