@@ -225,13 +225,13 @@ def _rest(page, context, server, shots, tmp_path, session_url, errors, prompt):
         timeout=60_000)
     text = msg.inner_text()
     assert "broken.nii.gz" in text and "Loaded" not in text, text
+    page2.screenshot(path=str(shots / "web_bad_upload.png"))
     big = tmp_path / "big.nrrd"
     big.write_bytes(b"\0" * 2_500_000)
     page2.set_input_files("#upload-input", str(big))
     page2.wait_for_function(
         "() => { const e = document.querySelector('#load-message'); return e && /at most/.test(e.innerText); }",
         timeout=30_000)
-    page2.screenshot(path=str(shots / "web_bad_upload.png"))
     page2.click("#load-case")  # the session still works after the bad uploads
     page2.wait_for_selector("#volume-info", timeout=60_000)
     # the first tab is untouched by the second

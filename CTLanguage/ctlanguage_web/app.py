@@ -149,8 +149,8 @@ class CTLanguageWebApp:
             self._load_failed(f"The synthetic case could not be made: {exc}")
 
     def upload_refused(self, name, size):
-        self._load_failed(f"'{name}' is {float(size) / 1e6:.0f} MB; this demo accepts at most "
-                          f"{self.session.max_upload_bytes / 1e6:.0f} MB.")
+        self._load_failed(f"'{name}' is {float(size) / 1e6:.1f} MB; this demo accepts at most "
+                          f"{self.session.max_upload_bytes / 1e6:g} MB.")
 
     def upload_chunk(self, files):
         try:
@@ -177,8 +177,8 @@ class CTLanguageWebApp:
         over = self._upload_bytes > self.session.max_upload_bytes
         total, self._upload_bytes = self._upload_bytes, 0
         if over:
-            return self._load_failed(f"The upload is {total / 1e6:.0f} MB; this demo accepts at most "
-                                     f"{self.session.max_upload_bytes / 1e6:.0f} MB.")
+            return self._load_failed(f"The upload is {total / 1e6:.1f} MB; this demo accepts at most "
+                                     f"{self.session.max_upload_bytes / 1e6:g} MB.")
         if self.state.encoding:
             return self._load_failed("Wait for the encoding to finish (or cancel it) before loading another CT.")
         try:

@@ -91,8 +91,10 @@ class Launcher:
         if self.max_upload_mb:
             cmd += ["--max-upload-mb", str(self.max_upload_mb)]
         logf = open(folder / "session.log", "wb")
+        # torch's compile cache would otherwise land in $TMPDIR and outlive the demo
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(self.base_dir / "torch_cache"))
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=str(folder), start_new_session=True)
+                                cwd=str(folder), start_new_session=True, env=env)
         logf.close()
         self.sessions[port] = (proc, folder)
         t0 = time.monotonic()

@@ -162,8 +162,8 @@ class WebSession:
             raise ValueError("No file was received; choose a NIfTI/NRRD file or a zipped DICOM folder.")
         total = sum(len(c) for _n, c in files)
         if total > self.max_upload_bytes:
-            raise ValueError(f"The upload is {total / 1e6:.0f} MB; this demo accepts at most "
-                             f"{self.max_upload_bytes / 1e6:.0f} MB.")
+            raise ValueError(f"The upload is {total / 1e6:.1f} MB; this demo accepts at most "
+                             f"{self.max_upload_bytes / 1e6:g} MB.")
         self._n_loads += 1
         folder = self.work_dir / f"upload_{self._n_loads:03d}"
         shutil.rmtree(folder, ignore_errors=True)
