@@ -249,7 +249,8 @@ def query_and_export(model: LoadedModel, enc: Any, volume: Any, prompts: list[st
     with reporter.step("writing exports") as cb:
         result = export_all(volume, findings, out, model=model.info, input_path=input_path,
                             mask_threshold=mask_threshold,
-                            extra={"timing_s": {"query": round(t_query, 3)}, **(extra or {})},
+                            extra={"timing_s": {"query": round(t_query, 3)},
+                                   "requested_prompts": list(prompts), **(extra or {})},
                             progress=cb)
     result.timings = {"query": t_query, "export": time.perf_counter() - t1}  # type: ignore[attr-defined]
     return findings, result
@@ -396,10 +397,9 @@ def discover_cases(source: str | Path) -> list[Case]:
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
         raise InputError(f"case ids are not unique in {src}: {', '.join(dupes[:5])}")
-    from .exports import slugify
 
     for c in cases:
-        if slugify(c.case_id, 120) != c.case_id.lower() and any(ch in c.case_id for ch in "/\\"):
+        if c.case_id in ("", ".", "..") or any(ch in c.case_id for ch in "/\\"):
             raise InputError(f"case id {c.case_id!r} cannot be used as a folder name")
     return cases
 
@@ -434,7 +434,9 @@ def cmd_batch(args) -> int:
             doc = None
             with contextlib.suppress(OSError, ValueError):
                 doc = json.loads(done_json.read_text(encoding="utf-8"))
-            if doc is not None and [f.get("prompt") for f in doc.get("findings", [])] == prompts:
+            done_prompts = (doc or {}).get("requested_prompts") or [
+                f.get("prompt") for f in (doc or {}).get("findings", [])]
+            if doc is not None and done_prompts == prompts:
                 rows.append(_summary_row(c, "skipped", None, doc) | {"output": str(done_json.parent)})
                 continue
         todo.append(c)
