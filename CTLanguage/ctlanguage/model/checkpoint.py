@@ -100,6 +100,9 @@ def save_pretrained(model, directory: str | Path, extra_files: dict[str, str] | 
                     shutil.copy2(f, tmp / f.name)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a model folder is meant to be shared/read
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             if old.exists():
