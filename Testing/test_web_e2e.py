@@ -183,6 +183,10 @@ def _drive(browser, server, shots: Path, tmp_path: Path):
     assert true_px.sum() > 0, "the axial slice after the jump does not cross the true finding"
     drawn = tinted[rr.ravel()[true_px], cc.ravel()[true_px]].mean()
     assert drawn >= 0.4, f"only {drawn:.0%} of the true {key} on this slice is overlaid"
+    # the finding's surface is drawn in the 3D view and the overlay in the other slice views
+    for name in ("3d", "coronal", "sagittal"):
+        n = int(overlay_pixels(wait_stable_image(page, name, settle=0.5), color).sum())
+        assert n >= 30, f"only {n} overlay-coloured pixels in the {name} view"
     page.screenshot(path=str(shots / "web_present_finding.png"))
     _save_png(shots / "web_axial_view.png", axial)
     _rest(page, context, server, shots, tmp_path, session_url, errors, prompt)

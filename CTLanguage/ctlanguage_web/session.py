@@ -231,8 +231,9 @@ class WebSession:
         for view in self.app.view_manager.get_slice_views():
             view.set_background_volume_id(node.GetID())
             view.set_foreground_volume_id(None)
-            try:  # the three slices also show in the 3D view, around the finding surfaces
-                view.set_visible_in_3d(True)
+            try:  # the axial slice also shows in the 3D view, under the finding surfaces (all
+                # three planes would hide a finding they all cross after a jump)
+                view.set_visible_in_3d(str(view.get_orientation()).lower() == "axial")
             except Exception:  # noqa: BLE001
                 pass
         self.reset_views()
@@ -299,6 +300,11 @@ class WebSession:
     def run_prompts(self, text: str) -> list[dict]:
         if self.volume_node is None:
             raise ValueError("Load a CT or a synthetic case first.")
+        seg = self.logic.segmentation_node(self.volume_node)
+        if seg is not None:
+            # segments added while a closed-surface representation exists get a broken surface
+            # slot; drop the surfaces and rebuild them for all segments afterwards
+            seg.RemoveClosedSurfaceRepresentation()
         self.logic.run_prompts(self.volume_node, text)
         self._results_version += 1
         seg = self.logic.segmentation_node(self.volume_node)
@@ -308,7 +314,7 @@ class WebSession:
                 display.SetOpacity2DFill(0.45)
                 display.SetOpacity2DOutline(1.0)
                 display.SetSliceIntersectionThickness(2)
-                display.SetOpacity3D(0.8)
+                display.SetOpacity3D(1.0)  # translucent surfaces do not show with offscreen GL here
             try:
                 seg.CreateClosedSurfaceRepresentation()
             except Exception:  # noqa: BLE001 - 3D surfaces are a bonus
