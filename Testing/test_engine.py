@@ -18,21 +18,30 @@ from ctlanguage.errors import CancelledError, CheckpointError, InputError, Promp
 from ctlanguage.volume import CTVolume
 
 
-def _default_model_available() -> bool:
+def _default_model_state() -> str:
+    """'trained' (calibrated final model), 'preliminary' (integration checkpoint) or 'missing'."""
+    import json
+
     try:
         d = resolve_model_dir("default")
+        cfg = json.loads((d / "config.json").read_text())
     except Exception:
-        return False
-    return (d / "model.safetensors").is_file()
+        return "missing"
+    if not (d / "model.safetensors").is_file():
+        return "missing"
+    if not cfg.get("calibration") or "preliminary" in json.dumps(cfg.get("metrics", {})).lower():
+        return "preliminary"
+    return "trained"
 
 
-TRAINED = _default_model_available()
-needs_trained = pytest.mark.skipif(not TRAINED, reason="embedded default model not installed")
+STATE = _default_model_state()
+TRAINED = STATE == "trained"
+needs_trained = pytest.mark.skipif(not TRAINED, reason=f"embedded default model is {STATE}")
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    if TRAINED:
+    if STATE != "missing":
         return Engine.load("default", device="cpu")
     import torch
 

@@ -31,16 +31,24 @@ FLOORS = {
 }
 
 
-def _default_model_dir():
+def _default_model_state() -> str:
+    """'trained' (calibrated final model), 'preliminary' (integration checkpoint) or 'missing'."""
+    import json
+
     try:
         d = resolve_model_dir("default")
+        cfg = json.loads((d / "config.json").read_text())
     except Exception:
-        return None
-    return d if (d / "model.safetensors").is_file() else None
+        return "missing"
+    if not (d / "model.safetensors").is_file():
+        return "missing"
+    if not cfg.get("calibration") or "preliminary" in json.dumps(cfg.get("metrics", {})).lower():
+        return "preliminary"
+    return "trained"
 
 
-pytestmark = pytest.mark.skipif(_default_model_dir() is None,
-                                reason="embedded default model not installed")
+STATE = _default_model_state()
+pytestmark = pytest.mark.skipif(STATE != "trained", reason=f"embedded default model is {STATE}")
 
 
 @pytest.fixture(scope="module")
