@@ -74,7 +74,9 @@ class Launcher:
                 del self.sessions[port]
                 log.info("session on port %s ended (exit %s); its files are removed", port, proc.returncode)
 
-    async def start_session(self) -> str:
+    async def start_session(self, public_host: str | None = None) -> str:
+        """Start a session process; returns its URL on ``public_host`` (the host name the browser
+        used to reach the launcher) or the listening host."""
         self._reap()
         if len(self.sessions) >= self.max_sessions:
             raise RuntimeError(f"{len(self.sessions)} sessions are open, the most this server runs at once; "
@@ -108,7 +110,7 @@ class Launcher:
                 raise RuntimeError("The session did not start in time; the server may be overloaded.")
             await asyncio.sleep(0.2)
         log.info("session %s started on port %s in %.1f s", self._n, port, time.monotonic() - t0)
-        return f"http://{self.host}:{port}/"
+        return f"http://{public_host or self.host}:{port}/"
 
     def stop_session(self, port: int) -> None:
         proc, folder = self.sessions.pop(port, (None, None))
@@ -138,9 +140,12 @@ class Launcher:
             return web.Response(text=START_PAGE, content_type="text/html",
                                 headers={"Cache-Control": "no-store"})
 
-        async def session(_request):
+        async def session(request):
+            host = (request.url.host or "").strip("[]") or None
+            if host and ":" in host:
+                host = f"[{host}]"
             try:
-                url = await self.start_session()
+                url = await self.start_session(host)
             except RuntimeError as exc:
                 return web.json_response({"error": str(exc)}, status=503)
             return web.json_response({"url": url})
