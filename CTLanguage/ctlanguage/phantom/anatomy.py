@@ -907,7 +907,7 @@ def _abdomen(A: Anatomy, rng):
         qs = sinus.q(b)
         val = np.where(q_in < 1, T["kidney_medulla"], T["kidney_cortex"])
         val = np.where(qs < 1, T["fat"] + 20, val)
-        A.paint(b, m, LABEL[f"kidney_{side}"], val, only=abd_ids + [LABEL["liver"], LABEL["spleen"]])
+        A.paint(b, m, LABEL[f"kidney_{side}"], val, only=abd_ids + [LABEL["liver"]])
     # colon (frames the abdomen) and small bowel loops: label body
     _bowel(A, rng)
     _liver_vessels(A, rng)
@@ -974,13 +974,18 @@ def _bowel(A: Anatomy, rng):
     labf[wall] = LABEL["body"]
     huf[wall] = T["gut_wall"]
     # lumen: gas non-dependent, mottled stool dependent
-    f = SmoothField(rng, 1.0, (12, 30), 3)
+    # (random cells of ~6 mm hashed from a small table: irregular, no lattice-like pattern)
+    table = rng.random((23, 19, 17)).astype(np.float32)
+    cell = rng.uniform(5.0, 8.0)
     if lumen.size:
         kk, jj, ii = np.unravel_index(lumen, g.shape)
         xs, ys, zs = g.x[ii], g.y[jj], g.z[kk]
-        mott = f(xs, ys, zs)
-        gas = (mott > 0.05) | (ys > 25)
-        huf[lumen] = np.where(gas, T["air"], T["stool"] + 60 * mott)
+        ci = np.floor(xs / cell).astype(np.int64) % 23
+        cj = np.floor(ys / cell).astype(np.int64) % 19
+        ck = np.floor(zs / cell).astype(np.int64) % 17
+        mott = table[ci, cj, ck]
+        gas = (mott > rng.uniform(0.45, 0.8)) | (ys > 25 + 20 * mott)
+        huf[lumen] = np.where(gas, T["air"], T["stool"] + 80 * (mott - 0.5))
     # small bowel loops: random walks in the lower central abdomen, rasterised in three passes
     # (all walls, fluid-filled lumens, gas-filled lumens)
     n_loops = int(rng.integers(10, 18))

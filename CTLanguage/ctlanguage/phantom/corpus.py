@@ -44,7 +44,7 @@ class PhantomCase:
 
 def _spacing(spacing, rng):
     if spacing is None:
-        s = rng.uniform(1.8, 2.4)
+        s = rng.uniform(1.9, 2.4)
         return np.array([s, s, rng.uniform(2.0, 3.0)])
     if np.isscalar(spacing):
         s = float(spacing)
@@ -62,7 +62,7 @@ def _make_grid(P, rng, sp, fov=None):
     zs = np.linspace(P["z_bif"] - 50, P["z_apex"] + 50, 64)
     a, ba, bp = an.body_radii(P, zs)
     amax, bamax, bpmax = float(np.max(a)), float(np.max(ba)), float(np.max(bp))
-    mx, my = u(-5, 35), u(5, 40)
+    mx, my = u(-5, 28), u(5, 30)
     x0, x1 = -(amax + mx), amax + mx
     y0, y1 = -(bpmax + my) + u(-10, 5), bamax + my
     r = rng.random()
@@ -71,7 +71,7 @@ def _make_grid(P, rng, sp, fov=None):
     if r < 0.7:
         kind = "chest_abdomen"
         z1 = P["z_apex"] + u(5, 35)
-        z0 = P["z_kidney_r"] - u(60, 100)
+        z0 = P["z_kidney_r"] - u(50, 85)
     elif r < 0.85:
         kind = "chest"
         z1 = P["z_apex"] + u(5, 35)
