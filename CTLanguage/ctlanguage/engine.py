@@ -532,20 +532,35 @@ def threshold_to_source(array: np.ndarray, grid, volume, threshold: float) -> np
     # along i (fastest source axis) on the small grid array, only rows the k pass will use
     rows = np.union1d(k0, k1)
     r = g[rows]                                                      # [rk, gj, gi]
-    r = r[:, :, i0] * (1.0 - if_) + r[:, :, i1] * if_                 # [rk, gj, ni]
+    r = r[:, :, i0] * (1.0 - if_) + r[:, :, i1] * if_                 # [rk, gj, ni] float32
+    rb = r >= thr                                                    # its threshold decisions
     row_pos = {int(kg): n for n, kg in enumerate(rows)}
-    jf_col = jf[:, None]
+    ni = r.shape[2]
+    jw0 = (1.0 - jf).astype(np.float32)
+
+    def values(kg: int, idx: np.ndarray) -> np.ndarray:
+        """Interpolated (along j) values of plane kg at flat in-plane indices idx."""
+        rr = r[row_pos[kg]]
+        yy, xx = np.divmod(idx, ni)
+        return rr[j0[yy], xx] * jw0[yy] + rr[j1[yy], xx] * jf[yy]
+
     cache: dict = {}
 
     def plane(kg: int) -> np.ndarray:
+        """Boolean plane kg on the source in-plane grid: rows copied from the grid rows' decisions,
+        interpolated only where the two neighbouring grid rows disagree."""
         p = cache.get(kg)
         if p is None:
-            rr = r[row_pos[kg]]
-            p = rr[j0] * (1.0 - jf_col) + rr[j1] * jf_col            # [nj, ni] float32
+            rbb = rb[row_pos[kg]]
+            p = rbb[j0]
+            idx = np.flatnonzero(p != rbb[j1])
+            if idx.size:
+                p.ravel()[idx] = values(kg, idx) >= thr
             cache[kg] = p
         return p
 
-    # group output slices by their pair of grid planes
+    # output slices in order of their pair of grid planes; between two planes only the pixels
+    # where the planes disagree need interpolation
     order = np.argsort(k0, kind="stable")
     target = out[ks:ke, js:je, is_:ie]
     prev = None
@@ -554,15 +569,12 @@ def threshold_to_source(array: np.ndarray, grid, volume, threshold: float) -> np
         if prev != (a, b_):
             for kg in [k for k in cache if k not in (a, b_)]:
                 del cache[kg]
-            pa = plane(a)
-            ba = pa >= thr
+            ba = plane(a)
             if b_ != a:
-                pb = plane(b_)
-                diff = np.flatnonzero((ba != (pb >= thr)).ravel())
-                ta, tb = pa.ravel()[diff], pb.ravel()[diff]
+                diff = np.flatnonzero(ba != plane(b_))
+                ta, tb = values(a, diff), values(b_, diff)
             else:
                 diff = np.zeros(0, dtype=np.intp)
-                ta = tb = np.zeros(0, dtype=np.float32)
             prev = (a, b_)
         if diff.size and f > 0.0:
             buf = ba.copy()          # contiguous: ravel() is a view
