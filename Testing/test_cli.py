@@ -444,6 +444,25 @@ def test_real_engine_unknown_long_non_ascii_prompts(tmp_path, random_model, nift
 
 
 @pytest.mark.slow
+def test_real_engine_encoding_from_another_model(tmp_path, random_model, nifti, capsys):
+    import torch
+
+    from ctlanguage.model import GroundedCTModel, ModelConfig
+
+    torch.manual_seed(1)
+    other = tmp_path / "other-model"
+    GroundedCTModel(ModelConfig(model_id="cli-random-2", encoder_channels=[8, 16, 24], dense_channels=16,
+                                spec_params={"spacing_mm": 4.0})).save_pretrained(other)
+    enc = tmp_path / "ct.enc"
+    assert run(["encode", str(nifti), "--out", str(enc), "--model", str(other)], capsys)[0] == 0
+    out = tmp_path / "o"
+    code, _, err = run(["query", str(nifti), "-p", "liver", "--encoding", str(enc), "--out", str(out),
+                        "--model", str(random_model)], capsys)
+    assert_one_error_line(code, err, "model")
+    assert not out.exists()
+
+
+@pytest.mark.slow
 def test_real_engine_corrupt_checkpoint(tmp_path, random_model, nifti, capsys):
     import shutil
 
