@@ -585,6 +585,54 @@ def threshold_to_source(array: np.ndarray, grid, volume, threshold: float) -> np
     return out
 
 
+def interpolate_to_source(array: np.ndarray, grid, volume, fill: float = 0.0) -> np.ndarray:
+    """float32 trilinear interpolation of ``array`` (on ``grid``) at every source voxel centre;
+    ``fill`` outside the grid (beyond half a grid voxel). Separable and slice by slice for
+    axis-aligned grids (the output is the only full-size array); otherwise ``grid.to_source``."""
+    array = np.asarray(array, dtype=np.float32)
+    axes = _aligned_axes(grid.ijk_to_ras, volume.ijk_to_ras)
+    shape = tuple(volume.shape)
+    if axes is None:
+        return grid.to_source(array, volume, mode="linear", fill_value=fill).astype(np.float32, copy=False)
+    fill32 = np.float32(fill)
+    g = array.transpose([2 - axes[2][0], 2 - axes[1][0], 2 - axes[0][0]])
+    per_axis = []
+    for ax in range(3):
+        _, scale, offset = axes[2 - ax]
+        x = scale * np.arange(shape[ax], dtype=np.float64) + offset
+        valid = (x >= -0.5) & (x <= g.shape[ax] - 0.5)
+        per_axis.append((valid,) + _axis_weights(x, g.shape[ax]))
+    (kv, k0, k1, kf), (jv, j0, j1, jf), (iv, i0, i1, if_) = per_axis
+    r = g[:, :, i0] * (1.0 - if_) + g[:, :, i1] * if_                # [gk, gj, ni]
+    r[:, :, ~iv] = fill32
+    jw0, jw1 = (1.0 - jf)[:, None], jf[:, None]
+    out = np.empty(shape, dtype=np.float32)
+    cache: dict = {}
+
+    def plane(kg: int) -> np.ndarray:
+        p = cache.get(kg)
+        if p is None:
+            p = r[kg][j0] * jw0 + r[kg][j1] * jw1
+            p[~jv] = fill32
+            cache[kg] = p
+        return p
+
+    for n in np.argsort(k0, kind="stable"):
+        if not kv[n]:
+            out[n] = fill32
+            continue
+        a, b_, f = int(k0[n]), int(k1[n]), np.float32(kf[n])
+        for kg in [k for k in cache if k not in (a, b_)]:
+            del cache[kg]
+        pa = plane(a)
+        if f == 0.0 or a == b_:
+            out[n] = pa
+        else:
+            np.multiply(pa, np.float32(1.0) - f, out=out[n])
+            out[n] += plane(b_) * f
+    return out
+
+
 class SourceMapper:
     """Maps feature-grid mask logits to the source grid: masks as uint8 (only the bounding box of
     the mask is resampled), heat maps as float32 probabilities.
@@ -611,12 +659,10 @@ class SourceMapper:
                                           mode="linear", threshold=thr)
 
     def probability(self, logit: np.ndarray, enc: Encoding) -> np.ndarray:
-        if self.interpolate == "logit":
-            out = enc.feature_grid.to_source(np.asarray(logit, dtype=np.float32), enc.volume,
-                                             mode="linear", fill_value=float(OUTSIDE_LOGIT))
-            return _sigmoid_inplace(out)
-        out = enc.feature_grid.to_source(_sigmoid(logit), enc.volume, mode="linear")
-        return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
+        """Heat map: sigmoid of the feature-grid logits, interpolated linearly (probabilities, not
+        logits: no exponential per source voxel), 0 outside the model grid."""
+        out = interpolate_to_source(_sigmoid(logit), enc.feature_grid, enc.volume, fill=0.0)
+        return np.clip(out, 0.0, 1.0, out=out)
 
 
 # ------------------------------------------------------------------------------------------------
