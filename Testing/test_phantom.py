@@ -141,6 +141,15 @@ def test_spacing_option_is_exact():
     np.testing.assert_allclose(np.diag(c.ijk_to_ras)[:3], [2.5, 2.0, 4.0])
 
 
+def test_unusable_spacing_is_refused():
+    from ctlanguage.errors import InputError
+
+    with pytest.raises(InputError):
+        generate_case(5, spacing=0.1)
+    with pytest.raises(InputError):
+        generate_case(5, spacing=0.35)  # far too many voxels: refused before allocating
+
+
 # ----------------------------------------------------------------------------- HU
 def test_hu_ranges_per_tissue(normal_case):
     c = normal_case

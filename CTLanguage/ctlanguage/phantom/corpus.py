@@ -131,6 +131,10 @@ def generate_case(seed: int, spacing=None, orient: bool = True, findings=None, f
     T = tissue_table(r_pat, P["contrast"])
     sp = _spacing(spacing, r_geo)
     grid, fov = _make_grid(P, r_geo, sp, fov)
+    nvox = int(np.prod(grid.shape))
+    if nvox > 120_000_000:
+        raise InputError(f"Spacing {tuple(round(float(v), 2) for v in sp)} mm gives {nvox / 1e6:.0f} M voxels per case "
+                         f"(about {nvox * 20 / 1e9:.0f} GB of working memory); use a coarser spacing.")
     thickness = float(sp[2] * r_geo.uniform(1.0, 1.25))
     noise_sd = float(r_geo.uniform(8, 25))
     fwhm = float(r_geo.uniform(1.0, 1.6)) * float(min(sp[0], 2.0))
