@@ -283,7 +283,11 @@ def download(entry: ModelEntry, *, progress: ProgressFn | None = None, force: bo
         raise CheckpointError(f"catalog entry {entry.id} has no download url/sha256")
     target = cached_model_dir(entry)
     if (target / WEIGHTS).is_file() and not force:
-        verify_model_dir(target, entry)
+        try:
+            verify_model_dir(target, entry)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}; run `ctlanguage models download {entry.id} --force` "
+                                  "to replace the cached copy") from None
         return target
     dl = cache_dir() / "downloads"
     try:
