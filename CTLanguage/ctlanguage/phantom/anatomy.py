@@ -257,6 +257,20 @@ def polyline_points(points: np.ndarray, radii: np.ndarray, step: float):
     return pts, np.interp(t, s, radii)
 
 
+def segments_points(p0: np.ndarray, p1: np.ndarray, r0: np.ndarray, r1: np.ndarray, step: float):
+    """Vectorised :func:`polyline_points` for many independent segments (N, 3)."""
+    p0, p1 = np.asarray(p0, float).reshape(-1, 3), np.asarray(p1, float).reshape(-1, 3)
+    r0, r1 = np.asarray(r0, float).reshape(-1), np.asarray(r1, float).reshape(-1)
+    L = np.linalg.norm(p1 - p0, axis=1)
+    st = np.maximum(step, 0.4 * np.minimum(r0, r1))
+    n = np.maximum(2, np.ceil(L / st).astype(np.int64) + 1)
+    seg = np.repeat(np.arange(len(n)), n)
+    start = np.concatenate([[0], np.cumsum(n)[:-1]])
+    t = (np.arange(n.sum()) - start[seg]) / (n[seg] - 1)
+    pts = p0[seg] + t[:, None] * (p1 - p0)[seg]
+    return pts, r0[seg] + t * (r1 - r0)[seg]
+
+
 def smooth_curve(ctrl: np.ndarray, n: int = 60) -> np.ndarray:
     """Catmull-Rom-like smooth curve through control points (no scipy splines needed)."""
     ctrl = np.asarray(ctrl, float)
@@ -1028,7 +1042,7 @@ def _lung_vessels(A: Anatomy, rng):
     P, T, g = A.P, A.T, A.grid
     h = P["h"]
     step = 0.8 * float(g.spacing.min())
-    pts_all, r_all, air_pts, air_r = [], [], [], []
+    segs, airs = [], []
     for side in ("right", "left"):
         ids = anatomy_labels(f"lung_{side}")
         cand = np.flatnonzero(isin(A.lab, ids))
@@ -1059,14 +1073,14 @@ def _lung_vessels(A: Anatomy, rng):
                         q = hil + (q - hil) * rng.uniform(0.35, 0.55)
                     mid = 0.5 * (p + q) + rng.normal(0, 0.08 * np.linalg.norm(q - p), 3)
                     r1 = radius[lev] * h
-                    pp, rr = polyline_points(np.array([p, mid, q]), np.array([rp, 0.5 * (rp + r1), r1]), step)
-                    pts_all.append(pp)
-                    r_all.append(rr)
+                    rm = 0.5 * (rp + r1)
+                    segs.append((p, mid, rp, rm))
+                    segs.append((mid, q, rm, r1))
                     if lev <= 2:  # bronchi run with the larger arteries
                         off = np.cross(q - p, [0.0, 0.0, 1.0])
                         off = off / (np.linalg.norm(off) + 1e-9) * (rp + 1.0)
-                        air_pts.append(pp + off)
-                        air_r.append(np.maximum(rr * 0.6, 1.0))
+                        airs.append((p + off, mid + off, max(rp * 0.6, 1.0), max(rm * 0.6, 1.0)))
+                        airs.append((mid + off, q + off, max(rm * 0.6, 1.0), max(r1 * 0.6, 1.0)))
                     nxt.append((q, r1))
             parents = nxt
         # terminal twigs towards the pleura
@@ -1075,14 +1089,17 @@ def _lung_vessels(A: Anatomy, rng):
                 d = rng.normal(size=3)
                 d /= np.linalg.norm(d)
                 q = p + d * rng.uniform(8, 18)
-                pp, rr = polyline_points(np.array([p, q]), np.array([rp * 0.8, 0.5]), step)
-                pts_all.append(pp)
-                r_all.append(rr)
-    if not pts_all:
+                segs.append((p, q, rp * 0.8, 0.5))
+    if not segs:
         A.geo["airways"] = (np.zeros((0, 3)), np.zeros(0))
         return
-    pts, rs = np.concatenate(pts_all), np.concatenate(r_all)
+
+    def sample(lst):
+        p0, p1, r0, r1 = (np.array([t[i] for t in lst]) for i in range(4))
+        return segments_points(p0, p1, r0, r1, step)
+
+    pts, rs = sample(segs)
     vm = stamp_indices(g, pts, rs)
     vm = vm[isin(A.lab.reshape(-1)[vm], LUNG_IDS)]
     A.hu.reshape(-1)[vm] = T["lung_vessel"]
-    A.geo["airways"] = (np.concatenate(air_pts), np.concatenate(air_r)) if air_pts else (np.zeros((0, 3)), np.zeros(0))
+    A.geo["airways"] = sample(airs) if airs else (np.zeros((0, 3)), np.zeros(0))

@@ -44,8 +44,8 @@ class PhantomCase:
 
 def _spacing(spacing, rng):
     if spacing is None:
-        s = rng.uniform(1.9, 2.4)
-        return np.array([s, s, rng.uniform(2.0, 3.0)])
+        s = rng.uniform(2.0, 2.4)
+        return np.array([s, s, rng.uniform(2.2, 3.0)])
     if np.isscalar(spacing):
         s = float(spacing)
         if not (0.3 <= s <= 10):
