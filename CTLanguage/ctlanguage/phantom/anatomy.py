@@ -990,16 +990,21 @@ def _bowel(A: Anatomy, rng):
     # lumen: gas non-dependent, mottled stool dependent
     # (random cells of ~6 mm hashed from a small table: irregular, no lattice-like pattern)
     table = rng.random((23, 19, 17)).astype(np.float32)
-    cell = rng.uniform(5.0, 8.0)
+    cell = rng.uniform(3.0, 5.0)
+    rot = rotation(rng.uniform(-180, 180, 3))  # oblique cells: no axis-aligned blocks
     if lumen.size:
         kk, jj, ii = np.unravel_index(lumen, g.shape)
         xs, ys, zs = g.x[ii], g.y[jj], g.z[kk]
-        ci = np.floor(xs / cell).astype(np.int64) % 23
-        cj = np.floor(ys / cell).astype(np.int64) % 19
-        ck = np.floor(zs / cell).astype(np.int64) % 17
-        mott = table[ci, cj, ck]
-        gas = (mott > rng.uniform(0.45, 0.8)) | (ys > 25 + 20 * mott)
-        huf[lumen] = np.where(gas, T["air"], T["stool"] + 80 * (mott - 0.5))
+        uvw = np.stack([xs, ys, zs], axis=1) @ rot
+        # two octaves of hashed cells -> irregular mottling
+        m1 = table[(np.floor(uvw[:, 0] / cell).astype(np.int64) % 23), (np.floor(uvw[:, 1] / cell).astype(np.int64) % 19),
+                   (np.floor(uvw[:, 2] / cell).astype(np.int64) % 17)]
+        m2 = table[(np.floor(uvw[:, 1] / (2.3 * cell)).astype(np.int64) % 23), (np.floor(uvw[:, 2] / (2.3 * cell)).astype(np.int64) % 19),
+                   (np.floor(uvw[:, 0] / (2.3 * cell)).astype(np.int64) % 17)]
+        mott = 0.4 * m1 + 0.6 * m2
+        gas_level = rng.uniform(0, 40)
+        gas = (mott > rng.uniform(0.72, 0.85)) | (ys > gas_level + 25 * mott)
+        huf[lumen] = np.where(gas, T["air"], T["stool"] + 90 * (mott - 0.5))
     # small bowel loops: random walks in the lower central abdomen, rasterised in three passes
     # (all walls, fluid-filled lumens, gas-filled lumens)
     n_loops = int(rng.integers(10, 18))
