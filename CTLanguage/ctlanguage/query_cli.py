@@ -252,7 +252,7 @@ def query_and_export(model: LoadedModel, enc: Any, volume: Any, prompts: list[st
                             extra={"timing_s": {"query": round(t_query, 3)},
                                    "requested_prompts": list(prompts), **(extra or {})},
                             progress=cb)
-    result.timings = {"query": t_query, "export": time.perf_counter() - t1}  # type: ignore[attr-defined]
+    result.timings.update(query=t_query, export=time.perf_counter() - t1)
     return findings, result
 
 
