@@ -260,10 +260,10 @@ class CTLanguageWebApp:
             return
         s.results = rows
         s.export_kinds = self.session.export_kinds()
-        # show the newest finding if the model thinks it is there (or it is an anatomy prompt)
+        # show the newest result that has a mask
         new = rows[before:] or rows[-1:]
         for r in new:
-            if r["probability"] is None or r["present"]:
+            if r["has_mask"]:
                 self.jump(r["row"])
                 break
 

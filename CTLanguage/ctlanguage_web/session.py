@@ -25,11 +25,14 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_MB = 512
+# a finding is shown as likely present (bold) from this probability on; every mask is drawn
+# whatever its probability (the page is for looking at what the model found)
+PRESENT_THRESHOLD = 0.5
 # bundled synthetic cases: (id, phantom seed, title). The phantom is deterministic per seed.
 BUNDLED_CASES = (
-    ("synthetic-a", 5, "Synthetic torso A (seed 5)"),
-    ("synthetic-b", 4, "Synthetic torso B (seed 4)"),
-    ("synthetic-c", 1, "Synthetic torso C (seed 1)"),
+    ("synthetic-a", 1, "Synthetic torso A (seed 1)"),
+    ("synthetic-b", 5, "Synthetic torso B (seed 5)"),
+    ("synthetic-c", 4, "Synthetic torso C (seed 4)"),
 )
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 ZIP_MAX_FILES = 5000
@@ -113,6 +116,7 @@ class WebSession:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.logic = CTLanguageSession(self.scene, engine_loader=engine_loader)
         self.logic.set_model(model, device)
+        self.logic.probability_threshold = 0.0  # draw every mask; PRESENT_THRESHOLD marks rows
         self.max_upload_bytes = int(float(max_upload_mb) * 1e6)
         self.input: LoadedInput | None = None
         self.volume_node = None
@@ -342,7 +346,8 @@ class WebSession:
                 "volume_text": _fmt(getattr(f, "volume_ml", None), 1),
                 "color": _hex(getattr(f, "color", None)),
                 "segment_id": r.segment_id,
-                "present": prob is not None and float(prob) >= self.logic.probability_threshold,
+                "present": prob is not None and float(prob) >= PRESENT_THRESHOLD,
+                "has_mask": bool(float(getattr(f, "volume_ml", 0.0) or 0.0) > 0.0),
             })
         return out
 
@@ -425,7 +430,7 @@ class WebSession:
         shutil.rmtree(out, ignore_errors=True)
         extra = {"prompts": [getattr(f, "prompt", "") for f in findings], "research_use_only": True,
                  "exported_from": "CTLanguage web demo (trame-slicer)",
-                 "probability_threshold": self.logic.probability_threshold}
+                 "present_threshold": PRESENT_THRESHOLD}
         try:
             export_all(self.input.volume, findings, out, model=self._model_record(),
                        mask_threshold=self.logic.mask_threshold, extra=extra)
