@@ -331,6 +331,11 @@ class CTLanguageWebApp:
                 with html.Div(style="position: relative; width: 100%; height: calc(100vh - 48px);",
                               id="ctl-views"):
                     self.layout_manager.initialize_layout_grid(self.ui)
+                    html.Div("Load a synthetic case or upload a CT to start.", v_if=("!has_volume",),
+                             id="views-hint",
+                             style="position: absolute; top: 50%; left: 50%; transform: translate(-50%, -50%);"
+                                   " color: #bbb; background: rgba(0,0,0,0.6); padding: 12px 20px;"
+                                   " border-radius: 6px; pointer-events: none; font-size: 16px;")
 
     def _load_section(self, html, v):
         html.Div("1. Load a CT", classes="text-subtitle-1 font-weight-bold mb-2")
