@@ -51,6 +51,8 @@ class ModelConfig:
     logit_scale_init: float = 10.0
     logit_scale_max: float = 100.0
     calibration_temperature: float = 1.0
+    # Platt-style offsets fitted with the temperature: {"_default": b, "<finding key>": b_f}
+    calibration_bias: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)   # split, n, ece before/after, ...
     presence_source: str = "organ"                    # "organ" (grounded) or "global" (baseline)
     training: dict = field(default_factory=dict)      # provenance (config file, steps, seeds)

@@ -95,10 +95,16 @@ class GroundedCTModel(nn.Module):
         s_neg = (organ_emb @ neg.t()).mean(-1)
         return self.logit_scale * (s_pos - s_neg)
 
-    def calibrated_probability(self, logit: torch.Tensor | float) -> torch.Tensor:
-        """p = sigmoid(logit / T) with T = config.calibration_temperature."""
+    def calibrated_probability(self, logit: torch.Tensor | float, finding: str | None = None) -> torch.Tensor:
+        """p = sigmoid(logit / T + b) with T = config.calibration_temperature and
+        b = config.calibration_bias[finding] (else its "_default", else 0)."""
         logit = torch.as_tensor(logit, dtype=torch.float32).detach()
-        return torch.sigmoid(logit / float(self.config.calibration_temperature))
+        bias = self.calibration_offset(finding)
+        return torch.sigmoid(logit / float(self.config.calibration_temperature) + bias)
+
+    def calibration_offset(self, finding: str | None = None) -> float:
+        b = self.config.calibration_bias or {}
+        return float(b.get(finding, b.get("_default", 0.0)) if finding is not None else b.get("_default", 0.0))
 
     # ---- checkpoint I/O ----------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ def quick_eval(model_dir: str | Path, manifest: str | Path) -> dict:
     model = GroundedCTModel.from_pretrained(model_dir, device="cpu")
     ds = ManifestDataset(manifest, model.config.spec, model.config.anatomies)
     pred = collect_predictions(model, ds, heldout=heldout_ensembles())
-    res = summarize(pred, model.config.calibration_temperature)
+    res = summarize(pred, model.config.calibration_temperature, model.config.calibration_bias)
     res["calibration_temperature"] = model.config.calibration_temperature
     res["steps"] = (model.config.training or {}).get("steps")
     res["losses"] = (model.config.training or {}).get("losses")

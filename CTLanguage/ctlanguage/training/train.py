@@ -270,6 +270,12 @@ def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 10) -> 
     return float(ece)
 
 
+def _bias_row(bias: dict | None, items) -> np.ndarray:
+    names = list(dict.fromkeys(it[0] for it in items))
+    b = bias or {}
+    return np.array([b.get(f, b.get("_default", 0.0)) for f in names])
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """Temperature minimising the binary NLL of sigmoid(logit / T) (grid + golden refinement)."""
     z, y = np.asarray(logits, float).ravel(), np.asarray(labels, float).ravel()
@@ -299,7 +305,28 @@ def case_level(logits: np.ndarray, labels: np.ndarray, items) -> tuple[np.ndarra
     return z, y, names
 
 
-def summarize(pred: dict, temperature: float = 1.0) -> dict:
+def fit_platt(z: np.ndarray, y: np.ndarray, names: list, C: float = 1.0) -> tuple[float, dict]:
+    """Shared temperature + per-finding offset (logistic regression on [z, one-hot finding],
+    L2-regularised offsets so rare findings shrink toward the shared one)."""
+    from sklearn.linear_model import LogisticRegression
+
+    n, k = z.shape
+    X = np.zeros((n * k, 1 + k))
+    X[:, 0] = z.reshape(-1)
+    X[np.arange(n * k), 1 + np.tile(np.arange(k), n)] = 1.0
+    yy = y.reshape(-1)
+    lr = LogisticRegression(C=C, fit_intercept=True, max_iter=2000)
+    lr.fit(X, yy)
+    a = float(lr.coef_[0, 0])
+    T = 1.0 / a if a > 1e-3 else 1e3
+    b0 = float(lr.intercept_[0])
+    bias = {"_default": b0 + float(np.mean(lr.coef_[0, 1:]))}
+    for j, f in enumerate(names):
+        bias[f] = b0 + float(lr.coef_[0, 1 + j])
+    return float(T), bias
+
+
+def summarize(pred: dict, temperature: float = 1.0, bias: dict | None = None) -> dict:
     from sklearn.metrics import roc_auc_score
 
     items = pred["items"]
@@ -326,7 +353,7 @@ def summarize(pred: dict, temperature: float = 1.0) -> dict:
         "mean_organ_dice": float(np.mean(list(organ.values()))) if organ else float("nan"),
         "mean_finding_dice": float(np.mean(list(finding_dice.values()))) if finding_dice else float("nan"),
         "mean_finding_auc": float(np.mean(list(auc.values()))) if auc else float("nan"),
-        "ece": expected_calibration_error(1 / (1 + np.exp(-zc / temperature)), yc),
+        "ece": expected_calibration_error(1 / (1 + np.exp(-(zc / temperature + _bias_row(bias, items)))), yc),
         "ece_per_side": expected_calibration_error(1 / (1 + np.exp(-pred["logits"] / temperature)),
                                                    pred["labels"]),
         "organ_dice": organ, "finding_dice": finding_dice, "finding_auc": auc,
@@ -588,18 +615,24 @@ def calibrate(model_dir: Path, manifest: Path, device=None) -> dict:
     model = GroundedCTModel.from_pretrained(model_dir, device=device)
     ds = ManifestDataset(manifest, model.config.spec, model.config.anatomies)
     pred = collect_predictions(model, ds)
-    zc, yc, _ = case_level(pred["logits"], pred["labels"], pred["items"])
-    T = fit_temperature(zc, yc)
+    zc, yc, names = case_level(pred["logits"], pred["labels"], pred["items"])
+    T, bias = fit_platt(zc, yc, names)
     before = summarize(pred, 1.0)
-    after = summarize(pred, T)
+    T_only = fit_temperature(zc, yc)
+    after_t = summarize(pred, T_only)
+    after = summarize(pred, T, bias)
     model.config.calibration_temperature = T
+    model.config.calibration_bias = bias
     model.config.calibration = {
-        "method": "temperature scaling (binary NLL) of the organ prompt-ensemble logit, case level: "
-                  "max over sides for sided findings, as the engine reports unsided prompts",
+        "method": "p = sigmoid(logit / T + b[finding]): shared temperature and per-finding offsets "
+                  "(L2-regularised logistic regression, C=1) on the case-level organ prompt-ensemble "
+                  "logit (max over sides for sided findings, as the engine reports unsided prompts)",
         "manifest": str(manifest), "n_cases": int(pred["labels"].shape[0]),
-        "n_pairs": int(pred["labels"].size), "ece_before": before["ece"], "ece_after": after["ece"],
-        "auc": after["mean_finding_auc"],
+        "n_case_finding_pairs": int(yc.size), "ece_uncalibrated": before["ece"],
+        "ece_temperature_only": after_t["ece"], "temperature_only": T_only,
+        "ece_after": after["ece"], "auc": after["mean_finding_auc"],
     }
     model.save_pretrained(model_dir)
-    log.info("calibration temperature %.3f (ECE %.4f -> %.4f)", T, before["ece"], after["ece"])
+    log.info("calibration T=%.3f, offsets fitted (ECE %.4f -> %.4f; temperature only %.4f)",
+             T, before["ece"], after["ece"], after_t["ece"])
     return model.config.calibration
