@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import numpy as np
 import pytest
 
 from web_helpers import (CHROMIUM, CHROMIUM_ARGS, WebServer, hex_rgb, offscreen_gl_available,
-                         overlay_pixels, pixels_to_ras, ras_in_mask, view_image, wait_stable_image)
+                         overlay_pixels, pixels_to_ras, ras_in_mask, wait_stable_image)
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE_ID, CASE_SEED = "synthetic-a", 1            # ctlanguage_web.session.BUNDLED_CASES[0]

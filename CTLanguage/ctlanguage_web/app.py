@@ -351,7 +351,8 @@ class CTLanguageWebApp:
             "  trame.trigger('ctl_upload_refused', [fs[0].name, total]); $event.target.value = ''; return; }"
             "loading = true; load_message = 'Uploading ' + fs[0].name + ' …'; load_message_type = 'info';"
             "window.load_files_by_chunks(fs, { trigger_name: 'ctl_upload_chunk' })"
-            "  .then(({ status, errorMsg }) => trame.trigger('ctl_upload_end', [status ? 'success' : 'failure', errorMsg]))"
+            "  .then(({ status, errorMsg }) =>"
+            "     trame.trigger('ctl_upload_end', [status ? 'success' : 'failure', errorMsg]))"
             "  .catch((e) => trame.trigger('ctl_upload_end', ['failure', String(e)]))"
             "  .finally(() => { loading = false; $event.target.value = ''; });"
         )
