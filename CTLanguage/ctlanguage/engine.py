@@ -727,7 +727,8 @@ class Engine:
         return {"id": self.model_id, "version": self.model_version, "sha256": self.model_sha256,
                 "path": str(self.model_dir) if self.model_dir else None, "device": self.device,
                 "presence_source": self.presence_source,
-                "calibration_temperature": self.temperature}
+                "calibration_temperature": self.temperature,
+                "calibration_offsets": bool(getattr(self.config, "calibration_bias", None))}
 
     # ---- text ------------------------------------------------------------------------------------
     def _embed(self, texts: Sequence[str]):
@@ -1158,8 +1159,20 @@ class Engine:
             src = enc.global_embedding
         else:
             src = enc.organ_embeddings[enc.anatomy_index(anatomy)]
-        logit = float(self.model.presence_logit(src, pe, ne))
-        return float(1.0 / (1.0 + math.exp(-logit / self.temperature)))
+        return self.calibrate(float(self.model.presence_logit(src, pe, ne)), finding)
+
+    def calibrate(self, logit: float, finding: Optional[str] = None) -> float:
+        """Calibrated probability p = sigmoid(logit / T + b[finding]) (the model's calibration:
+        shared temperature, per-finding offset when the checkpoint has them)."""
+        offset = 0.0
+        get_offset = getattr(self.model, "calibration_offset", None)
+        if callable(get_offset):
+            offset = float(get_offset(finding))
+        z = logit / self.temperature + offset
+        if z >= 0:
+            return float(1.0 / (1.0 + math.exp(-z)))
+        e = math.exp(z)
+        return float(e / (1.0 + e))
 
     # ---- direct scoring (evaluation) -------------------------------------------------------
     def presence_probability(self, enc: Encoding, finding: str, laterality: Optional[str] = None,
@@ -1180,8 +1193,7 @@ class Engine:
                 pe, ne = self._embed(pos), self._embed(neg)
                 src = enc.global_embedding if self.presence_source == "global" else \
                     enc.organ_embeddings[enc.anatomy_index(a)]
-                logit = float(self.model.presence_logit(src, pe, ne))
-                vals.append(1.0 / (1.0 + math.exp(-logit / self.temperature)))
+                vals.append(self.calibrate(float(self.model.presence_logit(src, pe, ne)), finding))
         return float(max(vals))
 
 
