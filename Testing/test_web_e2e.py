@@ -233,6 +233,7 @@ def _rest(page, context, server, shots, tmp_path, session_url, errors, prompt):
         timeout=60_000)
     text = msg.inner_text()
     assert "broken.nii.gz" in text and "Loaded" not in text, text
+    page2.wait_for_function("() => !trame.state.get('loading')", timeout=30_000)
     page2.screenshot(path=str(shots / "web_bad_upload.png"))
     big = tmp_path / "big.nrrd"
     big.write_bytes(b"\0" * 2_500_000)
