@@ -52,7 +52,7 @@ DEFAULT_MODEL_ID = "ctlanguage-synth-v1"
 ENCODING_FORMAT = "ctlanguage-encoding-v1"
 MAX_PROMPTS_PER_QUERY = 64
 # dilation (in feature voxels) of the anatomy region a finding mask is restricted to
-DEFAULT_RESTRICT_DILATION = 1
+DEFAULT_RESTRICT_DILATION = 2
 # similarity -> confidence for the semantic fallback (cosine of the frozen LM's embeddings)
 FALLBACK_SIM_LOW = 0.35
 FALLBACK_SIM_HIGH = 0.85
@@ -167,7 +167,8 @@ class _TorchThreads:
 def _sigmoid_inplace(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     np.negative(x, out=x)
-    np.exp(x, out=x)
+    with np.errstate(over="ignore"):
+        np.exp(x, out=x)
     x += 1.0
     np.reciprocal(x, out=x)
     return x
@@ -185,7 +186,8 @@ def _dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     out = np.empty_like(x, dtype=np.float32)
     np.negative(x, out=out)
-    np.exp(out, out=out)
+    with np.errstate(over="ignore"):   # exp overflow -> inf -> probability 0: intended
+        np.exp(out, out=out)
     out += 1.0
     np.reciprocal(out, out=out)
     return out
