@@ -800,3 +800,31 @@ def test_slicer_glue_self_test_file_runs_on_slicer_core(monkeypatch, scene):
     spec.loader.exec_module(mod)
     result = unittest.TextTestRunner(verbosity=0).run(mod.CTLanguageGlueSelfTest("runTest"))
     assert result.wasSuccessful(), result.failures + result.errors
+
+
+def test_masks_touching_the_grid_border_single_voxels_and_empty_masks_are_exact(scene, volume_node):
+    """The glue ships only each mask's bounding box: edges, corners and empty masks must stay exact."""
+    shape = SHAPE
+    cases = {}
+    m = np.zeros(shape, np.uint8)
+    m[0, :, 0] = 1
+    m[-1, -1, :] = 1
+    cases["border"] = m
+    m = np.zeros(shape, np.uint8)
+    m[-1, -1, -1] = 1
+    cases["corner"] = m
+    cases["empty"] = np.zeros(shape, np.uint8)
+    cases["full"] = np.ones(shape, np.uint8)
+    seg = mrml_glue.new_segmentation_node(scene, volume_node)
+    for name, mask in cases.items():
+        f = SimpleNamespace(prompt=name, mask=mask, color=(0.2, 0.4, 0.6), probability=None, anatomy="body",
+                            finding=None, laterality=None, prompt_confidence=1.0, volume_ml=0.0)
+        sid = mrml_glue.add_finding_segment(seg, f, volume_node)
+        assert np.array_equal(mrml_glue.segment_mask_on_reference(scene, seg, sid, volume_node), mask), name
+    # replacing a non-empty segment by an empty mask clears it
+    f = SimpleNamespace(prompt="full", mask=np.zeros(shape, np.uint8), color=None, probability=None,
+                        anatomy="body", finding=None, laterality=None, prompt_confidence=1.0, volume_ml=0.0)
+    mrml_glue.add_finding_segment(seg, f, volume_node, segment_id="full")
+    assert mrml_glue.segment_mask_on_reference(scene, seg, "full", volume_node).sum() == 0
+    with pytest.raises(ValueError, match="grid"):
+        mrml_glue.set_segment_mask(seg, "full", np.zeros((2, 2, 2), np.uint8), volume_node)

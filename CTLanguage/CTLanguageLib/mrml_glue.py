@@ -232,7 +232,24 @@ def set_segment_mask(segmentation_node, segment_id: str, mask: np.ndarray, refer
             f"Mask shape {mask.shape} does not match the volume grid {ref_shape}; the engine must "
             "return masks on the source grid."
         )
-    image = oriented_image_from_mask((mask > 0).astype(np.uint8), ijk_to_ras_of_node(reference_volume_node))
+    binary = mask > 0
+    ijk_to_ras = ijk_to_ras_of_node(reference_volume_node)
+    # Only the mask's bounding box travels (same grid, shifted origin): much less copying for
+    # small findings on large CTs; an empty mask becomes one zero voxel (MODE_REPLACE clears).
+    ks = np.flatnonzero(binary.any(axis=(1, 2)))
+    if ks.size:
+        k0, k1 = int(ks[0]), int(ks[-1]) + 1
+        slab = binary[k0:k1]
+        js = np.flatnonzero(slab.any(axis=(0, 2)))
+        is_ = np.flatnonzero(slab.any(axis=(0, 1)))
+        j0, j1, i0, i1 = int(js[0]), int(js[-1]) + 1, int(is_[0]), int(is_[-1]) + 1
+    else:
+        k0 = j0 = i0 = 0
+        k1 = j1 = i1 = 1
+    crop = np.ascontiguousarray(binary[k0:k1, j0:j1, i0:i1], dtype=np.uint8)
+    shift = np.eye(4)
+    shift[:3, 3] = (i0, j0, k0)
+    image = oriented_image_from_mask(crop, ijk_to_ras @ shift)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     ok = logic.SetBinaryLabelmapToSegment(
         image, segmentation_node, segment_id, logic.MODE_REPLACE, image.GetExtent()
