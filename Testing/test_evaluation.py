@@ -170,3 +170,28 @@ def test_evaluate_cli_bad_manifest_is_a_clean_error(tmp_path, random_model, caps
     assert rc == 2
     assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_global_clip_baseline_scores_from_the_global_embedding():
+    """A model with presence_source="global" (the global-CLIP baseline) is scored from the
+    whole-image embedding: the organ embeddings do not matter."""
+    import dataclasses
+
+    import torch
+
+    from ctlanguage.engine import Engine
+    from ctlanguage.model import GroundedCTModel, ModelConfig
+    from ctlanguage.volume import CTVolume
+
+    torch.manual_seed(2)
+    cfg = ModelConfig(model_id="global-random", encoder_channels=[8, 16], dense_channels=8,
+                      spec_params={"spacing_mm": 6.0}, presence_source="global")
+    engine = Engine.load(GroundedCTModel(cfg), device="cpu")
+    arr = np.full((30, 48, 48), -1000.0, np.float32)
+    arr[4:26, 8:40, 6:42] = 40.0
+    enc = engine.encode(CTVolume(arr, np.diag([4.0, 4.0, 5.0, 1.0])))
+    (f,) = engine.query(enc, "liver lesion")
+    scrambled = dataclasses.replace(enc, organ_embeddings=torch.zeros_like(enc.organ_embeddings))
+    (g,) = engine.query(scrambled, "liver lesion")
+    assert f.probability == pytest.approx(g.probability)
+    assert engine.describe()["presence_source"] == "global"
