@@ -6,6 +6,17 @@ import torch
 from ctlanguage.model import GroundedCTModel, ModelConfig, coordinate_channels
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run beside other work on a small shared CPU: one torch thread avoids
+    oversubscription (several times faster there); the previous setting is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_config(**kw):
     base = dict(encoder_channels=[8, 16, 16], dense_channels=8, embed_dim=32, pool_dim=16,
                 mask_head_hidden=8, anatomies=["liver", "lung_left", "lung_right"])

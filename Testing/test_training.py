@@ -28,6 +28,17 @@ def corpus(tmp_path_factory):
     return make_tiny_corpus(tmp_path_factory.mktemp("tiny"), n=4)
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run beside other work on a small shared CPU: one torch thread avoids
+    oversubscription (several times faster there); the previous setting is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_cfg(corpus, out, steps=4, **losses):
     return {"model": dict(TINY_MODEL),
             "data": {"train": {"manifest": str(corpus)}, "val": {"manifest": str(corpus)},

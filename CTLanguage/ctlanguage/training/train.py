@@ -489,8 +489,16 @@ def run_training(cfg: dict, config_path: str | None = None, resume: bool = True,
     if not out.is_absolute():
         out = base / out
     rank, world, device = D.setup(tcfg.get("device"))
+    threads_before = torch.get_num_threads()
     if tcfg.get("threads"):
         torch.set_num_threads(int(tcfg["threads"]))  # 1 is much faster on an oversubscribed CPU
+    try:
+        return _run(cfg, tcfg, lcfg, base, out, rank, world, device, config_path, resume, quiet)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(cfg, tcfg, lcfg, base, out, rank, world, device, config_path, resume, quiet) -> Path:
     seed = int(tcfg["seed"])
     torch.manual_seed(seed)
     np.random.seed(seed)
