@@ -84,7 +84,7 @@ def test_bad_input_shapes(model):
         model.encode_image(torch.rand(1, 1, 30, 16, 32))
 
 
-ORGAN_DICE_FLOOR = 0.2  # measured on held-out phantoms: see Resources/Models/ctlanguage-synth-v1/README.md
+ORGAN_DICE_FLOOR = 0.25  # measured on held-out phantoms: see Resources/Models/ctlanguage-synth-v1/README.md
 
 
 @pytest.mark.slow
