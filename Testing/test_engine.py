@@ -100,12 +100,12 @@ def test_masks_are_uint8_on_the_exact_source_grid(engine, enc, volume):
 
 @needs_trained
 def test_liver_mask_overlaps_ground_truth_on_reoriented_anisotropic_source(engine, enc, case):
-    # geometry check: a wrong orientation/spacing mapping gives ~0 here (measured 0.80 with
-    # ctlanguage-synth-v1; the model's own quality is covered by test_model_quality.py)
+    # geometry check: a wrong orientation/spacing mapping gives ~0 here (measured 0.80 and 0.73
+    # with the 600- and 1000-step ctlanguage-synth-v1; model quality: test_model_quality.py)
     (f,) = engine.query(enc, "liver")
     gt = _label(case, "liver")
     assert gt.any()
-    assert _dice(f.mask, gt) > 0.7
+    assert _dice(f.mask, gt) > 0.6
     (body,) = engine.query(enc, "body")
     assert _dice(body.mask, case.structures > 0) > 0.9
 
