@@ -30,5 +30,8 @@ if [ "$(id -u)" != "0" ]; then
 fi
 echo "[system-deps] installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq >/dev/null
-$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# A failed install must not take the whole suite down: the browser test then skips with a reason.
+if ! { $SUDO apt-get update -qq >/dev/null && \
+       $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }; then
+  echo "[system-deps] could not install ${missing[*]}; the browser end-to-end test will be skipped" >&2
+fi
