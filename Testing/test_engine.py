@@ -13,28 +13,14 @@ import time
 import numpy as np
 import pytest
 
-from ctlanguage.engine import Encoding, Engine, resolve_model_dir
+from ctlanguage.engine import Encoding, Engine
 from ctlanguage.errors import CancelledError, CheckpointError, InputError, PromptError
 from ctlanguage.volume import CTVolume
 
-
-def _default_model_state() -> str:
-    """'trained' (calibrated final model), 'preliminary' (integration checkpoint) or 'missing'."""
-    import json
-
-    try:
-        d = resolve_model_dir("default")
-        cfg = json.loads((d / "config.json").read_text())
-    except Exception:
-        return "missing"
-    if not (d / "model.safetensors").is_file():
-        return "missing"
-    if not cfg.get("calibration") or "preliminary" in json.dumps(cfg.get("metrics", {})).lower():
-        return "preliminary"
-    return "trained"
+from _model_state import default_model_state
 
 
-STATE = _default_model_state()
+STATE = default_model_state()
 TRAINED = STATE == "trained"
 needs_trained = pytest.mark.skipif(not TRAINED, reason=f"embedded default model is {STATE}")
 

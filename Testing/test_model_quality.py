@@ -18,6 +18,8 @@ import pytest
 
 from ctlanguage.engine import resolve_model_dir
 
+from _model_state import default_model_state
+
 N_CASES = 8
 FIRST_SEED = 9000
 
@@ -41,23 +43,7 @@ FLOORS = {
 }
 
 
-def _default_model_state() -> str:
-    """'trained' (calibrated final model), 'preliminary' (integration checkpoint) or 'missing'."""
-    import json
-
-    try:
-        d = resolve_model_dir("default")
-        cfg = json.loads((d / "config.json").read_text())
-    except Exception:
-        return "missing"
-    if not (d / "model.safetensors").is_file():
-        return "missing"
-    if not cfg.get("calibration") or "preliminary" in json.dumps(cfg.get("metrics", {})).lower():
-        return "preliminary"
-    return "trained"
-
-
-STATE = _default_model_state()
+STATE = default_model_state()
 pytestmark = pytest.mark.skipif(STATE != "trained", reason=f"embedded default model is {STATE}")
 
 

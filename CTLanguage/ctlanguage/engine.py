@@ -313,6 +313,7 @@ class Encoding:
         from safetensors.torch import save_file
 
         from .errors import ExportError
+        from .io import atomic_write
 
         path = Path(path)
         tensors = {
@@ -321,19 +322,12 @@ class Encoding:
             "organ_embeddings": self.organ_embeddings.detach().float().cpu().contiguous(),
             "global_embedding": self.global_embedding.detach().float().cpu().contiguous(),
         }
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            if path.parent and not path.parent.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(tmp), metadata={"ctlanguage_encoding": json.dumps(self.metadata())})
-            os.replace(tmp, path)
+            path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
             raise ExportError(f"The encoding could not be written to {path} ({exc.strerror or exc}).") from exc
-        return path
+        header = {"ctlanguage_encoding": json.dumps(self.metadata())}
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
     @classmethod
     def load(cls, path: str | os.PathLike, engine: "Engine", volume=None) -> "Encoding":

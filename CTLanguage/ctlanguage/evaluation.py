@@ -535,6 +535,7 @@ def write_results(results: dict, out_dir: str | Path, doc: str | Path | None = N
 
     Written atomically (temporary file + rename). Returns {name: path}."""
     from .errors import ExportError
+    from .io import atomic_write
 
     out = Path(out_dir)
     try:
@@ -544,19 +545,7 @@ def write_results(results: dict, out_dir: str | Path, doc: str | Path | None = N
     files = {}
 
     def put(path: Path, text: str):
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(text)
-            import os
-
-            os.replace(tmp, path)
-        except OSError as exc:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            raise ExportError(f"{path} could not be written ({exc.strerror or exc}).") from exc
-        files[path.name] = path
+        files[path.name] = atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
     if len(results) == 1:
         (label, m), = results.items()
