@@ -369,6 +369,40 @@ def test_threshold_to_source_matches_trilinear_sampling(seed):
     assert np.count_nonzero(mine != truth) <= 2  # float rounding exactly at the threshold
 
 
+def test_full_resolution_model_masks_land_on_the_source_grid(tmp_path):
+    """A feature_stride=1 model: the feature grid is the model grid, and every mask is exactly the
+    thresholded trilinear sampling of its logits at the (permuted, flipped, anisotropic) source
+    voxel centres."""
+    import torch
+
+    from ctlanguage.model import GroundedCTModel, ModelConfig
+
+    torch.manual_seed(1)
+    cfg = ModelConfig(model_id="test-stride1", encoder_channels=[8, 16], dense_channels=8,
+                      feature_stride=1, fine_channels=4, spec_params={"spacing_mm": 6.0})
+    model = GroundedCTModel(cfg)
+    with torch.no_grad():  # spread the untrained head's near-constant logits
+        model.mask_head.generator[-1].weight.mul_(200.0)
+    model.save_pretrained(tmp_path / "m")
+    eng = Engine.load(tmp_path / "m", device="cpu")
+    arr = np.full((30, 44, 36), -1000.0, np.float32)
+    arr[4:26, 6:38, 5:31] = 40.0
+    m = np.array([[0.0, 0.0, -2.5, 40.0], [-1.3, 0.0, 0.0, 12.0], [0.0, 1.1, 0.0, -70.0], [0, 0, 0, 1]])
+    vol = CTVolume(arr, m)
+    e = eng.encode(vol, use_cache=False)
+    assert e.feature_grid == e.model_grid
+    assert tuple(e.dense.shape[1:]) == tuple(e.model_grid.shape)
+    for text in ("liver", "left lung", "body"):
+        (f,) = eng.query(e, text)
+        assert f.mask.shape == arr.shape
+        logit = np.asarray(f._logit, np.float32)
+        thr = float(np.median(logit))  # threshold at the median: a partial mask to compare
+        g = f.with_threshold(float(1.0 / (1.0 + np.exp(-thr))))
+        assert 0.05 < g.mask.mean() < 0.95, text
+        truth = _trilinear_truth(logit, e.feature_grid, arr.shape, m, thr)
+        assert np.count_nonzero(g.mask != truth) <= 0.001 * truth.size, text  # rounding at thr
+
+
 def test_threshold_to_source_oblique_grid_falls_back():
     from ctlanguage.engine import _geometry_volume, threshold_to_source
     from ctlanguage.preprocess import ModelGrid

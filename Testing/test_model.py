@@ -77,6 +77,26 @@ def test_coordinates_are_ras_ordered():
     assert torch.allclose(c[2, :, 0, 0], torch.linspace(-1, 1, 4))
 
 
+def test_full_resolution_features():
+    """feature_stride=1: dense features, mask logits and organ pooling on the model grid itself."""
+    torch.manual_seed(0)
+    m = GroundedCTModel(tiny_config(feature_stride=1, fine_channels=4))
+    f = m.encode_image(torch.rand(1, 1, 32, 16, 32))
+    assert f.dense.shape == (1, 8, 32, 16, 32)
+    t = m.embed_text(["liver", "left lung"])
+    assert m.mask_logits(f.dense, t).shape == (1, 2, 32, 16, 32)
+    emb = m.organ_embeddings(f.dense, (torch.rand(1, 3, 32, 16, 32) > 0.5).float())
+    assert emb.shape == (1, 3, 32) and torch.isfinite(emb).all()
+
+
+@pytest.mark.parametrize("stride", [0, 3, 4])
+def test_unsupported_feature_stride_is_refused(stride):
+    from ctlanguage.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="feature_stride"):
+        tiny_config(feature_stride=stride).validate()
+
+
 def test_bad_input_shapes(model):
     with pytest.raises(ValueError):
         model.encode_image(torch.rand(1, 32, 16, 32))

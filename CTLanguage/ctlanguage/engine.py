@@ -210,7 +210,7 @@ class Encoding:
     source_shape: tuple
     source_ijk_to_ras: np.ndarray
     model_grid: Any                  # preprocess.ModelGrid
-    feature_grid: Any                # preprocess.ModelGrid (model_grid.scaled(2))
+    feature_grid: Any                # preprocess.ModelGrid (model_grid.scaled(feature_stride))
     anatomies: list
     dense: Any                       # torch.Tensor [C,d,h,w]
     organ_logits: Any                # torch.Tensor [A,d,h,w]
@@ -820,7 +820,8 @@ class Engine:
                 model_sha256=self.model_sha256, volume_hash=vhash,
                 source_shape=tuple(volume.array.shape),
                 source_ijk_to_ras=np.array(volume.ijk_to_ras, dtype=np.float64),
-                model_grid=grid, feature_grid=grid.scaled(2), anatomies=list(self.anatomies),
+                model_grid=grid, feature_grid=grid.scaled(int(self.model.config.feature_stride)),
+                anatomies=list(self.anatomies),
                 dense=dense[0].contiguous(), organ_logits=organ_logits.float().contiguous(),
                 organ_embeddings=organ_emb.float(), global_embedding=feats.global_embedding[0].float(),
                 timings=timings, source=getattr(volume, "source", None), _volume=volume,

@@ -38,6 +38,11 @@ class ModelConfig:
     coord_channels: bool = True
     encoder_channels: list = field(default_factory=lambda: [16, 32, 48, 64])
     dense_channels: int = 32
+    # 2: dense features (mask logits, organ pooling) at half the model grid (v1 models);
+    # 1: a full-resolution refinement branch brings them to the model grid itself, which is
+    #    what thin structures (trachea, esophagus, pleural spaces) and small lesions need.
+    feature_stride: int = 2
+    fine_channels: int = 8
     # joint space / text
     embed_dim: int = 128
     text_encoder: str = DEFAULT_TEXT_ENCODER
@@ -114,6 +119,10 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 bad(f"{name} must be a positive integer")
+        if self.feature_stride not in (1, 2):
+            bad("feature_stride must be 1 or 2")
+        if not isinstance(self.fine_channels, int) or self.fine_channels <= 0:
+            bad("fine_channels must be a positive integer")
         if not self.anatomies or len(set(self.anatomies)) != len(self.anatomies):
             bad("anatomies must be a non-empty list of unique keys")
         t = self.calibration_temperature

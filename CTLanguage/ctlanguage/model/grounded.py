@@ -25,7 +25,8 @@ class GroundedCTModel(nn.Module):
         self.image_encoder = ImageEncoder(
             in_channels=config.in_channels, channels=config.encoder_channels,
             dense_channels=config.dense_channels, embed_dim=config.embed_dim,
-            coord_channels=config.coord_channels,
+            coord_channels=config.coord_channels, feature_stride=config.feature_stride,
+            fine_channels=config.fine_channels,
         )
         self.text_projection = TextProjection(config.text_dim, config.embed_dim)
         self.mask_head = DynamicMaskHead(config.embed_dim, config.dense_channels, config.mask_head_hidden)

@@ -1,8 +1,10 @@
 """3D image encoder: early-downsampling residual U-Net (MONAI blocks) with CoordConv channels.
 
 Input  x: [B, 1, D, H, W] in [0, 1] on the RAS-aligned model grid (array axes S, A, R).
-Output ImageFeatures(dense=[B, C, D/2, H/2, W/2], global_embedding=[B, E] (L2-normalised)).
-The very first convolution has stride 2, so no full-resolution feature map is ever stored.
+Output ImageFeatures(dense=[B, C, D/s, H/s, W/s], global_embedding=[B, E] (L2-normalised)),
+s = feature_stride. The very first convolution has stride 2; with feature_stride=1 a thin
+full-resolution branch (``fine_channels`` wide, two convolutions on the input) is fused with the
+upsampled decoder output, so only a few channels ever live at full resolution.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from monai.networks.blocks import Convolution, ResidualUnit
 
 @dataclass
 class ImageFeatures:
-    dense: torch.Tensor             # [B, C, d, h, w] on the feature grid (model grid / 2)
+    dense: torch.Tensor             # [B, C, d, h, w] on the feature grid (model grid / stride)
     global_embedding: torch.Tensor  # [B, E], L2-normalised
 
 
@@ -36,9 +38,13 @@ def coordinate_channels(shape, device, dtype) -> torch.Tensor:
 
 class ImageEncoder(nn.Module):
     def __init__(self, in_channels: int = 4, channels=(16, 32, 48, 64), dense_channels: int = 32,
-                 embed_dim: int = 128, coord_channels: bool = True):
+                 embed_dim: int = 128, coord_channels: bool = True, feature_stride: int = 2,
+                 fine_channels: int = 8):
         super().__init__()
+        if feature_stride not in (1, 2):
+            raise ValueError(f"feature_stride must be 1 or 2, got {feature_stride}")
         self.coord_channels = coord_channels
+        self.feature_stride = feature_stride
         ch = list(channels)
         self.stem = Convolution(3, in_channels, ch[0], strides=2, kernel_size=3,
                                 act="PRELU", norm="INSTANCE")
@@ -53,10 +59,23 @@ class ImageEncoder(nn.Module):
         for i in range(len(ch) - 1, 0, -1):
             self.up.append(Convolution(3, ch[i] + ch[i - 1], ch[i - 1], kernel_size=3,
                                        act="PRELU", norm="INSTANCE"))
-        self.dense_out = nn.Sequential(
-            Convolution(3, ch[0], dense_channels, kernel_size=3, act="PRELU", norm="INSTANCE"),
-            nn.Conv3d(dense_channels, dense_channels, kernel_size=1),
-        )
+        self.fine = None
+        if feature_stride == 1:
+            self.fine = nn.Sequential(
+                Convolution(3, in_channels, fine_channels, kernel_size=3, act="PRELU", norm="INSTANCE"),
+                Convolution(3, fine_channels, fine_channels, kernel_size=3, act="PRELU", norm="INSTANCE"),
+            )
+            # 1x1x1 only at full resolution: 3x3x3 convolutions of dense_channels there cost
+            # ~10x the whole rest of the network on a CPU
+            self.dense_out = nn.Sequential(
+                nn.Conv3d(ch[0] + fine_channels, dense_channels, kernel_size=1), nn.PReLU(),
+                nn.Conv3d(dense_channels, dense_channels, kernel_size=1),
+            )
+        else:
+            self.dense_out = nn.Sequential(
+                Convolution(3, ch[0], dense_channels, kernel_size=3, act="PRELU", norm="INSTANCE"),
+                nn.Conv3d(dense_channels, dense_channels, kernel_size=1),
+            )
         self.global_proj = nn.Sequential(
             nn.Linear(2 * ch[-1], 2 * ch[-1]), nn.GELU(), nn.Linear(2 * ch[-1], embed_dim)
         )
@@ -68,6 +87,7 @@ class ImageEncoder(nn.Module):
         if self.coord_channels:
             coords = coordinate_channels(x.shape[2:], x.device, x.dtype)
             x = torch.cat([x, coords.unsqueeze(0).expand(x.shape[0], -1, -1, -1, -1)], dim=1)
+        full = x
         h = self.stem2(self.stem(x))
         skips = [h]
         for block in self.down:
@@ -78,6 +98,9 @@ class ImageEncoder(nn.Module):
             skip = skips[-2 - i]
             h = F.interpolate(h, size=skip.shape[2:], mode="trilinear", align_corners=False)
             h = block(torch.cat([h, skip], dim=1))
+        if self.fine is not None:
+            h = F.interpolate(h, size=full.shape[2:], mode="trilinear", align_corners=False)
+            h = torch.cat([h, self.fine(full)], dim=1)
         dense = self.dense_out(h)
         pooled = torch.cat([bottleneck.mean(dim=(2, 3, 4)), bottleneck.amax(dim=(2, 3, 4))], dim=1)
         g = F.normalize(self.global_proj(pooled), dim=-1)

@@ -220,10 +220,11 @@ class Augmenter:
 
 
 class ManifestDataset(torch.utils.data.Dataset):
-    """Model-space samples: image, targets on the feature grid (model grid / 2), texts."""
+    """Model-space samples: image, targets on the feature grid (model grid / feature_stride), texts."""
 
     def __init__(self, manifest: str | Path, spec, anatomies: list[str], augment: bool = False,
-                 cache: bool = True, preload: bool = True, seed: int = 0, two_views: bool = False):
+                 cache: bool = True, preload: bool = True, seed: int = 0, two_views: bool = False,
+                 feature_stride: int = 2):
         self.manifest = Path(manifest)
         self.root = self.manifest.parent
         self.entries = read_manifest(self.manifest)
@@ -231,6 +232,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.augment = Augmenter() if augment else None
         self.seed = seed
         self.two_views = two_views
+        self.feature_stride = int(feature_stride)
         self.epoch_step = 0
         self._cases = [load_case(e, self.root, spec, cache) for e in self.entries] if preload else None
 
@@ -261,8 +263,8 @@ class ManifestDataset(torch.utils.data.Dataset):
         am = anatomy_masks(c, self.anatomies)
         ft, known = finding_targets(c)
         tg = torch.from_numpy(np.concatenate([am, ft], 0))
-        # targets on the feature grid: block average (soft) over 2x2x2 model voxels
-        tg_f = F.avg_pool3d(tg[None].float(), 2)[0]
+        # targets on the feature grid: block average (soft) over stride^3 model voxels
+        tg_f = tg.float() if self.feature_stride == 1 else F.avg_pool3d(tg[None].float(), self.feature_stride)[0]
         A = len(self.anatomies)
         out = dict(case_id=c.case_id, image=img.float(), anat=tg_f[:A], find=tg_f[A:],
                    anat_full=tg[:A] > 0, find_full=tg[A:] > 0,
@@ -284,7 +286,8 @@ def _pad_to(x: torch.Tensor, shape) -> torch.Tensor:
 def collate(samples: list[dict]) -> dict:
     """Stack samples, centre-padding volumes to the largest grid in the batch."""
     shape = [max(s["image"].shape[-3 + k] for s in samples) for k in range(3)]
-    fshape = [v // 2 for v in shape]
+    stride = samples[0]["image"].shape[-1] // samples[0]["anat"].shape[-1]
+    fshape = [v // stride for v in shape]
     out = {"case_id": [s["case_id"] for s in samples], "report": [s["report"] for s in samples]}
     for k in ("image", "image2", "anat_full", "find_full"):
         if k in samples[0]:

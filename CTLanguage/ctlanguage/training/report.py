@@ -24,7 +24,8 @@ from .train import collect_predictions, heldout_ensembles, summarize
 
 def quick_eval(model_dir: str | Path, manifest: str | Path) -> dict:
     model = GroundedCTModel.from_pretrained(model_dir, device="cpu")
-    ds = ManifestDataset(manifest, model.config.spec, model.config.anatomies)
+    ds = ManifestDataset(manifest, model.config.spec, model.config.anatomies,
+                         feature_stride=model.config.feature_stride)
     pred = collect_predictions(model, ds, heldout=heldout_ensembles())
     res = summarize(pred, model.config.calibration_temperature, model.config.calibration_bias)
     res["calibration_temperature"] = model.config.calibration_temperature

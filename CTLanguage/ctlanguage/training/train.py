@@ -226,8 +226,10 @@ def collect_predictions(model: GroundedCTModel, dataset: ManifestDataset, heldou
         feats = model.encode_image(x)
         la = model.mask_logits(feats.dense, ta)[0]
         lf = model.mask_logits(feats.dense, tf)[0]
-        pa_full = F.interpolate(la[None], scale_factor=2, mode="trilinear", align_corners=False)[0] > 0
-        pf_full = F.interpolate(lf[None], scale_factor=2, mode="trilinear", align_corners=False)[0] > 0
+        st = model.config.feature_stride
+        up = (lambda z: z) if st == 1 else \
+            (lambda z: F.interpolate(z[None], scale_factor=st, mode="trilinear", align_corners=False)[0])
+        pa_full, pf_full = up(la) > 0, up(lf) > 0
         gt_a = s["anat_full"].numpy()
         for a_i, a in enumerate(anatomies):
             if gt_a[a_i].any():
@@ -511,9 +513,11 @@ def _run(cfg, tcfg, lcfg, base, out, rank, world, device, config_path, resume, q
     D.barrier()
     manifests = {k: ensure_corpus({"manifest": v["manifest"]}, base) for k, v in data.items()}
     two_views = float(lcfg["consistency"]) > 0
+    fs = model_cfg.feature_stride
     train_ds = ManifestDataset(manifests["train"], spec, model_cfg.anatomies, augment=True,
-                               seed=seed, two_views=two_views)
-    val_ds = ManifestDataset(manifests["val"], spec, model_cfg.anatomies) if "val" in manifests and D.is_main() else None
+                               seed=seed, two_views=two_views, feature_stride=fs)
+    val_ds = ManifestDataset(manifests["val"], spec, model_cfg.anatomies, feature_stride=fs) \
+        if "val" in manifests and D.is_main() else None
 
     model = GroundedCTModel(model_cfg).to(device)
     objective = TrainingObjective(model, lcfg)
@@ -621,7 +625,8 @@ def _provenance(cfg, config_path, steps, world) -> dict:
 def calibrate(model_dir: Path, manifest: Path, device=None) -> dict:
     """Fit the temperature on a calibration split and rewrite the model folder's config.json."""
     model = GroundedCTModel.from_pretrained(model_dir, device=device)
-    ds = ManifestDataset(manifest, model.config.spec, model.config.anatomies)
+    ds = ManifestDataset(manifest, model.config.spec, model.config.anatomies,
+                         feature_stride=model.config.feature_stride)
     pred = collect_predictions(model, ds)
     zc, yc, names = case_level(pred["logits"], pred["labels"], pred["items"])
     T, bias = fit_platt(zc, yc, names)
