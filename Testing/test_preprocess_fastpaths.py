@@ -90,6 +90,24 @@ def test_thresholded_to_source_on_scaled_grid_and_edges():
     assert np.count_nonzero(got != want) <= 2
 
 
+@pytest.mark.parametrize("nearest", [False, True])
+def test_thresholded_to_source_keeps_the_half_voxel_beyond_a_grid_inside_the_source(nearest):
+    """A (cropped) grid that lies inside a finer source: source voxels within half a grid voxel
+    outside its outer nodes take the edge value, on every side, as in ITK."""
+    arr3 = np.full((50, 50, 50), -1000.0, np.float32)
+    aff = np.diag([-1.0, 1.0, 1.0, 1.0])
+    aff[:3, 3] = [24.3, -24.3, -23.7]  # no source voxel centre exactly on a half-voxel boundary
+    vol = CTVolume(arr3, aff)
+    g = np.diag([5.0, 5.0, 5.0, 1.0])
+    g[:3, 3] = [-12.5, -12.5, -12.5]
+    grid = pp.ModelGrid((6, 6, 6), g)
+    arr = np.ones(grid.shape, np.float32)
+    got = grid.to_source(arr, vol, mode="nearest" if nearest else "linear", threshold=0.5)
+    want = itk_reference_mask(grid, arr, vol, 0.5, nearest)
+    assert want.sum() == 30 ** 3  # 6 nodes x 5 mm = 30 mm = 30 source voxels per axis
+    assert np.count_nonzero(got != want) == 0
+
+
 def test_oblique_source_uses_fallback_and_matches_sitk():
     vol = torso()
     t = np.radians(17.0)

@@ -203,8 +203,10 @@ class ModelGrid:
         sub_affine = self.ijk_to_ras.copy()
         sub_affine[:3, 3] = self.ijk_to_ras[:3, :3] @ lo[::-1] + self.ijk_to_ras[:3, 3]
         # source index box covering that region (corners in (i,j,k) order)
-        corners = np.array([[a, b, c] for a in (lo[2], hi[2]) for b in (lo[1], hi[1]) for c in (lo[0], hi[0])],
-                           dtype=np.float64)
+        # half a grid voxel beyond the outer nodes: where the sub-array touches the grid border,
+        # source voxels up to there still take the edge value (ITK's half-voxel rule)
+        corners = np.array([[a, b, c] for a in (lo[2] - 0.5, hi[2] + 0.5) for b in (lo[1] - 0.5, hi[1] + 0.5)
+                            for c in (lo[0] - 0.5, hi[0] + 0.5)], dtype=np.float64)
         ras = corners @ self.ijk_to_ras[:3, :3].T + self.ijk_to_ras[:3, 3]
         src = volume.ras_to_ijk_points(ras)
         size_ijk = np.asarray(volume.shape[::-1])
