@@ -828,3 +828,30 @@ def test_masks_touching_the_grid_border_single_voxels_and_empty_masks_are_exact(
     assert mrml_glue.segment_mask_on_reference(scene, seg, "full", volume_node).sum() == 0
     with pytest.raises(ValueError, match="grid"):
         mrml_glue.set_segment_mask(seg, "full", np.zeros((2, 2, 2), np.uint8), volume_node)
+
+
+def test_segments_added_after_the_3d_surface_exists_get_a_correct_surface(scene, volume_node):
+    """Closed surfaces (3D view) of a segment added after the surfaces were created equal those of
+    the same mask in a segmentation that never had surfaces before it (once: doubled surface)."""
+    surface = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+
+    def finding(name, box):
+        m = np.zeros(SHAPE, np.uint8)
+        m[box] = 1
+        return SimpleNamespace(prompt=name, mask=m, color=(0.9, 0.1, 0.1), probability=0.5, anatomy="liver",
+                               finding=None, laterality=None, prompt_confidence=1.0, volume_ml=0.0)
+
+    first = finding("first", (slice(2, 10), slice(5, 20), slice(5, 20)))
+    second = finding("second", (slice(8, 16), slice(20, 35), slice(10, 28)))
+    ref = mrml_glue.new_segmentation_node(scene, volume_node, "reference")
+    sid = mrml_glue.add_finding_segment(ref, second, volume_node)
+    ref.CreateClosedSurfaceRepresentation()
+    want = ref.GetSegmentation().GetSegment(sid).GetRepresentation(surface).GetNumberOfPoints()
+    assert want > 0
+    seg = mrml_glue.new_segmentation_node(scene, volume_node, "late")
+    mrml_glue.add_finding_segment(seg, first, volume_node)
+    seg.CreateClosedSurfaceRepresentation()
+    sid = mrml_glue.add_finding_segment(seg, second, volume_node)
+    got = seg.GetSegmentation().GetSegment(sid).GetRepresentation(surface)
+    assert got is not None and got.GetNumberOfPoints() == want
+    assert np.array_equal(mrml_glue.segment_mask_on_reference(scene, seg, sid, volume_node), second.mask)

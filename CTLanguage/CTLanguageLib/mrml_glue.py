@@ -223,8 +223,8 @@ def new_segmentation_node(scene, reference_volume_node, name: str | None = None)
     return seg
 
 
-def set_segment_mask(segmentation_node, segment_id: str, mask: np.ndarray, reference_volume_node) -> None:
-    """Replace a segment's binary labelmap with ``mask`` on the reference volume's voxel grid."""
+def _mask_image(mask: np.ndarray, reference_volume_node):
+    """``mask`` (reference grid) -> vtkOrientedImageData of its bounding box."""
     ref_shape = array_shape_of_node(reference_volume_node)
     mask = np.asarray(mask)
     if mask.shape != ref_shape:
@@ -249,7 +249,12 @@ def set_segment_mask(segmentation_node, segment_id: str, mask: np.ndarray, refer
     crop = np.ascontiguousarray(binary[k0:k1, j0:j1, i0:i1], dtype=np.uint8)
     shift = np.eye(4)
     shift[:3, 3] = (i0, j0, k0)
-    image = oriented_image_from_mask(crop, ijk_to_ras @ shift)
+    return oriented_image_from_mask(crop, ijk_to_ras @ shift)
+
+
+def set_segment_mask(segmentation_node, segment_id: str, mask: np.ndarray, reference_volume_node) -> None:
+    """Replace a segment's binary labelmap with ``mask`` on the reference volume's voxel grid."""
+    image = _mask_image(mask, reference_volume_node)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     ok = logic.SetBinaryLabelmapToSegment(
         image, segmentation_node, segment_id, logic.MODE_REPLACE, image.GetExtent()
@@ -278,10 +283,15 @@ def add_finding_segment(segmentation_node, finding, reference_volume_node, segme
     colour, terminology, mask on the reference grid; probability etc. stored as segment tags."""
     segmentation = segmentation_node.GetSegmentation()
     name = str(getattr(finding, "prompt", None) or getattr(finding, "anatomy", None) or "finding")
-    if segment_id is None or segmentation.GetSegment(segment_id) is None:
+    created = segment_id is None or segmentation.GetSegment(segment_id) is None
+    if created:
         segment_id = segment_id or _unique_segment_id(segmentation, name)
         segment = slicer.vtkSegment()
         segment.SetName(name)
+        # the new segment carries its labelmap when it is added: an empty segment added while
+        # a closed-surface representation exists makes the surface conversion fail for it
+        segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(),
+                                  _mask_image(finding.mask, reference_volume_node))
         segmentation.AddSegment(segment, segment_id)
     segment = segmentation.GetSegment(segment_id)
     segment.SetName(name)
@@ -293,7 +303,8 @@ def add_finding_segment(segmentation_node, finding, reference_volume_node, segme
     segment.SetTag(ATTRIBUTE_PREFIX + "Probability", "" if prob is None else f"{float(prob):.6g}")
     segment.SetTag(ATTRIBUTE_PREFIX + "PromptConfidence", f"{float(getattr(finding, 'prompt_confidence', 0.0) or 0.0):.6g}")
     segment.SetTag(ATTRIBUTE_PREFIX + "Anatomy", str(getattr(finding, "anatomy", "") or ""))
-    set_segment_mask(segmentation_node, segment_id, finding.mask, reference_volume_node)
+    if not created:
+        set_segment_mask(segmentation_node, segment_id, finding.mask, reference_volume_node)
     display = segmentation_node.GetDisplayNode()
     if display is not None:
         display.SetSegmentVisibility(segment_id, bool(visible))

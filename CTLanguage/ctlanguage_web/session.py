@@ -304,11 +304,6 @@ class WebSession:
     def run_prompts(self, text: str) -> list[dict]:
         if self.volume_node is None:
             raise ValueError("Load a CT or a synthetic case first.")
-        seg = self.logic.segmentation_node(self.volume_node)
-        if seg is not None:
-            # segments added while a closed-surface representation exists get a broken surface
-            # slot; drop the surfaces and rebuild them for all segments afterwards
-            seg.RemoveClosedSurfaceRepresentation()
         self.logic.run_prompts(self.volume_node, text)
         self._results_version += 1
         seg = self.logic.segmentation_node(self.volume_node)
@@ -319,7 +314,7 @@ class WebSession:
                 display.SetOpacity2DOutline(1.0)
                 display.SetSliceIntersectionThickness(2)
                 display.SetOpacity3D(1.0)  # translucent surfaces do not show with offscreen GL here
-            try:
+            try:  # no-op once the surfaces exist; new segments get theirs when added (glue)
                 seg.CreateClosedSurfaceRepresentation()
             except Exception:  # noqa: BLE001 - 3D surfaces are a bonus
                 log.warning("closed surface generation failed", exc_info=True)
