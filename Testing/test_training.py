@@ -136,3 +136,22 @@ def test_ddp_two_cpu_processes(corpus, tmp_path):
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == 2
     GroundedCTModel.from_pretrained(out / "final", device="cpu")
+
+
+def test_bootstrap_auc_difference_separates_a_better_model_from_noise():
+    import numpy as np
+
+    from ctlanguage.training.report import bootstrap_auc_difference, mean_auc
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((60, 5)) < 0.3).astype(float)
+    good = {"z": y + rng.normal(0, 0.3, y.shape), "y": y}
+    noise = {"z": rng.normal(0, 1, y.shape), "y": y}
+    assert mean_auc(good["z"], y) > 0.9 and 0.3 < mean_auc(noise["z"], y) < 0.7
+    d, lo, hi = bootstrap_auc_difference(good, noise, n=200)
+    assert d > 0.2 and 0 < lo <= d <= hi
+    d, lo, hi = bootstrap_auc_difference(noise, noise, n=200)
+    assert d == 0 and lo == 0 and hi == 0
+    other = {"z": noise["z"], "y": 1 - y}
+    with pytest.raises(ValueError, match="same cases"):
+        bootstrap_auc_difference(good, other, n=10)

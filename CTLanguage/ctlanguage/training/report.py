@@ -15,11 +15,12 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..model import GroundedCTModel
 from .dataset import ManifestDataset
-from .train import collect_predictions, heldout_ensembles, summarize
+from .train import case_level, collect_predictions, heldout_ensembles, summarize
 
 
 def quick_eval(model_dir: str | Path, manifest: str | Path) -> dict:
@@ -31,7 +32,35 @@ def quick_eval(model_dir: str | Path, manifest: str | Path) -> dict:
     res["calibration_temperature"] = model.config.calibration_temperature
     res["steps"] = (model.config.training or {}).get("steps")
     res["losses"] = (model.config.training or {}).get("losses")
+    z, y, names = case_level(pred["logits"], pred["labels"], pred["items"])
+    res["_case_level"] = {"z": z, "y": y, "names": names}   # for the bootstrap; not written to JSON
     return res
+
+
+def mean_auc(z: np.ndarray, y: np.ndarray) -> float:
+    """Mean over findings (columns) of the case-level AUC; findings without both classes skipped."""
+    from sklearn.metrics import roc_auc_score
+
+    vals = [roc_auc_score(y[:, k], z[:, k]) for k in range(y.shape[1]) if 0 < y[:, k].sum() < y.shape[0]]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def bootstrap_auc_difference(a: dict, b: dict, n: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """Paired case bootstrap of mean finding AUC(a) - AUC(b) on the same cases:
+    (observed difference, 2.5th percentile, 97.5th percentile)."""
+    za, ya, zb, yb = a["z"], a["y"], b["z"], b["y"]
+    if not np.array_equal(ya, yb):
+        raise ValueError("the two models were not evaluated on the same cases")
+    rng = np.random.default_rng(seed)
+    obs = mean_auc(za, ya) - mean_auc(zb, yb)
+    diffs = []
+    for _ in range(n):
+        i = rng.integers(0, ya.shape[0], ya.shape[0])
+        d = mean_auc(za[i], ya[i]) - mean_auc(zb[i], yb[i])
+        if not np.isnan(d):
+            diffs.append(d)
+    lo, hi = np.percentile(diffs, [2.5, 97.5]) if diffs else (float("nan"), float("nan"))
+    return float(obs), float(lo), float(hi)
 
 
 def _f(x, d=3):
@@ -54,6 +83,14 @@ def comparison_markdown(results: dict, manifest: str) -> str:
                      f"{_f(r['mean_finding_auc'])} | {_f(r['ece'])} | {_f(r.get('mean_paraphrase_auc'))} | "
                      f"{_f(r.get('paraphrase_auc_drop'))} |")
     names = list(results)
+    ref = names[0]
+    if all("_case_level" in r for r in results.values()) and len(names) > 1:
+        lines += ["", f"Mean finding AUC difference to **{ref}** (paired bootstrap over the held-out "
+                  "cases, 1000 resamples, 95 % interval):", "",
+                  "| model | AUC(model) - AUC(" + ref + ") | 95 % interval |", "|---|---|---|"]
+        for n_ in names[1:]:
+            d, lo, hi = bootstrap_auc_difference(results[n_]["_case_level"], results[ref]["_case_level"])
+            lines.append(f"| {n_} | {d:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
     findings = sorted({f for r in results.values() for f in r["finding_auc"]})
     lines += ["", "Per-finding AUC:", "", "| finding | " + " | ".join(names) + " |",
               "|---|" + "---|" * len(names)]
@@ -77,7 +114,8 @@ def main(argv=None):
         results[name] = quick_eval(d, a.manifest)
         print(name, {k: round(v, 4) for k, v in results[name].items() if isinstance(v, float)}, flush=True)
     if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=1, default=float))
+        plain = {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in results.items()}
+        Path(a.json).write_text(json.dumps(plain, indent=1, default=float))
     if a.out:
         Path(a.out).write_text(comparison_markdown(results, a.manifest))
 
