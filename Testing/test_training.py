@@ -98,14 +98,20 @@ def test_train_resume_calibrate_export(corpus, tmp_path):
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == 2
     cfg["train"]["steps"] = 4
+    # a later phase switches the segmentation loss off from step 4 (0-based 3) on
+    cfg["phases"] = [{"from_step": 3, "losses": {"seg": 0.0, "presence_pos_weight": 3.0}}]
     run_training(cfg, quiet=True)           # resumes at step 2
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4]
+    by_step = {r["step"]: r for r in lines if "loss" in r}
+    # no seg part at step 4: its running average stays where step 3 left it, the others move
+    assert by_step[4]["seg"] == by_step[3]["seg"] and by_step[4]["presence"] != by_step[3]["presence"]
     assert all(np.isfinite(r["loss"]) for r in lines if "loss" in r)
     m = GroundedCTModel.from_pretrained(str(out) + "_export", device="cpu")
     assert m.config.calibration["n_cases"] == 4
     assert m.config.calibration_temperature > 0
     assert m.config.training["steps"] == 4
+    assert m.config.training["phases"][0]["from_step"] == 3
 
 
 def test_deterministic_first_step(corpus, tmp_path):

@@ -32,6 +32,7 @@ DEFAULT_LOSSES = {
     "seg": 1.0, "organ_contrastive": 0.5, "fn_calibration": True, "abnormality_dictionary": True,
     "dictionary_negatives": 64, "presence": 1.0, "consistency": 0.0, "global_clip": 0.0,
     "absent_finding_prompts": 6, "anatomy_prompts": 0, "unsided_prompt_prob": 0.25,
+    "presence_pos_weight": None,
 }
 DEFAULT_TRAIN = {
     "steps": 200, "batch_size": 2, "lr": 2e-3, "weight_decay": 1e-4, "warmup_steps": 20,
@@ -164,7 +165,9 @@ class TrainingObjective(nn.Module):
                 logits.append(m.presence_logit(src, pe, ne))
                 labels.append(batch["presence"][:, i])
             if logits:
-                parts["presence"] = L.presence_loss(torch.stack(logits, 1), torch.stack(labels, 1).to(dev))
+                pw = cfg.get("presence_pos_weight")
+                parts["presence"] = L.presence_loss(torch.stack(logits, 1), torch.stack(labels, 1).to(dev),
+                                                    pos_weight=None if pw is None else float(pw))
         if cfg["global_clip"] > 0:
             rep = [r if r else "no report" for r in batch["report"]]
             t = m.embed_text(rep)
@@ -554,7 +557,14 @@ def _run(cfg, tcfg, lcfg, base, out, rank, world, device, config_path, resume, q
     t0 = time.time()
     running: dict[str, float] = {}
     model.train()
+    phases = sorted(cfg.get("phases", []), key=lambda ph: int(ph["from_step"]))
     for step in range(start, steps):
+        # loss settings of the phase this step is in (later phases override earlier ones)
+        lc = dict(lcfg)
+        for ph in phases:
+            if step >= int(ph["from_step"]):
+                lc.update(ph.get("losses", {}))
+        objective.cfg = {**DEFAULT_LOSSES, **lc}
         idx = batch_indices(step)
         samples = [train_ds.sample(i, aug_seed=seed * 100003 + step * 131 + j * 7 + rank * 7919)
                    for j, i in enumerate(idx)]
@@ -619,7 +629,7 @@ def _provenance(cfg, config_path, steps, world) -> dict:
             "world_size": world, "seed": cfg.get("train", {}).get("seed", 0),
             "data": {k: v for k, v in cfg.get("data", {}).items()},
             "losses": {**DEFAULT_LOSSES, **cfg.get("losses", {})},
-            "torch": torch.__version__}
+            "phases": cfg.get("phases", []), "torch": torch.__version__}
 
 
 def calibrate(model_dir: Path, manifest: Path, device=None) -> dict:
