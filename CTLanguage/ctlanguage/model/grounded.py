@@ -88,10 +88,15 @@ class GroundedCTModel(nn.Module):
         return self.organ_pool(dense, masks.to(dense.dtype), index)
 
     def presence_logit(self, organ_emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-        """Ensemble score: scale * (mean cos(organ, positive phrasings) - mean cos(organ, negated)).
+        """Ensemble score (config.presence_rule):
+        "difference": scale * (mean cos(organ, positive phrasings) - mean cos(organ, negated));
+        "direction":  scale * cos(organ, mean(positive) - mean(negated)).
 
         organ_emb [..., E]; pos [P, E]; neg [Q, E] -> [...] (uncalibrated logit).
         With presence_source == "global" pass the global embedding instead of an organ one."""
+        if self.config.presence_rule == "direction":
+            d = F.normalize(pos.mean(0) - neg.mean(0), dim=-1)
+            return self.logit_scale * (organ_emb @ d)
         s_pos = (organ_emb @ pos.t()).mean(-1)
         s_neg = (organ_emb @ neg.t()).mean(-1)
         return self.logit_scale * (s_pos - s_neg)
