@@ -99,7 +99,8 @@ def test_train_resume_calibrate_export(corpus, tmp_path):
     assert state["step"] == 2
     cfg["train"]["steps"] = 4
     # a later phase switches the segmentation loss off from step 4 (0-based 3) on
-    cfg["phases"] = [{"from_step": 3, "losses": {"seg": 0.0, "presence_pos_weight": 3.0}}]
+    cfg["phases"] = [{"from_step": 3, "losses": {"seg": 0.0, "presence_pos_weight": 3.0,
+                                                      "pool_predicted_masks": 1.0}}]
     run_training(cfg, quiet=True)           # resumes at step 2
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4]
