@@ -439,14 +439,14 @@ def test_injected_process_object_drives_the_state_machine(volume_node):
             return self.rc
 
     job = background.EncodingJob(mrml_glue.volume_node_to_ctvolume(volume_node), process_factory=FakeProcess,
-                                 model="ctlanguage-synth-v1", device="cpu")
+                                 model="ctlanguage-synth-v2", device="cpu")
     seen, finished = [], []
     job.progress.connect(lambda f, m: seen.append((f, m)))
     job.finished.connect(finished.append)
     job.start(waitForCompletion=True, poll_interval_s=0.0)
     assert job.state == "finished" and finished == ["/tmp/enc"]
     assert (0.5, "half") in seen and seen[-1][0] == 1.0
-    assert "--model" in job.process.argv and "ctlanguage-synth-v1" in job.process.argv
+    assert "--model" in job.process.argv and "ctlanguage-synth-v2" in job.process.argv
     assert job.process.argv[job.process.argv.index("--device") + 1] == "cpu"
     job.discard()
 

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 
-DEFAULT_MODEL_ID = "ctlanguage-synth-v1"
+DEFAULT_MODEL_ID = "ctlanguage-synth-v2"
 ENCODING_FORMAT = "ctlanguage-encoding-v1"
 MAX_PROMPTS_PER_QUERY = 64
 # dilation (in feature voxels) of the anatomy region a finding mask is restricted to

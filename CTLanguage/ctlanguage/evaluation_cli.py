@@ -1,7 +1,7 @@
 """`ctlanguage evaluate`: AUC / Dice / ECE / paraphrase tables for one or several models.
 
     ctlanguage evaluate --model default --data held_out/manifest.jsonl --out eval/
-    ctlanguage evaluate --model grounded=Resources/Models/ctlanguage-synth-v1 \\
+    ctlanguage evaluate --model grounded=Resources/Models/ctlanguage-synth-v2 \\
         --model global-clip=runs/global/model --data held_out/manifest.jsonl --out eval/ \\
         --doc docs/model_comparison.md
 
