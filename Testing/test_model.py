@@ -5,16 +5,7 @@ import torch
 
 from ctlanguage.model import GroundedCTModel, ModelConfig, coordinate_channels
 
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run beside other work on a small shared CPU: one torch thread avoids
-    oversubscription (several times faster there); the previous setting is restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # Testing/conftest.py
 
 
 def tiny_config(**kw):

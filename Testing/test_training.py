@@ -29,14 +29,7 @@ def corpus(tmp_path_factory):
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run beside other work on a small shared CPU: one torch thread avoids
-    oversubscription (several times faster there); the previous setting is restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # Testing/conftest.py
 
 
 def tiny_cfg(corpus, out, steps=4, **losses):

@@ -568,14 +568,14 @@ def _run(cfg, tcfg, lcfg, base, out, rank, world, device, config_path, resume, q
     phases = sorted(cfg.get("phases", []), key=lambda ph: int(ph["from_step"]))
     for step in range(start, steps):
         # loss settings of the phase this step is in (later phases override earlier ones)
+        # (and, from "model", the parameter-free presence rule)
         lc = dict(lcfg)
         for ph in phases:
             if step >= int(ph["from_step"]):
                 lc.update(ph.get("losses", {}))
+                if "presence_rule" in ph.get("model", {}):
+                    model.config.presence_rule = ph["model"]["presence_rule"]
         objective.cfg = {**DEFAULT_LOSSES, **lc}
-        for ph in phases:  # phases may also switch the parameter-free inference rule
-            if step >= int(ph["from_step"]) and "presence_rule" in ph.get("model", {}):
-                model.config.presence_rule = ph["model"]["presence_rule"]
         idx = batch_indices(step)
         samples = [train_ds.sample(i, aug_seed=seed * 100003 + step * 131 + j * 7 + rank * 7919)
                    for j, i in enumerate(idx)]
