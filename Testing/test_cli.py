@@ -473,3 +473,16 @@ def test_real_engine_corrupt_checkpoint(tmp_path, random_model, nifti, capsys):
     code, _, err = run(["query", str(nifti), "-p", "liver", "--out", str(tmp_path / "o"), "--model", str(bad)], capsys)
     assert_one_error_line(code, err)
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_import_does_not_pull_the_web_demo_or_the_slicer_glue():
+    """The engine's CLI points one way: `web` is registered by ctlanguage_web through an entry
+    point, so importing or building the CLI never imports the glue or trame."""
+    code = ("import sys, ctlanguage.cli as c; a = sorted(m for m in sys.modules if m.startswith("
+            "('ctlanguage_web', 'CTLanguageLib', 'trame', 'slicer'))); c.build_parser(); "
+            "b = sorted(m for m in sys.modules if m.startswith(('CTLanguageLib', 'trame', 'slicer', "
+            "'ctlanguage_web.app', 'ctlanguage_web.session'))); print(a, b)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[] []", r.stdout
+    assert "web" in main.__globals__["build_parser"]()._subparsers._group_actions[0].choices

@@ -22,7 +22,7 @@ def _load_config(path: str) -> dict:
 
 
 def _train(args) -> int:
-    from .train import run_training
+    from ..training.train import run_training
 
     cfg = _load_config(args.config)
     if args.output:
@@ -36,7 +36,7 @@ def _train(args) -> int:
 
 
 def _calibrate(args) -> int:
-    from .train import calibrate
+    from ..training.train import calibrate
 
     res = calibrate(Path(args.model), Path(args.data))
     print(json.dumps(res, indent=2))

@@ -1,7 +1,8 @@
 """`ctlanguage web [--port P] [--host 127.0.0.1]`: the browser demo (trame-slicer).
 
-Only registers the subcommand; ``ctlanguage_web`` (trame, vtk, slicer-core) is imported inside
-the handler so that the rest of the CLI works without those packages.
+Registered in the engine's CLI through the ``ctlanguage.cli`` entry-point group (pyproject.toml),
+so the engine never imports the web demo. Registering imports nothing heavy: trame, vtk and
+slicer-core are imported inside the handler.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from .errors import InputError
+    from ctlanguage.errors import InputError
 
     try:
-        from ctlanguage_web.launcher import Launcher
+        from .launcher import Launcher
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise InputError(f"The web demo needs trame-slicer ({exc}); install the project's pinned "
                          "requirements (scripts/setup_env.sh).") from None

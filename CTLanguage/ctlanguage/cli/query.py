@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .errors import CTLanguageError, ExportError, InputError, PromptError
+from ..errors import CTLanguageError, ExportError, InputError, PromptError
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -138,7 +138,7 @@ def model_info(engine: Any, path: Path | None, entry: Any) -> dict:
         info.setdefault("id", cfg.get("model_id") or cfg.get("id") or cfg.get("name") or path.name)
         info.setdefault("version", str(cfg.get("version", "unknown")))
         if "sha256" not in info and (path / "model.safetensors").is_file():
-            from .catalog import sha256_file
+            from ..catalog import sha256_file
 
             info["sha256"] = sha256_file(path / "model.safetensors")
     info.setdefault("id", "unknown")
@@ -149,8 +149,8 @@ def model_info(engine: Any, path: Path | None, entry: Any) -> dict:
 
 
 def load_model(spec: str | None, device: str | None, reporter: Reporter) -> LoadedModel:
-    from . import catalog
-    from .engine import Engine
+    from .. import catalog
+    from ..engine import Engine
 
     path, entry = catalog.resolve_model(spec or "default")
     if device == "cuda":
@@ -164,7 +164,7 @@ def load_model(spec: str | None, device: str | None, reporter: Reporter) -> Load
 
 
 def read_image(path: str | Path, reporter: Reporter):
-    from .io import read_ct
+    from ..io import read_ct
 
     p = Path(path)
     with reporter.step(f"reading {p.name or p}") as cb:
@@ -174,7 +174,7 @@ def read_image(path: str | Path, reporter: Reporter):
 
 
 def split_prompt_args(prompts: Sequence[str] | None) -> list[str]:
-    from .prompts import split_prompts
+    from ..prompts import split_prompts
 
     out: list[str] = []
     for p in prompts or []:
@@ -200,7 +200,7 @@ def encoding_volume_hash(enc: Any) -> str | None:
 
 
 def get_encoding(model: LoadedModel, volume: Any, encoding_file: str | None, reporter: Reporter):
-    from .engine import Encoding
+    from ..engine import Encoding
 
     if encoding_file:
         p = Path(encoding_file)
@@ -236,7 +236,7 @@ def check_output_parent(out: str | Path) -> None:
 def query_and_export(model: LoadedModel, enc: Any, volume: Any, prompts: list[str], out: Path,
                      reporter: Reporter, mask_threshold: float = 0.5, input_path: str | None = None,
                      extra: dict | None = None):
-    from .exports import export_all
+    from ..exports import export_all
 
     t0 = time.perf_counter()
     with reporter.step(f"querying {len(prompts)} prompt{'s' * (len(prompts) != 1)}") as cb:
@@ -419,7 +419,7 @@ def _summary_row(case: Case, status: str, seconds: float | None, doc: dict | Non
 
 
 def cmd_batch(args) -> int:
-    from .exports.atomic import atomic_write_bytes, check_writable_dir
+    from ..exports.atomic import atomic_write_bytes, check_writable_dir
 
     reporter = Reporter(args.quiet)
     prompts = split_prompt_args(args.prompt)

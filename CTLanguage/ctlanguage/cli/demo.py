@@ -28,7 +28,7 @@ DEFAULT_PROMPTS = [
 
 
 def _phantom_volume(case):
-    from .volume import CTVolume
+    from ..volume import CTVolume
 
     v = case.volume
     if hasattr(v, "array"):
@@ -103,10 +103,10 @@ def _truth_labels(case) -> dict:
 
 
 def cmd_demo(args) -> int:
-    from . import io as ctio
-    from .dicom_io import write_dicom_series
-    from .exports.atomic import check_writable_dir
-    from .query_cli import Reporter, findings_table, load_model, query_and_export, split_prompt_args
+    from .. import io as ctio
+    from ..dicom_io import write_dicom_series
+    from ..exports.atomic import check_writable_dir
+    from .query import Reporter, findings_table, load_model, query_and_export, split_prompt_args
 
     reporter = Reporter(args.quiet)
     prompts = split_prompt_args(args.prompt) if args.prompt else list(DEFAULT_PROMPTS)
@@ -119,7 +119,7 @@ def cmd_demo(args) -> int:
     # 1. synthetic case
     t = time.perf_counter()
     with reporter.step(f"phantom case (seed {args.seed})") as cb:
-        from .phantom import generate_case
+        from ..phantom import generate_case
 
         case = generate_case(args.seed)
         cb(0.6, "writing NIfTI")
@@ -196,7 +196,7 @@ def cmd_demo(args) -> int:
 
 
 def register(subparsers) -> None:
-    from .query_cli import _add_model_args, _threshold
+    from .query import _add_model_args, _threshold
 
     p = subparsers.add_parser(
         "demo", help="synthetic case -> encode -> several prompts -> all exports (offline)",

@@ -43,8 +43,8 @@ def _split_label(spec: str) -> tuple[str | None, str]:
 
 
 def run(args) -> int:
-    from . import evaluation as E
-    from .engine import Engine
+    from .. import evaluation as E
+    from ..engine import Engine
 
     quiet = getattr(args, "quiet", False)
     paraphrases = None

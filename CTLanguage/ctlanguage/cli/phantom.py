@@ -27,7 +27,7 @@ def register(subparsers) -> None:
 
 def handler(args: argparse.Namespace) -> int:
     from ..errors import InputError
-    from .corpus import write_corpus
+    from ..phantom.corpus import write_corpus
 
     if args.n < 1:
         raise InputError("--n must be at least 1.")
