@@ -317,14 +317,17 @@ class GroundedBackend:
 
         sides = [V.get(a).side if V.get(a).kind == "anatomy" else None for a in req.anatomies]
         logits = None
-        if req.want_mask:
+        if req.want_mask and V.get(req.finding).mask_is_anatomy:   # enlargement: the organ itself
+            organ = state.organ_logit_array()
+            logits = np.stack([organ[state.anatomy_index(a)] for a in req.anatomies])
+        elif req.want_mask:
             t = self.embed([P.canonical_phrase(req.finding, s) for s in sides])
             logits = self.mask_logits(state.dense, t, state._head_cache).float().cpu().numpy()
         out, scores = None, {}
         for n, (a, s) in enumerate(zip(req.anatomies, sides)):
             if logits is not None:
                 lg = logits[n]
-                if a != "body":
+                if a != "body" and not V.get(req.finding).mask_is_anatomy:
                     region = req.region
                     keys = [region] if (region and region in state.anatomies and
                                         V.get(region).side in (None, s)) else [a]
