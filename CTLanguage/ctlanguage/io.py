@@ -73,10 +73,10 @@ def _read_series_of_file(path: Path, validate: bool) -> CTVolume:
     from . import dicom_io
 
     try:
-        uid = str(pydicom.dcmread(path, stop_before_pixels=True).get("SeriesInstanceUID", ""))
+        uid = dicom_io.series_key(pydicom.dcmread(path, stop_before_pixels=True), path)
     except Exception as exc:  # pydicom raises assorted types on corrupt files
         raise InputError(f"Cannot read the DICOM file {path.name}: {exc}.") from None
-    return dicom_io.read_dicom_series(path.parent, series_uid=uid or None, validate=validate)
+    return dicom_io.read_dicom_series(path.parent, series_uid=uid, validate=validate)
 
 
 def _looks_like_dicom(path: Path) -> bool:
