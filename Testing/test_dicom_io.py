@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from _dicom_helpers import edit_series, files_of, legacy_converted, tilted_series
 from ctlanguage.dicom_io import find_series, read_dicom_series, write_dicom_series
 from ctlanguage.errors import ExportError, GeometryError, InputError
 from ctlanguage.io import read_ct
@@ -30,10 +31,6 @@ def ct_volume(shape=(10, 20, 24), affine=None, seed=0):
     arr = rng.normal(0, 300, shape).astype(np.float32)
     arr[0, 0, 0] = -1024
     return CTVolume(arr, oblique_affine() if affine is None else affine)
-
-
-def files_of(folder):
-    return sorted(p for p in folder.rglob("*.dcm"))
 
 
 def test_round_trip_geometry_and_hu(tmp_path):
@@ -128,45 +125,8 @@ def test_refuses_mr_sr_and_empty_folders(tmp_path):
         read_ct(tmp_path / "empty")
 
 
-def _edit_series(folder, fn):
-    for p in files_of(folder):
-        ds = pydicom.dcmread(p)
-        fn(ds)
-        ds.save_as(p)
-
-
-def _tilted_series(folder, deg=15.0, shape=(10, 20, 24), spacing=(1.5, 1.25, 2.5)):
-    """A gantry-tilted series with known truth: slice planes tilted about the patient's x axis by
-    ``deg``, slice positions moving along the table (z), HU a linear function of the position.
-    Returns (truth ijk->LPS 4x4 of the stored voxels, hu(lps) function)."""
-    t = np.radians(deg)
-    row, col = np.array([1.0, 0, 0]), np.array([0, np.cos(t), np.sin(t)])
-    normal = np.cross(row, col)
-    sx, sy, step = spacing
-    p0 = np.array([-20.0, -15.0, 40.0])
-    dz = step / np.cos(t)  # table feed per slice; the spacing along the normal stays ``step``
-    truth = np.eye(4)
-    truth[:3, 0], truth[:3, 1], truth[:3, 2], truth[:3, 3] = row * sx, col * sy, [0, 0, dz], p0
-
-    def hu(lps):
-        return -700.0 + 4.0 * lps[..., 0] - 3.0 * lps[..., 1] + 6.0 * lps[..., 2]
-
-    k, j, i = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
-    lps = np.stack([i, j, k], -1) @ truth[:3, :3].T + p0
-    untilted = np.eye(4)  # what the writer is given: the same planes, slice axis along the normal
-    untilted[:3, 0], untilted[:3, 1], untilted[:3, 2], untilted[:3, 3] = row * sx, col * sy, normal * step, p0
-    write_dicom_series(CTVolume(np.round(hu(lps)), LPS_TO_RAS @ untilted), folder)
-
-    def retilt(ds):  # slices acquired at table positions z0 + k * dz, not along the normal
-        k_ = int(ds.InstanceNumber) - 1
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in p0 + k_ * np.array([0, 0, dz])]
-
-    _edit_series(folder, retilt)
-    return truth, hu
-
-
 def test_gantry_tilted_series_is_resampled_exactly_with_a_warning(tmp_path, caplog):
-    truth, hu = _tilted_series(tmp_path, deg=15.0)
+    truth, hu = tilted_series(tmp_path, deg=15.0)
     with caplog.at_level(logging.WARNING, logger="ctlanguage.dicom_io"):
         vol = read_ct(tmp_path)
     assert "gantry tilt (15.0 degrees)" in caplog.text and "orthogonal grid" in caplog.text
@@ -187,7 +147,7 @@ def test_gantry_tilted_series_is_resampled_exactly_with_a_warning(tmp_path, capl
 
 
 def test_irregular_sideways_wander_is_refused(tmp_path):
-    _tilted_series(tmp_path, deg=10.0)
+    tilted_series(tmp_path, deg=10.0)
     target = sorted(files_of(tmp_path), key=lambda p: int(pydicom.dcmread(p).InstanceNumber))[4]
     ds = pydicom.dcmread(target)
     pos = [float(v) for v in ds.ImagePositionPatient]
@@ -339,24 +299,11 @@ def test_multiframe_without_plane_geometry_is_refused_clearly(tmp_path):
         read_ct(tmp_path)
 
 
-def _legacy_converted(folder, out):
-    """The classic series in ``folder`` converted by highdicom into one Legacy Converted
-    Enhanced CT object (multi-frame, geometry in functional groups)."""
-    import highdicom as hd
-
-    sources = [pydicom.dcmread(p) for p in files_of(folder)]
-    mf = hd.legacy.LegacyConvertedEnhancedCTImage(sources, series_instance_uid=generate_uid(), series_number=7,
-                                                   sop_instance_uid=generate_uid(), instance_number=1)
-    out.mkdir()
-    mf.save_as(out / "multiframe.dcm")
-    return out / "multiframe.dcm"
-
-
 def test_multiframe_ct_reads_like_its_classic_series(tmp_path):
     vol = ct_volume(affine=oblique_affine(deg=-25.0))
     vol.array[4] += 200.0  # per-slice content, so that a frame order error shows
     write_dicom_series(vol, tmp_path / "classic")
-    _legacy_converted(tmp_path / "classic", tmp_path / "mf")
+    legacy_converted(tmp_path / "classic", tmp_path / "mf")
     classic, multi = read_ct(tmp_path / "classic"), read_ct(tmp_path / "mf")
     assert multi.metadata["sop_class_uid"] == "1.2.840.10008.5.1.4.1.1.2.2" and multi.shape == vol.shape
     np.testing.assert_allclose(multi.ijk_to_ras, classic.ijk_to_ras, atol=1e-6)
@@ -364,8 +311,8 @@ def test_multiframe_ct_reads_like_its_classic_series(tmp_path):
 
 
 def test_multiframe_gantry_tilt_is_resampled_like_the_classic_series(tmp_path):
-    _tilted_series(tmp_path / "classic", deg=12.0)
-    _legacy_converted(tmp_path / "classic", tmp_path / "mf")
+    tilted_series(tmp_path / "classic", deg=12.0)
+    legacy_converted(tmp_path / "classic", tmp_path / "mf")
     classic, multi = read_ct(tmp_path / "classic"), read_ct(tmp_path / "mf")
     assert multi.metadata["gantry_tilt_deg"] == pytest.approx(12.0, abs=1e-3)
     np.testing.assert_allclose(multi.ijk_to_ras, classic.ijk_to_ras, atol=1e-6)
@@ -470,7 +417,7 @@ def test_files_without_sop_class_uid_are_dicom(tmp_path):
     def drop(ds):
         del ds.SOPClassUID
 
-    _edit_series(tmp_path / "s", drop)
+    edit_series(tmp_path / "s", drop)
     assert "SOPClassUID" not in pydicom.dcmread(files_of(tmp_path / "s")[0])
     back = read_ct(tmp_path / "s")
     np.testing.assert_allclose(back.ijk_to_ras, vol.ijk_to_ras, atol=1e-4)
@@ -489,7 +436,7 @@ def test_series_without_uids_reads_with_no_invented_series_uid(tmp_path, how):
             else:
                 setattr(ds, kw, "")
 
-    _edit_series(tmp_path / "s", strip)
+    edit_series(tmp_path / "s", strip)
     back = read_ct(tmp_path / "s")
     assert back.series_uid is None and back.study_uid is None
     assert len(back.metadata["files"]) == vol.shape[0]

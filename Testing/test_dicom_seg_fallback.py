@@ -12,6 +12,7 @@ import pydicom
 import pytest
 
 import _fake_engine
+from _dicom_helpers import legacy_converted, tilted_series
 from _export_helpers import MODEL_INFO, synthetic_findings, synthetic_volume
 from ctlanguage.cli import main
 from ctlanguage.dicom_io import write_dicom_series
@@ -116,3 +117,43 @@ def test_query_on_anonymised_series_succeeds_with_a_warning(tmp_path, monkeypatc
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ALL
     assert "fresh UIDs" in caplog.text and "Traceback" not in err
+
+
+def test_seg_of_a_gantry_tilted_series_lands_on_the_acquired_pixels(tmp_path):
+    """The masks live on the resampled orthogonal grid; the SEG frames are the tilted source
+    instances, each pixel taking the mask value of the nearest resampled voxel."""
+    import highdicom as hd
+
+    from ctlanguage.exports import ExportFinding
+    from ctlanguage.volume import LPS_TO_RAS
+
+    truth, _ = tilted_series(tmp_path / "s", deg=15.0)
+    vol = read_ct(tmp_path / "s")
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[2:8, 6:18, 4:15] = 1
+    res = export_all(vol, [ExportFinding("liver", mask, anatomy="liver")], tmp_path / "out", model=MODEL_INFO)
+    assert res.warnings == []
+    seg = hd.seg.segread(str(res.files["segmentation.dcm"]))
+    srcs = sorted((pydicom.dcmread(p, stop_before_pixels=True) for p in (tmp_path / "s").iterdir()),
+                  key=lambda d: int(d.InstanceNumber))
+    px = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[d.SOPInstanceUID for d in srcs], segment_numbers=[1],
+        combine_segments=False, assert_missing_frames_are_empty=True)[..., 0]
+    k, r, c = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in px.shape], indexing="ij")
+    lps = np.stack([c, r, k], -1) @ truth[:3, :3].T + truth[:3, 3]  # acquired pixel centres
+    ijk = vol.ras_to_ijk_points(lps.reshape(-1, 3) @ LPS_TO_RAS[:3, :3]).reshape(lps.shape)
+    idx = np.rint(ijk).astype(int)
+    ok = np.all((idx >= 0) & (idx < np.array(vol.shape[::-1])), axis=-1)
+    expected = np.zeros(px.shape, np.uint8)
+    expected[ok] = mask[idx[..., 2][ok], idx[..., 1][ok], idx[..., 0][ok]]
+    assert expected.sum() > 500
+    np.testing.assert_array_equal(px, expected)
+
+
+def test_multiframe_source_gets_every_export_but_the_seg_with_a_warning(tmp_path):
+    write_dicom_series(synthetic_volume(SHAPE), tmp_path / "classic")
+    legacy_converted(tmp_path / "classic", tmp_path / "mf")
+    vol = read_ct(tmp_path / "mf")
+    res = export_all(vol, synthetic_findings(SHAPE), tmp_path / "out", model=MODEL_INFO)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [n for n in ALL if n != "segmentation.dcm"]
+    assert len(res.warnings) == 1 and "multi-frame" in res.warnings[0]
