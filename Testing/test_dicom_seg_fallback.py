@@ -132,7 +132,9 @@ def test_seg_of_a_gantry_tilted_series_lands_on_the_acquired_pixels(tmp_path):
     mask = np.zeros(vol.shape, np.uint8)
     mask[2:8, 6:18, 4:15] = 1
     res = export_all(vol, [ExportFinding("liver", mask, anatomy="liver")], tmp_path / "out", model=MODEL_INFO)
-    assert res.warnings == []
+    assert res.warnings == []  # the SEG itself needed no fallback; the resampling is on record:
+    notes = json.loads((tmp_path / "out" / "findings.json").read_text())["warnings"]
+    assert len(notes) == 1 and "gantry tilt (15.0 degrees): resampled onto an orthogonal grid" in notes[0]
     seg = hd.seg.segread(str(res.files["segmentation.dcm"]))
     srcs = sorted((pydicom.dcmread(p, stop_before_pixels=True) for p in (tmp_path / "s").iterdir()),
                   key=lambda d: int(d.InstanceNumber))

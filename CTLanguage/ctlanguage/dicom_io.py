@@ -284,11 +284,12 @@ def _read_planes(info: SeriesInfo, planes: list[Plane]) -> CTVolume:
         fill = min(float(array.min()), AIR_HU)
         before = array.shape
         array, affine = resample_orthogonal(array, affine, fill)
-        log.warning("%s was acquired with gantry tilt (%.1f degrees): resampled onto an orthogonal grid "
-                    "(%s voxels, was %s; linear interpolation within each slice, %g HU outside the scan).",
-                    info, grid.tilt_deg, "x".join(map(str, array.shape)), "x".join(map(str, before)), fill)
+        note = (f"{info} was acquired with gantry tilt ({grid.tilt_deg:.1f} degrees): resampled onto an "
+                f"orthogonal grid ({'x'.join(map(str, array.shape))} voxels, was {'x'.join(map(str, before))}; "
+                f"linear interpolation within each slice, {fill:g} HU outside the scan).")
+        log.warning("%s", note)
         meta["gantry_tilt_deg"] = round(grid.tilt_deg, 3)
-        meta["resampled_for_tilt"] = True
+        meta["warnings"] = [note]  # carried into findings.json by the exports
     return CTVolume(array, affine, source=str(info.files[0].parent), modality="CT",
                     series_uid=None if info.uid_missing else info.series_uid,
                     study_uid=str(first.get("StudyInstanceUID", "")) or None, metadata=meta)

@@ -105,6 +105,9 @@ def export_all(volume: Any, findings: Sequence[Any], out_dir: str | Path, *, mod
     }
     if extra:
         meta.update(extra)
+    read_notes = list((getattr(volume, "metadata", None) or {}).get("warnings") or [])  # e.g. tilt
+    if read_notes:
+        meta["warnings"] = read_notes + list(meta.get("warnings") or [])
     info = input_record(volume, input_path)
     with atomic_output_dir(out_dir) as tmp:
         if want_dicom:  # first, so that findings.json records why it is missing (if it is)
