@@ -21,6 +21,7 @@ import numpy as np
 
 from .dicom_geometry import Plane, resample_orthogonal, stack_grid
 from .errors import ExportError, GeometryError, InputError
+from .preprocess import AIR_HU
 from .volume import LPS_TO_RAS, CTVolume
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,6 @@ _SOP_CLASS_FOR_MODALITY = {
     "PT": "1.2.840.10008.5.1.4.1.1.128",
 }
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-AIR_HU = -1024.0  # fill value outside the acquired data when a tilted series is resampled
 
 
 @dataclass
@@ -277,11 +277,11 @@ def _read_planes(info: SeriesInfo, planes: list[Plane]) -> CTVolume:
         "convolution_kernel": str(first.get("ConvolutionKernel", "")),
         "sop_class_uid": info.sop_class_uid,
         "frame_of_reference_uid": str(first.get("FrameOfReferenceUID", "")),
-        "sop_instance_uids": list(dict.fromkeys(str(p.header.get("SOPInstanceUID", "")) for p in planes)),
-        "files": list(dict.fromkeys(str(p.path) for p in planes)),
+        "sop_instance_uids": [str(p.header.get("SOPInstanceUID", "")) for p in planes],  # per slice
+        "files": list(dict.fromkeys(str(p.path) for p in planes)),  # distinct files, in slice order
     }
     if grid.tilt_deg is not None:
-        fill = min(float(array.min()), AIR_HU)
+        fill = min(float(array.min()), AIR_HU)  # outside the acquired data
         before = array.shape
         array, affine = resample_orthogonal(array, affine, fill)
         note = (f"{info} was acquired with gantry tilt ({grid.tilt_deg:.1f} degrees): resampled onto an "
