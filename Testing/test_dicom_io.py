@@ -410,15 +410,20 @@ def test_localizers_are_left_out_with_an_info_line(tmp_path, caplog):
     assert ref.SOPInstanceUID in back.metadata["sop_instance_uids"]
 
 
-def test_files_without_sop_class_uid_are_dicom(tmp_path):
+@pytest.mark.parametrize("also_file_meta", [False, True])
+def test_files_without_sop_class_uid_are_dicom(tmp_path, also_file_meta):
     vol = ct_volume()
     write_dicom_series(vol, tmp_path / "s")
 
     def drop(ds):
         del ds.SOPClassUID
+        if also_file_meta:
+            del ds.file_meta.MediaStorageSOPClassUID
 
     edit_series(tmp_path / "s", drop)
-    assert "SOPClassUID" not in pydicom.dcmread(files_of(tmp_path / "s")[0])
+    back_ds = pydicom.dcmread(files_of(tmp_path / "s")[0])
+    assert "SOPClassUID" not in back_ds
+    assert ("MediaStorageSOPClassUID" in back_ds.file_meta) != also_file_meta
     back = read_ct(tmp_path / "s")
     np.testing.assert_allclose(back.ijk_to_ras, vol.ijk_to_ras, atol=1e-4)
     assert np.abs(back.array - vol.array).max() <= 0.5 + 1e-4
