@@ -12,7 +12,11 @@ if [ $# -ge 1 ]; then WORK="$1"; mkdir -p "$WORK"; else WORK="$(mktemp -d)"; tra
 WORK="$(cd "$WORK" && pwd)"
 t0=$SECONDS
 echo "[wheel] building"
-"$PY" -m pip wheel -q --no-deps -w "$WORK/dist" "$ROOT"
+# from a copy of the sources, so that no stale build/ folder of the checkout ends up in the wheel
+rm -rf "$WORK/src" && mkdir -p "$WORK/src"
+cp -r "$ROOT"/{pyproject.toml,setup.py,MANIFEST.in,README.md,LICENSE,CTLanguage,Resources} "$WORK/src/"
+find "$WORK/src" \( -name __pycache__ -o -name "*.egg-info" \) -prune -exec rm -rf {} +
+"$PY" -m pip wheel -q --no-deps -w "$WORK/dist" "$WORK/src"
 WHEEL="$(ls "$WORK"/dist/ctlanguage-*.whl)"
 "$PY" - "$WHEEL" <<'PYEOF'
 import sys, zipfile
