@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ExportError, InputError
+from .files import make_shared
 from .volume import CTVolume, nonfinite_error, set_sitk_geometry
 
 log = logging.getLogger(__name__)
@@ -226,6 +227,7 @@ def atomic_write(path, write_fn, suffix: str | None = None) -> Path:
         raise ExportError(f"Cannot write {path}: {exc.strerror or exc}.") from None
     os.close(fd)
     try:
+        make_shared(tmp)
         write_fn(tmp)
         os.replace(tmp, path)
     except BaseException as exc:

@@ -170,10 +170,24 @@ def _truncate(text: str) -> str:
     return cut[:space] if space > MAX_CHARS // 2 else cut
 
 
+def check_text(text: str) -> None:
+    """Refuse text that is not valid Unicode: a lone surrogate, e.g. a non-UTF-8 byte from argv
+    (Python keeps those as U+DC80..U+DCFF), which the tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        what = (f"a byte that is not UTF-8 (0x{code - 0xDC00:02X})" if 0xDC80 <= code <= 0xDCFF
+                else f"a lone surrogate (U+{code:04X})")
+        raise PromptError(f"The prompt has {what} at character {exc.start + 1}, after "
+                          f"{text[:exc.start][-30:]!r}; give prompts as UTF-8 text.") from None
+
+
 def parse_prompt(text: str) -> ParsedPrompt:
     """Parse one prompt. Raises PromptError for empty or punctuation-only text."""
     if not isinstance(text, str):
         raise PromptError(f"A prompt must be text, not {type(text).__name__}.")
+    check_text(text)
     raw = _truncate(text.strip())
     if not any(ch.isalnum() for ch in raw):
         raise PromptError("The prompt is empty; type an anatomy or a finding, e.g. 'liver lesion'.")
@@ -348,6 +362,7 @@ def split_prompts(text: str) -> list:
     '|' and new lines). Raises PromptError if nothing usable remains."""
     if not isinstance(text, str):
         raise PromptError(f"Prompts must be text, not {type(text).__name__}.")
+    check_text(text)
     parts = [p.strip() for p in re.split(r"[;|\n]+", text)]
     parts = [p for p in parts if any(ch.isalnum() for ch in p)]
     if not parts:

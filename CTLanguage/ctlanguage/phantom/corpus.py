@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ExportError, InputError
+from ..files import make_shared
 from . import anatomy as an
 from . import findings as fd
 from .report_writer import write_report
@@ -177,6 +178,7 @@ def _atomic_tmp(path: str, suffix: str) -> str:
     d = os.path.dirname(os.path.abspath(path))
     fd_, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=d)
     os.close(fd_)
+    make_shared(tmp)
     return tmp
 
 

@@ -13,6 +13,8 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..files import make_shared
+
 COLORS = [
     (255, 64, 64), (64, 200, 255), (255, 210, 0), (80, 255, 80), (255, 120, 255), (255, 150, 40),
     (150, 120, 255), (0, 255, 200), (255, 255, 255), (200, 255, 120),
@@ -130,6 +132,7 @@ def save_png(img: Image.Image, path: str) -> None:
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=d)
     os.close(fd)
+    make_shared(tmp)
     try:
         img.save(tmp, format="PNG", optimize=False)
         os.replace(tmp, path)
