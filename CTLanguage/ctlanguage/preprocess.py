@@ -19,17 +19,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from .errors import InputError
-from .volume import CTVolume
-
-_LPS = np.diag([-1.0, -1.0, 1.0])
-
-
-def lps_from_affine(ijk_to_ras: np.ndarray):
-    """4x4 ijk->RAS -> (spacing, LPS origin, row-major LPS direction) tuples for SimpleITK."""
-    affine = np.asarray(ijk_to_ras, dtype=np.float64)
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    direction = _LPS @ (affine[:3, :3] / spacing)
-    return tuple(spacing.tolist()), tuple((_LPS @ affine[:3, 3]).tolist()), tuple(direction.ravel().tolist())
+from .volume import CTVolume, set_sitk_geometry, sitk_geometry
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +75,7 @@ def _sitk_image(array: np.ndarray, ijk_to_ras: np.ndarray):
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
     image = sitk.GetImageFromArray(arr)
-    spacing, origin, direction = lps_from_affine(ijk_to_ras)
-    image.SetSpacing(spacing)
-    image.SetOrigin(origin)
-    image.SetDirection(direction)
+    set_sitk_geometry(image, ijk_to_ras)
     return image
 
 
@@ -96,7 +83,7 @@ def _resample(image, shape, ijk_to_ras, nearest: bool, default: float, pixel_typ
     """Resample a SimpleITK image onto the grid (shape [k,j,i], ijk_to_ras); returns a numpy array."""
     import SimpleITK as sitk
 
-    spacing, origin, direction = lps_from_affine(ijk_to_ras)
+    spacing, origin, direction = sitk_geometry(ijk_to_ras)
     interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
     out = sitk.Resample(
         image, [int(shape[2]), int(shape[1]), int(shape[0])], sitk.Transform(), interp,

@@ -32,14 +32,17 @@ def _describe_oserror(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def check_writable_dir(out_dir: Path) -> bool:
-    """Create ``out_dir`` (with parents) if needed and make sure we can write into it.
+def check_writable_dir(out_dir: str | os.PathLike, *, create: bool = True) -> bool:
+    """The project's one check that a folder accepts new files (ExportError, one sentence, if not).
 
-    Returns True when this call created the folder. Raises ExportError otherwise."""
+    ``create=True``: make the folder (with parents) when missing; returns True when this call
+    created it. ``create=False``: nothing is made; a missing folder is an error."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"output folder {out_dir} is not writable: a file with that name exists")
     created = not out_dir.exists()
+    if created and not create:
+        raise ExportError(f"output folder {out_dir} does not exist")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
