@@ -175,13 +175,13 @@ def sitk_ijk_to_ras(image) -> np.ndarray:
 
 
 def set_sitk_geometry(image, ijk_to_ras: np.ndarray) -> None:
-    """Give a 3D SimpleITK image the grid described by a voxel->RAS matrix (ValueError when the
-    axes are degenerate or not orthogonal: ITK images cannot hold a sheared grid)."""
+    """Give a 3D SimpleITK image the grid described by a voxel->RAS matrix (ValueError when an
+    axis has zero length or two axes are parallel: ITK refuses a singular direction)."""
     spacing, origin, direction = sitk_geometry(ijk_to_ras)
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
     try:
         image.SetDirection(direction)
     except RuntimeError:
-        raise ValueError("the voxel axes are not orthogonal; this grid cannot be stored as an ITK "
-                         "image (NIfTI/NRRD)") from None
+        raise ValueError("the voxel axes are degenerate (parallel); this grid cannot be stored as "
+                         "an ITK image (NIfTI/NRRD)") from None
