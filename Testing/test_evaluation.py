@@ -143,3 +143,52 @@ def test_global_clip_baseline_scores_from_the_global_embedding():
     (g,) = engine.query(scrambled, "liver lesion")
     assert f.probability == pytest.approx(g.probability)
     assert engine.describe()["presence_source"] == "global"
+
+
+# ------------------------------------------------------------------------------ pictures
+def test_evaluate_pictures_show_the_numbers_of_the_tables(tmp_path_factory, random_model):
+    """ROC per finding, reliability diagram and Dice per structure: valid PNGs linked from
+    metrics.md and embedded in metrics.html, each carrying exactly the numbers of the tables
+    (recomputed here with ctlanguage.metrics from the stored probability/label pairs)."""
+    from PIL import Image
+
+    from ctlanguage import evaluation_figures as FIG
+    from ctlanguage import metrics as M
+    from ctlanguage.cli import main
+    from ctlanguage.phantom.corpus import write_corpus
+
+    data = tmp_path_factory.mktemp("pictures")
+    write_corpus(str(data), 4, seed=9600, spacing=4.0, montage=False)
+    out = data / "eval"
+    assert main(["--quiet", "evaluate", "--model", str(random_model), "--data", str(data / "manifest.jsonl"),
+                 "--out", str(out), "--no-paraphrases"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    md = (out / "metrics.md").read_text()
+    html = (out / "metrics.html").read_text()
+    shown = {}
+    for kind in ("roc", "reliability", "dice"):
+        png = out / "figures" / f"{kind}.png"
+        assert f"](figures/{kind}.png)" in md
+        with Image.open(png) as im:
+            im.verify()
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.size[0] >= 400
+            shown[kind] = json.loads(im.info[FIG.DATA_KEY])
+    assert html.count('src="data:image/png;base64,') == 3 and "<table>" in html
+
+    pairs = m["presence_pairs"]
+    assert shown["roc"], "some finding has both classes in 4 phantom cases"
+    for f, curve in shown["roc"].items():
+        auc = M.roc_auc(pairs[f]["y"], pairs[f]["p"])
+        assert curve["auc"] == pytest.approx(auc) == pytest.approx(m["findings"][f]["auc"])
+        assert np.trapezoid(curve["tpr"], curve["fpr"]) == pytest.approx(auc)
+        assert f"| {f} | {E._f(auc)} |" in md
+    all_p = [p for v in pairs.values() for p in v["p"]]
+    all_y = [y for v in pairs.values() for y in v["y"]]
+    ece = M.expected_calibration_error(all_p, all_y)
+    assert shown["reliability"]["ece"] == pytest.approx(ece) == pytest.approx(m["ece"])
+    assert shown["reliability"]["bins"] == [r for r in M.reliability_table(all_p, all_y) if r["n"]]
+    assert f"| {E._f(ece)} |" in md
+    assert shown["dice"] == {k: v["dice"] for k, v in m["structures"].items() if v["dice"] is not None}
+    for k, d in shown["dice"].items():
+        assert f"| {k} | {E._f(d)} |" in md

@@ -278,6 +278,8 @@ def _summarise(engine, manifest, n_cases, c: _Collect, seconds, mask_threshold) 
         "ece": expected_calibration_error(all_p, all_y) if all_p else float("nan"),
         "n_presence_pairs": len(all_p),
         "reliability": reliability_table(all_p, all_y) if all_p else [],
+        "presence_pairs": {k: {"p": [r[0] for r in rows], "y": [r[1] for r in rows]}
+                           for k, rows in sorted(c.probs.items())},
         "structures": structures,
         "findings": findings,
         "paraphrases": para,
@@ -298,8 +300,8 @@ def _f(x, digits=3) -> str:
     return f"{x:.{digits}f}"
 
 
-def metrics_markdown(m: dict, title: Optional[str] = None) -> str:
-    """One model's metrics as Markdown tables."""
+def metrics_markdown(m: dict, title: Optional[str] = None, figures: Optional[dict] = None) -> str:
+    """One model's metrics as Markdown tables; ``figures`` {kind: link} adds the pictures."""
     model = m.get("model", {})
     lines = [f"# {title or 'Evaluation: ' + str(model.get('id'))}", ""]
     lines += [
@@ -324,6 +326,12 @@ def metrics_markdown(m: dict, title: Optional[str] = None) -> str:
         f"| encode time per case (s) | {_f(m['timing'].get('encode_mean_s'), 2)} |",
         f"| query time per prompt with mask (ms) | {_f(m['timing'].get('query_mean_ms'), 1)} |",
         "",
+    ]
+    if figures:
+        names = {"roc": "ROC curves per finding", "reliability": "Reliability diagram",
+                 "dice": "Dice per structure"}
+        lines += ["## Figures", ""] + [f"![{names[k]}]({v})" for k, v in figures.items()] + [""]
+    lines += [
         "## Findings", "",
         "| finding | AUC | positives | negatives | Dice | cases with mask |",
         "|---|---|---|---|---|---|",
@@ -405,10 +413,17 @@ def comparison_markdown(results: dict, title: str = "Model comparison") -> str:
 
 
 def write_results(results: dict, out_dir: str | Path, doc: str | Path | None = None) -> dict:
-    """Write metrics.json + metrics.md (and per-model files when several) into ``out_dir``;
-    with ``doc`` also write the comparison table there (e.g. docs/model_comparison.md).
+    """Write metrics.json, metrics.md and metrics.html (tables and pictures: figures/*.png) into
+    ``out_dir``; with several models one comparison table comes first, then each model's details.
+    With ``doc`` also write the tables (no pictures) there (e.g. docs/model_comparison.md).
 
     Written atomically (temporary file + rename). Returns {name: path}."""
+    import base64
+
+    from markdown_it import MarkdownIt
+
+    from . import evaluation_figures as FIG
+    from .exports import slugify
     from .exports.atomic import check_writable_dir
     from .io import atomic_write
 
@@ -417,23 +432,43 @@ def write_results(results: dict, out_dir: str | Path, doc: str | Path | None = N
     files = {}
 
     def put(path: Path, text: str):
-        files[path.name] = atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        files[path.name] = atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
-    if len(results) == 1:
-        (label, m), = results.items()
-        put(out / "metrics.json", json.dumps(m, indent=2, sort_keys=False) + "\n")
-        put(out / "metrics.md", metrics_markdown(m))
-        md = metrics_markdown(m)
-    else:
-        payload = {"models": results, "comparison": comparison_rows(results)}
-        put(out / "metrics.json", json.dumps(_clean(payload), indent=2) + "\n")
+    single = len(results) == 1
+    figures = {label: FIG.write_figures(m, out / "figures", prefix="" if single else f"{slugify(label)}-")
+               for label, m in results.items()}
+    for made in figures.values():
+        files.update({f"figures/{p.name}": p for p in made.values()})
+
+    def document(links) -> str:
+        if single:
+            (label, m), = results.items()
+            return metrics_markdown(m, figures=links(label))
         md = comparison_markdown(results)
         for label, m in results.items():
-            md += "\n---\n\n" + metrics_markdown(m, title=f"Details: {label}").replace("\n## ", "\n### ")
-        put(out / "metrics.md", md)
+            md += "\n---\n\n" + metrics_markdown(m, title=f"Details: {label}", figures=links(label)
+                                                  ).replace("\n## ", "\n### ")
+        return md
+
+    def relative(label):
+        return {k: p.relative_to(out).as_posix() for k, p in figures[label].items()}
+
+    def inline(label):   # metrics.html is one self-contained file
+        return {k: "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()
+                for k, p in figures[label].items()}
+
+    payload = next(iter(results.values())) if single else \
+        _clean({"models": results, "comparison": comparison_rows(results)})
+    put(out / "metrics.json", json.dumps(payload, indent=2) + "\n")
+    put(out / "metrics.md", document(relative))
+    body = MarkdownIt("commonmark").enable("table").render(document(inline))
+    put(out / "metrics.html", "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>CTLanguage "
+        "evaluation</title><style>body{font-family:sans-serif;max-width:60em;margin:auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+        "img{max-width:100%}</style></head><body>\n" + body + "</body></html>\n")
     if doc:
         doc = Path(doc)
         doc.parent.mkdir(parents=True, exist_ok=True)
-        put(doc, md if len(results) > 1 else metrics_markdown(next(iter(results.values()))))
+        put(doc, document(lambda label: None))
         files["doc"] = doc
     return files
