@@ -76,20 +76,6 @@ def phantoms(tmp_path_factory):
     return root / "site_a" / "manifest.jsonl", root / "site_b" / "manifest.jsonl"
 
 
-@pytest.fixture(scope="module")
-def random_model(tmp_path_factory):
-    import torch
-
-    from ctlanguage.model import GroundedCTModel, ModelConfig
-
-    torch.manual_seed(2)
-    cfg = ModelConfig(model_id="calib-random", encoder_channels=[8, 16], dense_channels=8,
-                      spec_params={"spacing_mm": 6.0})
-    d = tmp_path_factory.mktemp("m") / "random"
-    GroundedCTModel(cfg).save_pretrained(d)
-    return d
-
-
 def _mis_scaled(monkeypatch, factor=40.0):
     real = C.raw_presence_scores
     monkeypatch.setattr(C, "raw_presence_scores",
@@ -105,7 +91,7 @@ def test_calibrate_cli_on_phantoms_writes_beside_the_model(phantoms, random_mode
     _mis_scaled(monkeypatch)
     assert main(["calibrate", "--model", str(random_model), "--data", str(fit_m)]) == 0
     doc = json.loads((random_model / "calibration.json").read_text())
-    assert doc["format"] == "ctlanguage-calibration/1" and doc["model_id"] == "calib-random"
+    assert doc["format"] == "ctlanguage-calibration/1" and doc["model_id"] == "random-tiny"
     assert doc["name"] == "site_a" and doc["n"] == 12 and doc["date"][:2] == "20"
     assert len(doc["model_sha256"]) == 64
     assert doc["ece_before"] > 0.2 and doc["ece_after"] < 0.05
@@ -139,7 +125,7 @@ def test_embedded_model_goes_to_the_user_cache(phantoms, random_model, tmp_path,
 
     from ctlanguage.cli import main
 
-    embedded = tmp_path / "res" / "Models" / "calib-random"
+    embedded = tmp_path / "res" / "Models" / "random-tiny"
     shutil.copytree(random_model, embedded, ignore=shutil.ignore_patterns("calibration.json"))
     monkeypatch.setenv("CTLANGUAGE_RESOURCES", str(tmp_path / "res"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -149,7 +135,7 @@ def test_embedded_model_goes_to_the_user_cache(phantoms, random_model, tmp_path,
                  "--name", "Site A"]) == 0
     assert sorted(p.name for p in embedded.iterdir()) == before
     (written,) = (tmp_path / "xdg" / "ctlanguage" / "calibration").iterdir()
-    assert written.name.startswith("calib-random-") and C.read(written)["name"] == "Site A"
+    assert written.name.startswith("random-tiny-") and C.read(written)["name"] == "Site A"
     if os.geteuid() != 0:            # root writes anywhere: the read-only check needs a user
         random_model.chmod(0o555)
         try:

@@ -60,20 +60,6 @@ def tiny_manifest(tmp_path_factory):
     return out / "manifest.jsonl"
 
 
-@pytest.fixture(scope="module")
-def random_model(tmp_path_factory):
-    import torch
-
-    from ctlanguage.model import GroundedCTModel, ModelConfig
-
-    torch.manual_seed(1)
-    cfg = ModelConfig(model_id="eval-random", encoder_channels=[8, 16], dense_channels=8,
-                      spec_params={"spacing_mm": 6.0})
-    d = tmp_path_factory.mktemp("m") / "random"
-    GroundedCTModel(cfg).save_pretrained(d)
-    return d
-
-
 def test_evaluate_cli_single_model(tiny_manifest, random_model, tmp_path):
     from ctlanguage.cli import main
 
