@@ -36,11 +36,12 @@ def test_fit_on_one_split_holds_on_another():
     rng = np.random.default_rng(0)
     fit_split, held_out = _cohort(rng, 800, FINDINGS), _cohort(rng, 800, FINDINGS)
     params = C.fit(fit_split)
+    cal = C.as_calibration(params)
     as_probability = np.concatenate([C.sigmoid(z) for z, _ in held_out.values()])
     labels = np.concatenate([y for _, y in held_out.values()])
     assert M.expected_calibration_error(as_probability, labels) > 0.1   # the mis-scaled score
-    assert C.ece(params, fit_split) < 0.05
-    assert C.ece(params, held_out) < 0.05
+    assert C.ece(cal, fit_split) < 0.05
+    assert C.ece(cal, held_out) < 0.05
     for f in ("ascites", "pleural_effusion", "liver_lesion"):
         pf = params["per_finding"][f]
         assert pf["fit"] == "own"
@@ -53,8 +54,13 @@ def test_fit_on_one_split_holds_on_another():
         assert pf["auc"] == pytest.approx(M.roc_auc(fit_split[f][1], fit_split[f][0]))
     rare = params["per_finding"]["gallstone"]
     assert rare["n_pos"] < C.MIN_PER_CLASS and rare["fit"] == "shared"
-    assert (rare["temperature"], rare["offset"]) == (params["temperature"], params["offset"])
-    assert params["offsets"] == {f: v["offset"] for f, v in params["per_finding"].items()}
+    assert (rare["temperature"], rare["offset"]) == (params["temperature"], params["offsets"]["_default"])
+    assert params["offsets"] == {**{f: v["offset"] for f, v in params["per_finding"].items()},
+                                 "_default": params["offsets"]["_default"]}
+    # the engine's scoring applies exactly these numbers
+    assert cal.probability(1.5, "ascites") == pytest.approx(
+        float(C.sigmoid(1.5 / params["per_finding"]["ascites"]["temperature"]
+                        + params["per_finding"]["ascites"]["offset"])))
 
 
 def test_a_score_that_ranks_backwards_gets_no_trust():
@@ -86,6 +92,7 @@ def _mis_scaled(monkeypatch, factor=40.0):
 def test_calibrate_cli_on_phantoms_writes_beside_the_model(phantoms, random_model, monkeypatch, capsys):
     from ctlanguage.cli import main
     from ctlanguage.engine import Engine
+    from ctlanguage.engine.scoring import Calibration
 
     fit_m, held_m = phantoms
     _mis_scaled(monkeypatch)
@@ -95,24 +102,32 @@ def test_calibrate_cli_on_phantoms_writes_beside_the_model(phantoms, random_mode
     assert doc["name"] == "site_a" and doc["n"] == 12 and doc["date"][:2] == "20"
     assert len(doc["model_sha256"]) == 64
     assert doc["ece_before"] > 0.2 and doc["ece_after"] < 0.05
-    assert set(doc["offsets"]) == set(doc["per_finding"]) and len(doc["per_finding"]) >= 10
-    # held out: the same scores on other phantoms, probabilities from the file
+    assert set(doc["offsets"]) == set(doc["per_finding"]) | {"_default"} and len(doc["per_finding"]) >= 10
+    # held out: the same scores on other phantoms; a fresh engine now finds the file beside the
+    # model and says so, and its scoring gives the calibrated probabilities
+    site = Calibration.from_file(random_model / "calibration.json")
+    (random_model / "calibration.json").rename(random_model / "kept.json")
+    try:
+        uncalibrated = Engine.load(str(random_model), device="cpu")
+        pairs, _ = C.collect_scores(uncalibrated, held_m)
+        before = C.ece(C.active_calibration(uncalibrated), pairs)
+    finally:
+        (random_model / "kept.json").rename(random_model / "calibration.json")
     engine = Engine.load(str(random_model), device="cpu")
-    pairs, n = C.collect_scores(engine, held_m)
-    before = np.concatenate([[engine.calibrate(v, f) for v in z] for f, (z, _) in pairs.items()])
-    y = np.concatenate([y for _, y in pairs.values()])
-    assert n == 12 and M.expected_calibration_error(before, y) > 0.2
-    held_out_ece = C.ece(C.read(random_model / "calibration.json"), pairs)
+    assert engine.describe()["calibration"] == "calibrated on site_a, n=12"
+    assert C.active_calibration(engine) == site
+    pairs_after, n = C.collect_scores(engine, held_m)      # raw scores do not depend on calibration
+    assert n == 12 and all(np.allclose(pairs[f][0], pairs_after[f][0], atol=1e-6) for f in pairs)
+    held_out_ece = C.ece(site, pairs)
     print(f"phantoms: ECE fit cohort {doc['ece_before']:.3f} -> {doc['ece_after']:.3f}, held out "
-          f"{M.expected_calibration_error(before, y):.3f} -> {held_out_ece:.3f}")
-    assert held_out_ece < 0.05
+          f"{before:.3f} -> {held_out_ece:.3f}")
+    assert before > 0.2 and held_out_ece < 0.05
 
 
 def test_cache_file_is_per_model_and_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv("CTLANGUAGE_CACHE", raising=False)
     expected = tmp_path / "xdg" / "ctlanguage" / "calibration" / f"m-{'ab' * 6}.json"
-    assert C.cache_file("m", "ab" * 32) == expected
     assert C.target_file(None, "m", "ab" * 32) == expected
     assert C.target_file(tmp_path, "m", "ab" * 32) == tmp_path / "calibration.json"
 
@@ -135,7 +150,7 @@ def test_embedded_model_goes_to_the_user_cache(phantoms, random_model, tmp_path,
                  "--name", "Site A"]) == 0
     assert sorted(p.name for p in embedded.iterdir()) == before
     (written,) = (tmp_path / "xdg" / "ctlanguage" / "calibration").iterdir()
-    assert written.name.startswith("random-tiny-") and C.read(written)["name"] == "Site A"
+    assert written.name.startswith("random-tiny-") and json.loads(written.read_text())["name"] == "Site A"
     if os.geteuid() != 0:            # root writes anywhere: the read-only check needs a user
         random_model.chmod(0o555)
         try:

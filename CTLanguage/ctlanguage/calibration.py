@@ -7,16 +7,17 @@ model (raw presence logit ``z``, before any calibration), fits for each finding
 
 by minimising the log-loss (scipy L-BFGS-B on slope 1/T and offset), and stores the result as
 ``calibration.json`` beside the model, or for an embedded or read-only model folder in the user
-cache (``cache_file``). Findings with fewer than ``MIN_PER_CLASS`` positive or negative cases
+cache (``engine.scoring.user_calibration_path``), where the engine's scoring finds it. Findings with fewer than ``MIN_PER_CLASS`` positive or negative cases
 get the shared fit (one temperature and offset over all findings' pairs pooled): too few
 examples would make their own fit follow noise.
 
-File format "ctlanguage-calibration/1" (read by the engine's scoring):
-{"format", "model_id", "model_sha256", "name", "n", "date", "score", "temperature", "offset",
- "offsets": {finding: float}, "per_finding": {finding: {"temperature", "offset", "fit",
- "n_pos", "n_neg", "auc"}}, "ece_before", "ece_after"}
-``temperature``/``offset`` are the shared fit (for findings not in ``per_finding``); ECE is over
-all (case, finding) pairs of the cohort, before (the model's own probabilities) and after.
+File format "ctlanguage-calibration/1" (read by ``engine.scoring.Calibration.from_file``):
+{"format", "model_id", "model_sha256", "name", "n", "date", "score", "manifest", "temperature",
+ "offsets": {finding: float, "_default": float}, "per_finding": {finding: {"temperature",
+ "offset", "fit", "n_pos", "n_neg", "auc"}}, "ece_before", "ece_after"}
+``temperature`` and ``offsets["_default"]`` are the shared fit (used for findings the cohort did
+not label); ECE is over all (case, finding) pairs of the cohort, before (the probabilities the
+model gave, with whatever calibration it had) and after.
 """
 
 from __future__ import annotations
@@ -29,26 +30,34 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .errors import InputError
+from .engine.scoring import CALIBRATION_FILE, CALIBRATION_FORMAT, Calibration, user_calibration_path
+from .errors import CTLanguageError, InputError
 from .metrics import expected_calibration_error, roc_auc
 
-FORMAT = "ctlanguage-calibration/1"
-FILE_NAME = "calibration.json"
 MIN_PER_CLASS = 10
 ProgressFn = Callable[[float, str], None]
 
 
 # ------------------------------------------------------------------------------ scores
+def active_calibration(engine) -> Calibration:
+    """The calibration the engine's scores backend applies now (the model's own, or a site's)."""
+    cal = getattr(engine.roles["scores"], "calibration", None)
+    if not isinstance(cal, Calibration):
+        raise CTLanguageError(f"The model {engine.model_id} has no presence score that can be calibrated.")
+    return cal
+
+
 def raw_presence_scores(engine, encoding, findings) -> dict:
     """{finding: raw presence logit} of one encoded case (max over sides for a sided finding).
 
     The one place calibration asks the model for a score. Until the engine exposes its raw
-    score, it is recovered from the public API by undoing the model's own calibration, which is
-    affine in the logit: logit(p) = z / T + b, with 1/T and b read off ``engine.calibrate``."""
+    score, it is recovered from the public API by undoing the calibration the backend applies,
+    which is affine in the logit: logit(p) = z / T + b, with 1/T and b read off that calibration."""
+    cal = active_calibration(engine)
     out = {}
     for f in findings:
-        b = _logit(engine.calibrate(0.0, f))
-        inv_t = _logit(engine.calibrate(1.0, f)) - b
+        b = _logit(cal.probability(0.0, f))
+        inv_t = _logit(cal.probability(1.0, f)) - b
         out[f] = (_logit(engine.presence_probability(encoding, f)) - b) / inv_t
     return out
 
@@ -125,13 +134,6 @@ def fit_temperature_offset(z, y) -> tuple[float, float]:
     return float(scale / a), float(b)
 
 
-def apply(params: dict, finding: str, z):
-    """Calibrated probability of raw scores ``z`` for ``finding`` under a calibration dict."""
-    pf = params.get("per_finding", {}).get(finding)
-    t, b = (pf["temperature"], pf["offset"]) if pf else (params["temperature"], params["offset"])
-    return sigmoid(np.asarray(z, dtype=np.float64) / t + b)
-
-
 def fit(pairs: dict, min_per_class: int = MIN_PER_CLASS) -> dict:
     """Temperatures and offsets for {finding: (raw scores, labels)}: own fit where a finding has
     ``min_per_class`` positives and negatives, else the shared (pooled) fit."""
@@ -146,13 +148,20 @@ def fit(pairs: dict, min_per_class: int = MIN_PER_CLASS) -> dict:
         t, b = fit_temperature_offset(z, y) if own else (t_shared, b_shared)
         per[f] = {"temperature": t, "offset": b, "fit": "own" if own else "shared",
                   "n_pos": n_pos, "n_neg": n_neg, "auc": _num(roc_auc(y, z))}
-    return {"temperature": t_shared, "offset": b_shared,
-            "offsets": {f: v["offset"] for f, v in per.items()}, "per_finding": per}
+    return {"temperature": t_shared, "offsets": {**{f: v["offset"] for f, v in per.items()},
+                                                 "_default": b_shared}, "per_finding": per}
 
 
-def ece(params: dict, pairs: dict) -> float:
-    """ECE over all (case, finding) pairs of ``pairs`` under ``params``."""
-    p = np.concatenate([apply(params, f, z) for f, (z, _) in pairs.items()])
+def as_calibration(params: dict, name: str = "", n: Optional[int] = None) -> Calibration:
+    """The engine's Calibration for fitted ``params`` (what the scoring will apply)."""
+    return Calibration(temperature=params["temperature"], offsets=dict(params["offsets"]),
+                       temperatures={f: v["temperature"] for f, v in params["per_finding"].items()},
+                       name=name, n=n)
+
+
+def ece(cal: Calibration, pairs: dict) -> float:
+    """ECE over all (case, finding) pairs of ``pairs`` with the probabilities of ``cal``."""
+    p = [cal.probability(v, f) for f, (z, _) in pairs.items() for v in z]
     y = np.concatenate([y for _, y in pairs.values()])
     return float(expected_calibration_error(p, y))
 
@@ -162,18 +171,9 @@ def _num(x: float):
 
 
 # ------------------------------------------------------------------------------ files
-def cache_file(model_id: str, model_sha256: str) -> Path:
-    """Where the calibration of a model that cannot hold it (embedded, read-only) is kept:
-    ``<user cache>/calibration/<model-id>-<sha12>.json`` (the cache honours CTLANGUAGE_CACHE,
-    then XDG_CACHE_HOME)."""
-    from .catalog import cache_dir
-
-    return cache_dir() / "calibration" / f"{model_id}-{str(model_sha256)[:12]}.json"
-
-
 def target_file(model_dir: Optional[str | Path], model_id: str, model_sha256: str) -> Path:
     """``calibration.json`` beside the model when its folder is the user's and writable, else
-    ``cache_file``."""
+    ``user_calibration_path``."""
     from .errors import ExportError
     from .exports.atomic import check_writable_dir
     from .resources import resources_dir
@@ -187,10 +187,10 @@ def target_file(model_dir: Optional[str | Path], model_id: str, model_sha256: st
         if not embedded:
             try:
                 check_writable_dir(d, create=False)
-                return d / FILE_NAME
+                return d / CALIBRATION_FILE
             except ExportError:
                 pass
-    return cache_file(model_id, model_sha256)
+    return user_calibration_path(model_id, model_sha256)
 
 
 def calibrate(engine, manifest: str | Path, name: Optional[str] = None, *, scorer=None,
@@ -200,18 +200,16 @@ def calibrate(engine, manifest: str | Path, name: Optional[str] = None, *, score
     info = engine.describe()
     pairs, n_cases = collect_scores(engine, manifest, progress=progress, scorer=scorer)
     params = fit(pairs, min_per_class)
-    before_p = np.concatenate([[engine.calibrate(float(v), f) for v in z] for f, (z, _) in pairs.items()])
-    y = np.concatenate([y for _, y in pairs.values()])
     return {
-        "format": FORMAT, "model_id": info["id"], "model_sha256": info["sha256"],
+        "format": CALIBRATION_FORMAT, "model_id": info["id"], "model_sha256": info["sha256"],
         "name": name or manifest.resolve().parent.name, "n": int(n_cases),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "score": "raw presence logit z (before the model's own calibration); "
                  "p = sigmoid(z / temperature + offset)",
         "manifest": str(manifest),
         **params,
-        "ece_before": float(expected_calibration_error(before_p, y)),
-        "ece_after": ece(params, pairs),
+        "ece_before": ece(active_calibration(engine), pairs),
+        "ece_after": ece(as_calibration(params), pairs),
     }
 
 
@@ -223,15 +221,3 @@ def write(doc: dict, path: str | Path) -> Path:
     path = Path(path)
     check_writable_dir(path.parent)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
-
-
-def read(path: str | Path) -> dict:
-    """A calibration document, checked for its format (InputError otherwise)."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"The calibration file {path} cannot be read ({exc}).") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise InputError(f"The calibration file {path} is not in the {FORMAT} format.")
-    return doc

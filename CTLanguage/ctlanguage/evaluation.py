@@ -26,6 +26,7 @@ import numpy as np
 
 from .manifest import read_manifest, read_structures, sided_label
 from .metrics import dice, expected_calibration_error, nanmean, reliability_table, roc_auc
+from .phrases import canonical_phrase as canonical_prompt
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,6 @@ def structure_masks(labels: np.ndarray, names: dict, anatomies: Sequence[str]) -
         if m.any():
             out[a] = m
     return out
-
-
-def canonical_prompt(key: str, laterality: Optional[str] = None) -> str:
-    from . import vocabulary as V
-
-    lat = laterality if laterality in ("left", "right") else None
-    return V.display_name(key, lat).lower()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,7 +127,8 @@ def evaluate_model(model: Any, manifest: str | Path, *, device: Optional[str] = 
 
         def ask(text, masks=True):
             t0 = time.perf_counter()
-            out = engine.query(enc, text, mask_threshold=mask_threshold, compute_masks=masks)[0]
+            out = engine.query(enc, text, mask_threshold=mask_threshold, compute_masks=masks,
+                               absent_masks=True)[0]
             if masks:  # latency of full answers (mask on the source grid included)
                 c.query_ms.append(1000 * (time.perf_counter() - t0))
             return out

@@ -26,6 +26,7 @@ from . import distributed as D
 from . import losses as L
 from . import phrases as PH
 from .dataset import ManifestDataset, collate
+from ..phrases import canonical_phrase
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +198,6 @@ class TrainingObjective(nn.Module):
 
 
 # ------------------------------------------------------------------------------ evaluation
-def canonical_phrase(key: str, laterality=None) -> str:
-    from .. import vocabulary as V
-
-    return V.display_name(key, laterality).lower()
 
 
 @torch.no_grad()
