@@ -264,7 +264,8 @@ def _summarise(engine, manifest, n_cases, c: _Collect, seconds, mask_threshold) 
     para_y = [y for rows in c.para_probs.values() for _, y in rows]
     para["ece"] = expected_calibration_error(para_p, para_y) if para_p else float("nan")
     result = {
-        "model": engine.describe(),
+        "model": {**engine.describe(),
+                  "presence_source": getattr(engine.roles["scores"], "presence_source", None)},
         "data": {"manifest": str(manifest), "n_cases": n_cases},
         "mask_threshold": mask_threshold,
         "mean_structure_dice": nanmean(v["dice"] for v in structures.values()),
@@ -301,8 +302,8 @@ def metrics_markdown(m: dict, title: Optional[str] = None, figures: Optional[dic
     lines = [f"# {title or 'Evaluation: ' + str(model.get('id'))}", ""]
     lines += [
         f"Model `{model.get('id')}` {model.get('version', '')} (weights sha256 "
-        f"`{str(model.get('sha256'))[:12]}…`, presence from {model.get('presence_source')} "
-        f"embeddings, calibration T = {_f(model.get('calibration_temperature'))}); "
+        f"`{str(model.get('sha256'))[:12]}…`, presence from {model.get('presence_source') or 'its'} "
+        f"embeddings, {model.get('calibration') or 'uncalibrated'}); "
         f"data `{m['data']['manifest']}` ({m['data']['n_cases']} cases); mask threshold "
         f"{m.get('mask_threshold')}. Dice is computed on the source voxel grid.", "",
         "| metric | value |", "|---|---|",
