@@ -18,6 +18,8 @@ from .exports.atomic import check_writable_dir
 from .volume import CTVolume, nonfinite_error, set_sitk_geometry
 
 log = logging.getLogger(__name__)
+_UMASK = os.umask(0o022)   # read the process umask once (at import, before any thread runs)
+os.umask(_UMASK)
 
 READ_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # single-file formats only: a two-file format (.nhdr/.mhd + raw) cannot be replaced atomically
@@ -216,7 +218,9 @@ def atomic_write(path, write_fn, suffix: str | None = None) -> Path:
     """Call ``write_fn(tmp_path)`` for a temp file next to ``path``, then rename it into place.
 
     ``suffix`` keeps the file extension on the temp name (ITK picks the format from it).
+    The file gets the permissions a plain ``open`` would give (the temp file is private).
     On any failure the temp file is removed and ExportError is raised.
+    The project's one single-file atomic writer.
     """
     path = Path(path)
     suffix = suffix if suffix is not None else "".join(path.suffixes)
@@ -227,6 +231,7 @@ def atomic_write(path, write_fn, suffix: str | None = None) -> Path:
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException as exc:
         try:

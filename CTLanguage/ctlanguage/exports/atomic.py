@@ -129,14 +129,7 @@ def _commit(staging: Path, out_dir: Path) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write one file atomically (temp file in the same folder + rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write one file atomically (``ctlanguage.io.atomic_write``: temp file + rename)."""
+    from ..io import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
