@@ -24,7 +24,8 @@ from ..errors import CTLanguageError
 # modules of this package that provide register(subparsers), in --help order
 _SUBCOMMAND_MODULES = [
     "ctlanguage.cli.phantom",        # phantom
-    "ctlanguage.cli.train",          # train, calibrate
+    "ctlanguage.cli.train",          # train
+    "ctlanguage.cli.calibrate",      # calibrate
     "ctlanguage.cli.evaluate",       # evaluate
     "ctlanguage.cli.query",          # encode, query, batch
     "ctlanguage.cli.models",         # models list|verify|download

@@ -12,7 +12,6 @@ import contextlib
 import csv
 import io as _io
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -179,16 +178,16 @@ def get_encoding(model: LoadedModel, volume: Any, encoding_file: str | None, rep
 
 def check_output_parent(out: str | Path) -> None:
     """Fail early (before minutes of work) when the output folder cannot be created/written."""
+    from ..exports.atomic import check_writable_dir
+
     p = Path(out).absolute()
     probe = p
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ExportError(f"output folder {p} is not writable: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ExportError(f"output folder {p} is not writable: permission denied on {probe}")
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent     # nothing is created yet: the nearest existing folder must accept files
+    try:
+        check_writable_dir(probe, create=False)
+    except ExportError as exc:
+        raise ExportError(f"output folder {p} is not writable ({exc})") from None
 
 
 def query_and_export(model: LoadedModel, enc: Any, volume: Any, prompts: list[str], out: Path,
@@ -367,13 +366,9 @@ def discover_cases(source: str | Path) -> list[Case]:
         if src.suffix.lower() == ".csv":
             rows = list(csv.DictReader(_io.StringIO(text)))
         else:
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    raise InputError(f"line {n} of {src.name} is not valid JSON") from None
+            from ..manifest import read_manifest
+
+            rows = read_manifest(src)
         for n, row in enumerate(rows, 1):
             if not row.get("image"):
                 raise InputError(f"entry {n} of {src.name} has no 'image'")

@@ -55,14 +55,17 @@ def _describe_oserror(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def check_writable_dir(out_dir: Path) -> list[Path]:
-    """Create ``out_dir`` (with parents) if needed and make sure we can write into it.
+def check_writable_dir(out_dir: str | os.PathLike, *, create: bool = True) -> list[Path]:
+    """The project's one check that a folder accepts new files (ExportError, one sentence, if not).
 
-    Returns the folders this call created, deepest first (empty when ``out_dir`` existed), for
-    ``remove_created``. Raises ExportError otherwise, leaving no folder behind."""
+    ``create=True``: make the folder (with parents) when missing; returns the folders this call
+    created, deepest first (empty when it existed), for ``remove_created`` -- no folder is left
+    behind on failure. ``create=False``: nothing is made; a missing folder is an error."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"output folder {out_dir} is not writable: a file with that name exists")
+    if not out_dir.exists() and not create:
+        raise ExportError(f"output folder {out_dir} does not exist")
     created: list[Path] = []
     probe = out_dir.absolute()
     while not probe.exists() and probe.parent != probe:
@@ -299,15 +302,7 @@ def _keep_copy(src: Path, dst: Path) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write one file atomically (temp file in the same folder + rename), with the usual mode."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        make_shared(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write one file atomically (``ctlanguage.io.atomic_write``: temp file + rename, usual mode)."""
+    from ..io import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))

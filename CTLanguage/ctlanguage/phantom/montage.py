@@ -7,9 +7,6 @@ anterior / superior at the top; sagittal shows anterior on the left.
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -129,14 +126,7 @@ def render_montage(volume: np.ndarray, ijk_to_ras: np.ndarray, findings=(), titl
 
 
 def save_png(img: Image.Image, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=d)
-    os.close(fd)
-    make_shared(tmp)
-    try:
-        img.save(tmp, format="PNG", optimize=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Atomic PNG write (``ctlanguage.io.atomic_write``)."""
+    from ..io import atomic_write
+
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG", optimize=False), suffix=".png")
