@@ -340,9 +340,10 @@ class GroundedBackend:
         return out, scores
 
     def presence(self, state: GroundedState, finding: str, anatomy: str, side: Optional[str],
-                 positives: Optional[Sequence[str]] = None) -> float:
-        """Calibrated presence of ``finding`` judged in ``anatomy``; ``positives`` replaces the
-        positive phrasings of the ensemble (paraphrase evaluation)."""
+                 positives: Optional[Sequence[str]] = None, raw: bool = False) -> float:
+        """Calibrated presence of ``finding`` judged in ``anatomy`` (``raw``: the uncalibrated
+        logit, what calibration fits on); ``positives`` replaces the positive phrasings of the
+        ensemble (paraphrase evaluation)."""
         import torch
 
         pos, neg = P.ensemble(finding, side)
@@ -353,7 +354,7 @@ class GroundedBackend:
             src = state.global_embedding if self.presence_source == "global" else \
                 state.organ_embeddings[state.anatomy_index(anatomy)]
             logit = float(self.model.presence_logit(src, pe, ne))
-        return self.calibration.probability(logit, finding)
+        return logit if raw else self.calibration.probability(logit, finding)
 
 
 # ---- module interface (backends/__init__.py) -------------------------------------------------

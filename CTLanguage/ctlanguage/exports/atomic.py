@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import ExportError
-from ..files import make_shared
 
 STAGING_PREFIX = ".ctlanguage-staging-"
 MANIFEST = ".ctlanguage-files.json"     # in the destination: what our last export wrote there
