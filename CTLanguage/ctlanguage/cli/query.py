@@ -219,8 +219,9 @@ def get_encoding(model: LoadedModel, volume: Any, encoding_file: str | None, rep
         return model.engine.encode(volume, progress=cb)
 
 
-def check_output_parent(out: str | Path) -> None:
-    """Fail early (before minutes of work) when the output folder cannot be created/written."""
+def check_output_parent(out: str | Path, exports: bool = False) -> None:
+    """Fail early (before minutes of work) when the output folder cannot be created/written, or
+    (``exports``) when it holds a file of the user's where an export would go."""
     p = Path(out).absolute()
     probe = p
     while not probe.exists():
@@ -231,6 +232,11 @@ def check_output_parent(out: str | Path) -> None:
         raise ExportError(f"output folder {p} is not writable: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ExportError(f"output folder {p} is not writable: permission denied on {probe}")
+    if exports:
+        from ..exports.atomic import check_ours
+        from ..exports.bundle import FIXED_FILES
+
+        check_ours(p, FIXED_FILES)
 
 
 def query_and_export(model: LoadedModel, enc: Any, volume: Any, prompts: list[str], out: Path,
@@ -343,7 +349,7 @@ def cmd_query(args) -> int:
     reporter = Reporter(args.quiet)
     threshold = mask_threshold(args.mask_threshold)
     prompts = split_prompt_args(args.prompt)
-    check_output_parent(args.out)
+    check_output_parent(args.out, exports=True)
     volume = read_image(args.image, reporter)
     model = load_model(args.model, args.device, reporter)
     enc = get_encoding(model, volume, args.encoding, reporter)
