@@ -156,8 +156,9 @@ def get_encoding(model: LoadedModel, volume: Any, encoding_file: str | None, rep
         return model.engine.encode(volume, progress=cb)
 
 
-def check_output_parent(out: str | Path) -> None:
-    """Fail early (before minutes of work) when the output folder cannot be created/written."""
+def check_output_parent(out: str | Path, exports: bool = False) -> None:
+    """Fail early (before minutes of work) when the output folder cannot be created/written, or
+    (``exports``) when it holds a file of the user's where an export would go."""
     from ..exports.atomic import check_writable_dir
 
     p = Path(out).absolute()
@@ -168,6 +169,11 @@ def check_output_parent(out: str | Path) -> None:
         check_writable_dir(probe, create=False)
     except ExportError as exc:
         raise ExportError(f"output folder {p} is not writable ({exc})") from None
+    if exports:
+        from ..exports.atomic import check_ours
+        from ..exports.bundle import FIXED_FILES
+
+        check_ours(p, FIXED_FILES)
 
 
 def query_and_export(model: LoadedModel, enc: Any, volume: Any, prompts: list[str], out: Path,
@@ -280,7 +286,7 @@ def cmd_query(args) -> int:
     reporter = Reporter(args.quiet)
     threshold = mask_threshold(args.mask_threshold)
     prompts = split_prompt_args(args.prompt)
-    check_output_parent(args.out)
+    check_output_parent(args.out, exports=True)
     volume = read_image(args.image, reporter)
     model = load_model(args.model, args.device, reporter)
     enc = get_encoding(model, volume, args.encoding, reporter)

@@ -16,6 +16,9 @@ from .atomic import atomic_output_dir
 
 log = logging.getLogger(__name__)
 ALL_FORMATS = ("masks", "json", "csv", "seg_nrrd", "html", "dicom_seg")
+# the files export_all writes besides masks/ (checked early by the commands: atomic.check_ours)
+FIXED_FILES = ("findings.json", "findings.csv", "segmentation.seg.nrrd", "report.html",
+               "segmentation.dcm")
 
 
 def input_record(volume: Any, path: str | Path | None = None) -> dict:
