@@ -165,10 +165,9 @@ def check_output_parent(out: str | Path, exports: bool = False) -> None:
     probe = p
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent     # nothing is created yet: the nearest existing folder must accept files
-    try:
-        check_writable_dir(probe, create=False)
-    except ExportError as exc:
-        raise ExportError(f"output folder {p} is not writable ({exc})") from None
+    if not probe.is_dir():
+        raise ExportError(f"output folder {p} is not writable: {probe} is a file, not a folder")
+    check_writable_dir(probe, create=False)
     if exports:
         from ..exports.atomic import check_ours
         from ..exports.bundle import FIXED_FILES
