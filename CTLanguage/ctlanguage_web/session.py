@@ -329,20 +329,20 @@ class WebSession:
         out = []
         for n, r in enumerate(self.logic.results(self.volume_node)):
             f = r.finding
-            prob = getattr(f, "probability", None)
+            prob = f.probability
             out.append({
                 "row": n,
                 "prompt": r.prompt,
-                "anatomy": str(getattr(f, "anatomy", "") or "").replace("_", " "),
-                "finding": str(getattr(f, "finding", "") or "").replace("_", " "),
+                "anatomy": (f.anatomy or "").replace("_", " "),
+                "finding": (f.finding or "").replace("_", " "),
                 "probability": None if prob is None else round(float(prob), 4),
                 "probability_text": "anatomy" if prob is None else _fmt(prob),
-                "confidence_text": _fmt(getattr(f, "prompt_confidence", None)),
-                "volume_text": _fmt(getattr(f, "volume_ml", None), 1),
-                "color": _hex(getattr(f, "color", None)),
+                "confidence_text": _fmt(f.prompt_confidence),
+                "volume_text": _fmt(f.volume_ml, 1),
+                "color": _hex(f.color),
                 "segment_id": r.segment_id,
                 "present": prob is not None and float(prob) >= PRESENT_THRESHOLD,
-                "has_mask": bool(float(getattr(f, "volume_ml", 0.0) or 0.0) > 0.0),
+                "has_mask": bool((f.volume_ml or 0.0) > 0.0),
             })
         return out
 
@@ -382,13 +382,6 @@ class WebSession:
                 "width": int(dims[0]), "height": int(dims[1])}
 
     # ---- exports -----------------------------------------------------------------------------
-    def _model_record(self) -> dict:
-        engine = self.logic._engines.get((self.logic.model_id, self.logic.device))
-        if engine is not None and callable(getattr(engine, "describe", None)):
-            d = engine.describe()
-            return {"id": d.get("id"), "version": d.get("version"), "sha256": d.get("sha256")}
-        return self.logic._model_record()
-
     def export_kinds(self) -> list[dict]:
         kinds = [("seg_nrrd", "Segmentation (.seg.nrrd)"), ("masks", "Masks (NIfTI, zip)")]
         if self.input is not None and self.input.kind == "dicom":
@@ -423,11 +416,11 @@ class WebSession:
         base.mkdir(exist_ok=True)
         out = base / f"v{self._results_version:04d}"
         shutil.rmtree(out, ignore_errors=True)
-        extra = {"prompts": [getattr(f, "prompt", "") for f in findings], "research_use_only": True,
+        extra = {"prompts": [f.prompt for f in findings], "research_use_only": True,
                  "exported_from": "CTLanguage web demo (trame-slicer)",
                  "present_threshold": PRESENT_THRESHOLD}
         try:
-            export_all(self.input.volume, findings, out, model=self._model_record(),
+            export_all(self.input.volume, findings, out, model=self.logic.model_record(),
                        mask_threshold=self.logic.mask_threshold, extra=extra)
         except CTLanguageError as exc:
             raise ValueError(str(exc)) from None
