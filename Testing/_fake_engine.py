@@ -1,106 +1,140 @@
-"""A stand-in for ctlanguage.engine with the documented API (docs/architecture.md, ENGINE API),
-used to test the command line plumbing fast and independently of model quality. Masks are
-simple HU thresholds inside the body; probabilities are fixed per parsed finding."""
+"""A fake BACKEND (``ctlanguage.engine.protocol.Backend`` + ``ConceptMatcher``) for the real
+``ctlanguage.engine.Engine``: tests of the CLI, the Slicer glue and the web demo then run the
+engine's own prompt splitting, parsing, scoring, source-grid mapping, caching and encoding files,
+fast and independently of model quality.
+
+Answers: masks are logits on a model grid of half the source resolution (a ``preprocess.ModelGrid``
+with the source orientation; the engine maps and thresholds them like any model's): a smooth blob
+per anatomy, placed from the anatomy key (asymmetric, so an axis flip anywhere would show), whose
+size grows as the mask threshold drops.
+Finding scores are fixed per finding key (``SCORES``, else 0.25), uncalibrated. Text outside the
+vocabulary goes to the nearest vocabulary phrase by string similarity (``nearest_phrase``).
+
+``install(monkeypatch)`` makes the "grounded" family load this backend, so ``Engine.load(folder)``
+on a folder from :func:`make_fake_model_dir` gives the real Engine around it.
+"""
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import json
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ctlanguage import vocabulary
 from ctlanguage.catalog import verify_model_dir
-from ctlanguage.errors import CheckpointError, InputError
-from ctlanguage.prompts import parse_prompt
+from ctlanguage.engine.protocol import Answer, Capabilities, ModelInfo, Request
+from ctlanguage.errors import CancelledError, InputError
+from ctlanguage.preprocess import ModelGrid
+
+SCORES = {"liver_lesion": 0.83, "pleural_effusion": 0.21}
+DEFAULT_SCORE = 0.25
 
 
 @dataclass
-class Finding:
-    prompt: str
-    parsed: object
-    anatomy: str | None
-    finding: str | None
-    laterality: str | None
-    probability: float | None
-    prompt_confidence: float
-    mask: np.ndarray
-    volume_ml: float
-    codes: dict | None = None
-    color: tuple | None = None
+class FakeState:
+    """What the fake keeps from one volume: its model grid and a coarse intensity summary."""
+
+    grid: ModelGrid
+    mean_hu: np.ndarray                       # [1] float32
+    timings: dict = field(default_factory=dict)
+
+    def tensors(self) -> dict:
+        return {"mean_hu": self.mean_hu}
+
+    def metadata(self) -> dict:
+        return {"grid": self.grid.to_dict()}
+
+    def nbytes(self) -> int:
+        return int(self.mean_hu.nbytes)
 
 
-@dataclass
-class Encoding:
-    volume_hash: str
-    model_id: str
-    shape: tuple
-    array: np.ndarray = field(repr=False, default=None)
-
-    def save(self, path):
-        Path(path).write_text(json.dumps({"volume_hash": self.volume_hash, "model_id": self.model_id,
-                                          "shape": list(self.shape)}))
-
-    @classmethod
-    def load(cls, path, engine, volume=None):
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, ValueError):
-            raise InputError(f"{path} is not an encoding file") from None
-        if d.get("model_id") != engine.model_id:
-            raise InputError(f"the encoding {Path(path).name} was made with model {d.get('model_id')}, "
-                             f"not {engine.model_id}")
-        enc = cls(d["volume_hash"], d["model_id"], tuple(d["shape"]))
-        if volume is not None:
-            if volume.content_hash() != enc.volume_hash:
-                raise InputError("The encoding was computed for a different volume; encode it again.")
-            enc.array = volume.array
-        return enc
+def blob_logit(grid: ModelGrid, key: str) -> np.ndarray:
+    """float32 logits on ``grid``: 4 at the key's centre, falling off over ~1/5 of each axis."""
+    digest = hashlib.sha256(key.encode()).digest()
+    shape = np.asarray(grid.shape, dtype=np.float64)
+    centre = (0.2 + 0.6 * np.frombuffer(digest[:3], dtype=np.uint8) / 255.0) * (shape - 1)
+    radius = np.maximum(shape / 5.0, 1.0)
+    axes = [((np.arange(n) - c) / r) ** 2 for n, c, r in zip(grid.shape, centre, radius)]
+    axes = [a.astype(np.float32) for a in axes]
+    r2 = axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]
+    return np.float32(4.0) - np.float32(4.0) * r2
 
 
-class Engine:
-    calls: list = []
+def model_grid(shape, ijk_to_ras, stride: int = 2) -> ModelGrid:
+    """Every ``stride``-th source voxel (same orientation and origin)."""
+    affine = np.asarray(ijk_to_ras, dtype=np.float64).copy()
+    affine[:3, :3] *= stride
+    return ModelGrid(tuple(-(-int(n) // stride) for n in shape), affine)
 
-    def __init__(self, path):
-        self.path = Path(path)
-        verify_model_dir(self.path)
-        cfg = json.loads((self.path / "config.json").read_text())
-        self.model_id = cfg.get("model_id", "fake")
-        self.model_info = {"id": self.model_id, "version": cfg.get("version", "0"),
-                           "sha256": verify_model_dir(self.path)["weights_sha256"]}
-        self._vol = None
 
-    @classmethod
-    def load(cls, model="default", device=None, progress=None):
-        if progress:
-            progress(1.0, "loaded")
-        p = Path(model)
-        if not p.is_dir():
-            raise CheckpointError(f"model folder {p} does not exist")
-        return cls(p)
+class FakeBackend:
+    calls: list = []   # "encode" per encode, ("answer", text) per answer: for tests
 
-    def encode(self, volume, progress=None, cancel=None):
-        Engine.calls.append("encode")
+    def __init__(self, model_id: str = "fake-model", version: str = "0.1", sha256: str | None = None,
+                 path: str | None = None):
+        self.info = ModelInfo(id=model_id, version=version, sha256=sha256 or hashlib.sha256(model_id.encode()).hexdigest(),
+                              kind="fake", license="test-only", path=path)
+        self.capabilities = describe(None)
+
+    def encode(self, volume, progress=None, cancel=None, anatomy=None) -> FakeState:
+        FakeBackend.calls.append("encode")
+        if cancel is not None and cancel():
+            raise CancelledError("cancelled by the user")
         if progress:
             progress(1.0, "encoded")
-        return Encoding(volume.content_hash(), self.model_id, volume.array.shape, volume.array)
+        arr = np.asarray(volume.array)
+        return FakeState(model_grid(arr.shape, volume.ijk_to_ras), np.array([float(arr.mean())], dtype=np.float32))
 
-    def query(self, enc, prompt, mask_threshold=0.5, volume=None):
-        Engine.calls.append(("query", prompt))
-        p = parse_prompt(prompt)
-        arr = enc.array
-        if arr is None:
-            arr = np.zeros(enc.shape, np.float32)
-        mask = ((arr > -100) & (arr < 100)).astype(np.uint8) if p.kind != "unknown" else np.zeros(enc.shape, np.uint8)
-        prob = None if p.finding is None else 0.25
-        return [Finding(prompt, p, p.anatomy, p.finding, p.laterality, prob, p.confidence, mask,
-                        float(mask.sum()) * 0.001)]
+    def answer(self, state: FakeState, request: Request) -> Answer:
+        FakeBackend.calls.append(("answer", request.text))
+        logit = None
+        if request.want_mask:
+            logit = np.max([blob_logit(state.grid, k) for k in request.anatomies], axis=0)
+            if request.kind == "finding":  # a smaller blob inside the anatomy
+                logit = logit - 2.0
+        scores = {}
+        if request.kind == "finding" and request.want_scores:
+            scores = {a: SCORES.get(request.finding, DEFAULT_SCORE) for a in request.anatomies}
+        return Answer(model=self.info.id, logit=logit, grid=state.grid if logit is not None else None,
+                      scores=scores, calibrated=False)
+
+    def restore(self, metadata: dict, tensors) -> FakeState:
+        if "grid" not in metadata or "mean_hu" not in tensors:
+            raise InputError("not an encoding of the fake backend")
+        return FakeState(ModelGrid.from_dict(metadata["grid"]), np.asarray(tensors["mean_hu"], dtype=np.float32))
+
+    def nearest_phrase(self, text: str) -> tuple:
+        """(phrase, key, laterality, similarity) of the most similar vocabulary phrase."""
+        from ctlanguage.prompts import vocabulary_phrases
+
+        best = max(vocabulary_phrases(),
+                   key=lambda p: difflib.SequenceMatcher(None, text.lower()[:200], p[0]).ratio())
+        return best[0], best[1], best[2], difflib.SequenceMatcher(None, text.lower()[:200], best[0]).ratio()
+
+
+# ---- the backend-module interface (ctlanguage.backends) ----------------------------------------
+def describe(entry) -> Capabilities:
+    return Capabilities(anatomy=tuple(vocabulary.anatomies()), finding_masks=True, scores=True,
+                        calibrated=False, heatmaps=True, device="cpu")
+
+
+def load(entry, device=None, progress=None, model_dir=None, warm_text=True) -> FakeBackend:
+    """A FakeBackend for a model folder from :func:`make_fake_model_dir` (verified like a real one)."""
+    if model_dir is None:
+        return FakeBackend()
+    folder = Path(model_dir)
+    sha = verify_model_dir(folder)["weights_sha256"]
+    cfg = json.loads((folder / "config.json").read_text())
+    if progress:
+        progress(1.0, "loaded")
+    return FakeBackend(cfg.get("model_id", "fake-model"), str(cfg.get("version", "0")), sha, str(folder))
 
 
 def make_fake_model_dir(folder: Path, model_id: str = "fake-model") -> Path:
-    import hashlib
-
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -113,13 +147,17 @@ def make_fake_model_dir(folder: Path, model_id: str = "fake-model") -> Path:
 
 
 def install(monkeypatch):
-    """Make `from ctlanguage.engine import Engine, Encoding` return the fakes."""
-    import sys
+    """Model folders (and catalog entries of the "grounded" family) load as FakeBackend in the
+    real Engine."""
+    from ctlanguage import backends
 
-    mod = types.ModuleType("ctlanguage.engine")
-    mod.Engine = Engine
-    mod.Encoding = Encoding
-    mod.Finding = Finding
-    monkeypatch.setitem(sys.modules, "ctlanguage.engine", mod)
-    Engine.calls = []
-    return mod
+    monkeypatch.setitem(backends.REGISTRY, "grounded", __name__)
+    FakeBackend.calls = []
+    return FakeBackend
+
+
+def fake_engine(model_id: str = "fake-model"):
+    """The real Engine around a FakeBackend (no folder needed)."""
+    from ctlanguage.engine import Engine
+
+    return Engine.load(FakeBackend(model_id), device="cpu")
