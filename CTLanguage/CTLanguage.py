@@ -109,8 +109,8 @@ class CTLanguageWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for timer in (self._pollTimer, self._thresholdTimer):
             if timer is not None:
                 timer.stop()
-        self.removeObservers()
         self.setParameterNode(None)
+        self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()

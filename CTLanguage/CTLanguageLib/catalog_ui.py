@@ -53,7 +53,7 @@ def demo_notice(entry) -> str:
     if "synthetic" not in str(entry.extra.get("training_data", "")).lower():
         return ""
     m = entry.metrics or {}
-    numbers = ", ".join(f"{label} {float(m[key]):.2f}" for key, label in METRIC_TEXT if key in m)
+    numbers = ", ".join(f"{label} {float(m[key]):.3g}" for key, label in METRIC_TEXT if key in m)
     where = str(m.get("evaluation", "")).split(";")[0].split(" through ")[0]
     text = "Synthetic-anatomy demo model (trained on synthetic phantoms only; not meaningful on patient CT)."
     if numbers:
@@ -97,6 +97,12 @@ def entry_choice(entry, entries) -> ModelChoice:
                        description=entry.description, license=entry.license, can_do=can_do, size=entry.size,
                        device=device, where=where, notice=demo_notice(entry), hint=hint,
                        downloadable=grounded and not entry.embedded and bool(entry.url))
+
+
+def _catalog():
+    from ctlanguage import catalog  # light: no torch
+
+    return catalog
 
 
 def local_models_file() -> Path:
@@ -215,7 +221,7 @@ class ModelSelector:
 
         try:
             self.choices = model_choices()
-        except Exception as exc:  # engine package missing: still show the panel
+        except ImportError as exc:  # engine package not installed yet: still show the panel
             self.choices = [ModelChoice(spec="default", label="default", available=False, hint=str(exc))]
         self.combo.blockSignals(True)
         self.combo.clear()

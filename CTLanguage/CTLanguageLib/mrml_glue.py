@@ -154,12 +154,8 @@ def ctvolume_to_volume_node(scene, volume, name: str = "CT", node=None):
 # --------------------------------------------------------------------------------------------
 
 def _color01(color) -> tuple[float, float, float]:
-    if color is None:
-        return (0.9, 0.6, 0.2)
-    c = [float(x) for x in list(color)[:3]]
-    if any(x > 1.0 for x in c):
-        c = [x / 255.0 for x in c]
-    return tuple(min(max(x, 0.0), 1.0) for x in c)
+    """A finding's RGB colour (0..255 integers, from the vocabulary) as Slicer's 0..1 floats."""
+    return tuple(min(max(int(c) / 255.0, 0.0), 1.0) for c in color[:3])
 
 
 def terminology_for_finding(finding) -> str:
@@ -268,6 +264,9 @@ def add_finding_segment(segmentation_node, finding, reference_volume_node, segme
     segment.SetTag(ATTRIBUTE_PREFIX + "Probability", "" if prob is None else f"{float(prob):.6g}")
     segment.SetTag(ATTRIBUTE_PREFIX + "PromptConfidence", f"{float(finding.prompt_confidence):.6g}")
     segment.SetTag(ATTRIBUTE_PREFIX + "Anatomy", finding.anatomy or "")
+    segment.SetTag(ATTRIBUTE_PREFIX + "ScoreLabel", finding.score_label or "")
+    segment.SetTag(ATTRIBUTE_PREFIX + "MaskModel", finding.mask_model or "")
+    segment.SetTag(ATTRIBUTE_PREFIX + "ScoreModel", finding.score_model or "")
     if not created:
         set_segment_mask(segmentation_node, segment_id, finding.mask, reference_volume_node)
     display = segmentation_node.GetDisplayNode()

@@ -46,6 +46,8 @@ def fill_results_table(table, results, segmentation_node) -> None:
         for col, text in enumerate(results_table.panel_texts(r.finding)):
             item = qt.QTableWidgetItem(text)
             item.setFlags(qt.Qt.ItemIsSelectable | qt.Qt.ItemIsEnabled)
+            if col == results_table.SCORE_COLUMN and r.finding.score_label:
+                item.setToolTip(f"{r.finding.score_label}, by {r.finding.score_model}")
             table.setItem(row, col, item)
         show = qt.QTableWidgetItem()
         show.setFlags(qt.Qt.ItemIsSelectable | qt.Qt.ItemIsEnabled | qt.Qt.ItemIsUserCheckable)

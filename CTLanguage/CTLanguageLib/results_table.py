@@ -16,15 +16,19 @@ TABLE_COLUMNS = (
     ("finding", "string"),
     ("laterality", "string"),
     ("probability", "double"),
+    ("score_label", "string"),
     ("prompt_confidence", "double"),
     ("volume_ml", "double"),
+    ("mask_model", "string"),
+    ("score_model", "string"),
     ("segment_id", "string"),
 )
 
 # The panel's results table.
-PANEL_COLUMNS = ("Prompt", "Anatomy", "Probability", "Prompt confidence", "Volume (ml)", "Show", "Colour")
-SHOW_COLUMN = 5
-COLOR_COLUMN = 6
+PANEL_COLUMNS = ("Prompt", "Anatomy", "Score", "Prompt confidence", "Volume (ml)", "Model", "Show", "Colour")
+SCORE_COLUMN = 2
+SHOW_COLUMN = 6
+COLOR_COLUMN = 7
 
 
 def _float_or_nan(value) -> float:
@@ -33,7 +37,8 @@ def _float_or_nan(value) -> float:
 
 def findings_to_table(scene, findings, segment_ids=None, table_node=None, model_id: str = ""):
     """Write one row per finding into a vtkMRMLTableNode (columns: TABLE_COLUMNS).
-    A probability of None (pure anatomy prompt) is stored as NaN."""
+    A probability of None (pure anatomy prompt) is stored as NaN; ``score_label`` says what the
+    number is (calibrated probability or uncalibrated score), the model columns who made it."""
     findings = list(findings)
     segment_ids = list(segment_ids) if segment_ids is not None else [""] * len(findings)
     if table_node is None:
@@ -52,8 +57,11 @@ def findings_to_table(scene, findings, segment_ids=None, table_node=None, model_
         columns["finding"].InsertNextValue(f.finding or "")
         columns["laterality"].InsertNextValue(f.laterality or "")
         columns["probability"].InsertNextValue(_float_or_nan(f.probability))
+        columns["score_label"].InsertNextValue(f.score_label or "")
         columns["prompt_confidence"].InsertNextValue(float(f.prompt_confidence))
-        columns["volume_ml"].InsertNextValue(float(f.volume_ml))
+        columns["volume_ml"].InsertNextValue(_float_or_nan(f.volume_ml))
+        columns["mask_model"].InsertNextValue(f.mask_model or "")
+        columns["score_model"].InsertNextValue(f.score_model or "")
         columns["segment_id"].InsertNextValue(str(sid or ""))
     table.Modified()
     table_node.SetUseColumnTitleAsColumnHeader(True)
@@ -78,7 +86,10 @@ def table_rows(table_node) -> list[dict]:
 
 
 def panel_texts(finding) -> tuple:
-    """The text columns of the panel's row for one finding (Prompt .. Volume)."""
-    p = finding.probability
-    return (finding.prompt, finding.anatomy or "", "—" if p is None else f"{p:.2f}",
-            f"{finding.prompt_confidence:.2f}", f"{finding.volume_ml:.1f}")
+    """The text columns of the panel's row for one finding (Prompt .. Model). A score that is not
+    a calibrated probability says so; the model column names who made the mask and the number."""
+    p, v = finding.probability, finding.volume_ml
+    score = "—" if p is None else f"{p:.2f}" + ("" if finding.calibrated else " (uncalibrated)")
+    models = dict.fromkeys(m for m in (finding.mask_model, finding.score_model) if m)
+    return (finding.prompt, finding.anatomy or "", score, f"{finding.prompt_confidence:.2f}",
+            "—" if v is None else f"{v:.1f}", " / ".join(models))

@@ -69,9 +69,8 @@ def _fmt(value, digits=2):
 
 
 def _hex(color) -> str:
-    from CTLanguageLib.mrml_glue import _color01
-
-    r, g, b = (int(round(255 * c)) for c in _color01(color))
+    """A finding's RGB colour (0..255 integers) as '#rrggbb'."""
+    r, g, b = (min(max(int(c), 0), 255) for c in color[:3])
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
