@@ -829,3 +829,52 @@ def test_segments_added_after_the_3d_surface_exists_get_a_correct_surface(scene,
     got = seg.GetSegmentation().GetSegment(sid).GetRepresentation(surface)
     assert got is not None and got.GetNumberOfPoints() == want
     assert np.array_equal(mrml_glue.segment_mask_on_reference(scene, seg, sid, volume_node), second.mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# the logic front (CTLanguageLib/logic.py) and the worker line protocol
+# ----------------------------------------------------------------------------------------------
+
+def test_worker_line_protocol_round_trips():
+    line = worker_process.format_progress(0.25, "Encoding\nimage")
+    assert "\n" not in line
+    assert worker_process.parse_line(line) == ("progress", (0.25, "Encoding image"))
+    assert worker_process.parse_line(worker_process.format_progress(7.0)) == ("progress", (1.0, ""))
+    assert worker_process.parse_line(worker_process.format_line(worker_process.DONE_TAG, "/x/e.enc")) == ("done", "/x/e.enc")
+    assert worker_process.parse_line(worker_process.format_line(worker_process.ERROR_TAG, "bad")) == ("error", "bad")
+    assert worker_process.parse_line("CTLANGUAGE_PROGRESS nan-ish") is None
+    assert worker_process.parse_line("torch warning") == ("log", "torch warning")
+    assert worker_process.parse_line("   ") is None
+    env = worker_process.worker_env()
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT / "CTLanguage")
+
+
+def test_logic_front_results_colours_history_and_reset(scene, volume_node, fake_engine, tmp_path):
+    logic = Logic(scene, engineLoader=lambda m, d: fake_engine)
+    assert not logic.isEncoding() and not logic.isEncoded(volume_node)
+    logic.cancelEncoding()  # nothing running: no error
+    with pytest.raises(ValueError, match="Encode"):
+        logic.runPrompts(volume_node, "liver")
+    logic.encodeInline(volume_node)
+    results = logic.runPrompts(volume_node, "liver lesion|liver")  # the engine's separators
+    assert [r.prompt for r in results] == ["liver lesion", "liver"]
+    assert logic.segmentationNode(volume_node).GetDisplayNode().GetSegmentOpacity2DFill(results[0].segment_id) \
+        == pytest.approx(0.35)
+    logic.setSegmentColor(volume_node, 1, (0.1, 0.2, 0.3))
+    np.testing.assert_allclose(logic.segmentColor(volume_node, 1), (0.1, 0.2, 0.3))
+    assert logic.thresholdsDiffer(0.3, 0.5) and not logic.thresholdsDiffer(0.5, 0.5)
+    logic.setResultVisible(volume_node, 0, False)
+    assert not logic.segmentationNode(volume_node).GetDisplayNode().GetSegmentVisibility(results[0].segment_id)
+    assert logic.jumpTarget(volume_node, 1) is not None
+    assert logic.showHeatmap(volume_node, 0).GetImageData() is not None
+    assert logic.completionPhrases()[:2] == ["liver lesion", "liver"]
+    logic.setModel("default", "cpu")
+    logic.resetSession()  # scene closed: results and encodings go, model and history stay
+    assert logic.results(volume_node) == [] and not logic.isEncoded(volume_node)
+    assert logic.completionPhrases()[:2] == ["liver lesion", "liver"]
+    logic.clearHistory()
+    assert "liver lesion" not in logic.completionPhrases()[:1]
+    with pytest.raises(ValueError, match="Nothing to export"):
+        logic.export(volume_node, str(tmp_path), "csv")
+    with pytest.raises(ValueError, match="Select"):
+        logic.export(None, str(tmp_path), "csv")

@@ -63,36 +63,40 @@ def demo_notice(entry) -> str:
     return text
 
 
-def _describe(entry):
+def _describe(entry, entries):
     """Capabilities of a catalog entry (each member's for a pipeline), without loading weights."""
     from ctlanguage import backends, catalog
 
     if not entry.pipeline:
         return [backends.backend_module(entry.backend).describe(entry)]
-    members = [catalog.find_entry(mid) for mid in dict.fromkeys(entry.pipeline.values())]
+    members = [catalog.find_entry(mid, catalog=entries) for mid in dict.fromkeys(entry.pipeline.values())]
     return [backends.backend_module(m.backend).describe(m) for m in members if m is not None]
 
 
 def entry_choice(entry, entries) -> ModelChoice:
+    """What the menu says about one catalog entry (a model or a pipeline)."""
+    from ctlanguage.errors import CTLanguageError
+
     cat = _catalog()
     try:
-        caps = _describe(entry)
-    except Exception as exc:  # an optional backend that is not installed
+        caps = _describe(entry, entries)
+    except CTLanguageError as exc:  # an optional backend family that is not installed
         caps, hint = [], str(exc)
     else:
         hint = " ".join(c.weights_hint for c in caps if not c.weights_present and c.weights_hint)
     can_do = tuple(dict.fromkeys(s for c in caps for s in c.summary()))
-    device = max((c.device for c in caps), key=list(DEVICE_TEXT).index, default="cpu")
+    device = max((c.device for c in caps), key=lambda d: list(DEVICE_TEXT).index(d) if d in DEVICE_TEXT else 0,
+                 default="cpu")
     try:
         path, _ = cat.resolve_model(entry.id, catalog=entries)
         available = path is not None or (bool(caps) and all(c.weights_present for c in caps))
-    except Exception as exc:
+    except CTLanguageError as exc:
         available, hint = False, hint or str(exc)
     grounded = not entry.pipeline and (entry.backend or "grounded") == "grounded"
     where = ("embedded" if entry.embedded else "downloaded" if grounded and available
              else "weights present" if available else "not on disk")
-    if grounded and not available and not hint:
-        hint = "use Manage models… → Download selected model"
+    if grounded and not available:
+        hint = f"Manage models… → Download selected model (or `ctlanguage models download {entry.id}`)"
     return ModelChoice(spec=entry.id, label=f"{entry.id} {entry.version} ({where})", available=available,
                        description=entry.description, license=entry.license, can_do=can_do, size=entry.size,
                        device=device, where=where, notice=demo_notice(entry), hint=hint,
