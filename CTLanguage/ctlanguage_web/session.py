@@ -68,6 +68,18 @@ def _fmt(value, digits=2):
     return "—" if v != v else f"{v:.{digits}f}"
 
 
+def _catalog_id(model: str) -> str:
+    """'default' (or '') -> the catalog id of the default model, so the model menu can show it."""
+    from ctlanguage import catalog
+
+    if str(model or "default") not in catalog.DEFAULT_ALIASES:
+        return str(model)
+    try:
+        return catalog.default_entry().id
+    except Exception:  # noqa: BLE001 - no catalog: keep the alias, Engine.load resolves it
+        return "default"
+
+
 def _hex(color) -> str:
     """A finding's RGB colour (0..255 integers) as '#rrggbb'."""
     r, g, b = (min(max(int(c), 0), 255) for c in color[:3])
@@ -114,7 +126,7 @@ class WebSession:
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.logic = CTLanguageSession(self.scene, engine_loader=engine_loader)
-        self.logic.set_model(model, device)
+        self.logic.set_model(_catalog_id(model), device)
         self.logic.probability_threshold = 0.0  # draw every mask; PRESENT_THRESHOLD marks rows
         self.max_upload_bytes = int(float(max_upload_mb) * 1e6)
         self.input: LoadedInput | None = None
@@ -299,6 +311,30 @@ class WebSession:
     def model_label(self) -> str:
         return self.logic.model_label()
 
+    def _model_choices(self) -> list:
+        from CTLanguageLib import catalog_ui
+
+        choices = catalog_ui.model_choices()
+        if self.logic.model_id not in {c.spec for c in choices}:  # a model folder given at start
+            choices.append(catalog_ui.ModelChoice(spec=self.logic.model_id, label=self.logic.model_id,
+                                                  available=True, where="local folder"))
+        return choices
+
+    def model_choices(self) -> list[dict]:
+        """Every model with what it can do, licence, size, CPU/GPU need, whether it is on disk and
+        the demo model's limits: the Slicer module's menu (``CTLanguageLib.catalog_ui``)."""
+        return [{"value": c.spec, "title": c.label, "details": c.details(), "notice": c.notice,
+                 "props": {"disabled": not c.available}} for c in self._model_choices()]
+
+    def set_model(self, spec: str) -> None:
+        """Use another model that is on disk (encodings made with the old one are dropped)."""
+        choice = next((c for c in self._model_choices() if c.spec == spec), None)
+        if choice is None:
+            raise ValueError(f"Unknown model {spec!r}.")
+        if not choice.available:
+            raise ValueError(f"{spec} is not on disk on this server ({choice.hint}).")
+        self.logic.set_model(spec, self.logic.device)
+
     # ---- prompts -----------------------------------------------------------------------------
     def run_prompts(self, text: str) -> list[dict]:
         if self.volume_node is None:
@@ -335,7 +371,10 @@ class WebSession:
                 "anatomy": (f.anatomy or "").replace("_", " "),
                 "finding": (f.finding or "").replace("_", " "),
                 "probability": None if prob is None else round(float(prob), 4),
-                "probability_text": "anatomy" if prob is None else _fmt(prob),
+                "probability_text": ("anatomy" if prob is None
+                                     else _fmt(prob) + ("" if f.calibrated else " (uncalibrated)")),
+                "score_label": f.score_label or "",
+                "models": " / ".join(dict.fromkeys(m for m in (f.mask_model, f.score_model) if m)),
                 "confidence_text": _fmt(f.prompt_confidence),
                 "volume_text": _fmt(f.volume_ml, 1),
                 "color": _hex(f.color),
