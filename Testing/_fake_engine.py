@@ -74,10 +74,15 @@ def model_grid(shape, ijk_to_ras, stride: int = 2) -> ModelGrid:
 class FakeBackend:
     calls: list = []   # "encode" per encode, ("answer", text) per answer: for tests
 
-    def __init__(self, model_id: str = "fake-model", version: str = "0.1", sha256: str | None = None,
-                 path: str | None = None):
-        self.info = ModelInfo(id=model_id, version=version, sha256=sha256 or hashlib.sha256(model_id.encode()).hexdigest(),
-                              kind="fake", license="test-only", path=path)
+    def __init__(self, path=None, model_id: str = "fake-model"):
+        """``path``: a folder from :func:`make_fake_model_dir` (verified like a real model folder)."""
+        version, sha = "0.1", hashlib.sha256(model_id.encode()).hexdigest()
+        if path is not None:
+            sha = verify_model_dir(Path(path))["weights_sha256"]
+            cfg = json.loads((Path(path) / "config.json").read_text())
+            model_id, version = cfg.get("model_id", model_id), str(cfg.get("version", "0"))
+        self.info = ModelInfo(id=model_id, version=version, sha256=sha, kind="fake", license="test-only",
+                              path=str(path) if path is not None else None)
         self.capabilities = describe(None)
 
     def encode(self, volume, progress=None, cancel=None, anatomy=None) -> FakeState:
@@ -122,16 +127,12 @@ def describe(entry) -> Capabilities:
                         calibrated=False, heatmaps=True, device="cpu")
 
 
-def load(entry, device=None, progress=None, model_dir=None, warm_text=True) -> FakeBackend:
-    """A FakeBackend for a model folder from :func:`make_fake_model_dir` (verified like a real one)."""
-    if model_dir is None:
-        return FakeBackend()
-    folder = Path(model_dir)
-    sha = verify_model_dir(folder)["weights_sha256"]
-    cfg = json.loads((folder / "config.json").read_text())
+def load(entry=None, device=None, progress=None, model_dir=None, warm_text=True) -> FakeBackend:
+    """A FakeBackend for a model folder from :func:`make_fake_model_dir` (none: "fake-model")."""
+    backend = FakeBackend(model_dir)
     if progress:
         progress(1.0, "loaded")
-    return FakeBackend(cfg.get("model_id", "fake-model"), str(cfg.get("version", "0")), sha, str(folder))
+    return backend
 
 
 def make_fake_model_dir(folder: Path, model_id: str = "fake-model") -> Path:
@@ -160,4 +161,4 @@ def fake_engine(model_id: str = "fake-model"):
     """The real Engine around a FakeBackend (no folder needed)."""
     from ctlanguage.engine import Engine
 
-    return Engine.load(FakeBackend(model_id), device="cpu")
+    return Engine.load(FakeBackend(model_id=model_id), device="cpu")

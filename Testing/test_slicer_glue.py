@@ -757,7 +757,8 @@ def test_real_engine_mask_threshold_update_matches_a_fresh_query(real_engine_and
     session.encode_inline(node)
     session.run_prompts(node, "liver; liver lesion")
     session.set_thresholds(node, mask_threshold=0.3, probability_threshold=0.5)
-    fresh = real_engine.query(session.state_for(node).encoding, "liver; liver lesion", mask_threshold=0.3)
+    fresh = real_engine.query(session.state_for(node).encoding, "liver; liver lesion", mask_threshold=0.3,
+                              absent_masks=True)  # the glue keeps every mask (the slider hides)
     for r, f in zip(session.results(node), fresh):
         assert np.array_equal(r.finding.mask, f.mask), r.prompt
         assert r.finding.probability == f.probability
@@ -868,10 +869,15 @@ def test_logic_front_results_colours_history_and_reset(scene, volume_node, fake_
     assert logic.jumpTarget(volume_node, 1) is not None
     assert logic.showHeatmap(volume_node, 0).GetImageData() is not None
     assert logic.completionPhrases()[:2] == ["liver lesion", "liver"]
+    unknown = logic.runPrompts(volume_node, "florbix wuggle")[-1]  # not understood: no mask, no number
+    assert not unknown.finding.understood and unknown.finding.probability is None
+    assert mrml_glue.segment_mask_on_reference(scene, logic.segmentationNode(volume_node), unknown.segment_id,
+                                               volume_node).sum() == 0
+    assert results_table.panel_texts(unknown.finding)[1].startswith("not understood — try '")
     logic.setModel("default", "cpu")
     logic.resetSession()  # scene closed: results and encodings go, model and history stay
     assert logic.results(volume_node) == [] and not logic.isEncoded(volume_node)
-    assert logic.completionPhrases()[:2] == ["liver lesion", "liver"]
+    assert logic.completionPhrases()[:3] == ["florbix wuggle", "liver lesion", "liver"]
     logic.clearHistory()
     assert "liver lesion" not in logic.completionPhrases()[:1]
     with pytest.raises(ValueError, match="Nothing to export"):

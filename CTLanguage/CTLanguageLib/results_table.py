@@ -89,6 +89,9 @@ def panel_texts(finding) -> tuple:
     """The text columns of the panel's row for one finding (Prompt .. Model). A score that is not
     a calibrated probability says so; the model column names who made the mask and the number."""
     p, v = finding.probability, finding.volume_ml
+    if not finding.understood:  # no concept matched: no mask, no number, a suggestion
+        hint = f" — try '{finding.suggestions[0]}'" if finding.suggestions else ""
+        return (finding.prompt, f"not understood{hint}", "—", f"{finding.prompt_confidence:.2f}", "—", "")
     score = "—" if p is None else f"{p:.2f}" + ("" if finding.calibrated else " (uncalibrated)")
     models = dict.fromkeys(m for m in (finding.mask_model, finding.score_model) if m)
     return (finding.prompt, finding.anatomy or "", score, f"{finding.prompt_confidence:.2f}",

@@ -175,8 +175,9 @@ class CTLanguageSession:
         state = self.state_for(volume_node)
         if state.encoding is None:
             raise ValueError("Encode the volume first (press Encode).")
-        try:
-            findings = self.engine().query(state.encoding, text, mask_threshold=self.mask_threshold)
+        try:  # every mask is computed: the probability threshold hides unlikely findings' segments
+            findings = self.engine().query(state.encoding, text, mask_threshold=self.mask_threshold,
+                                           absent_masks=True)
         except Exception as exc:
             raise ValueError(str(exc)) from exc
         seg = self.segmentation_node(volume_node, create=True)

@@ -371,7 +371,7 @@ class WebSession:
                 "anatomy": (f.anatomy or "").replace("_", " "),
                 "finding": (f.finding or "").replace("_", " "),
                 "probability": None if prob is None else round(float(prob), 4),
-                "probability_text": ("anatomy" if prob is None
+                "probability_text": ("not understood" if not f.understood else "anatomy" if prob is None
                                      else _fmt(prob) + ("" if f.calibrated else " (uncalibrated)")),
                 "score_label": f.score_label or "",
                 "models": " / ".join(dict.fromkeys(m for m in (f.mask_model, f.score_model) if m)),
