@@ -70,7 +70,7 @@ class CTLanguageWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._pollTimer = None
+        self._pollTimer = self._thresholdTimer = None
         self._updatingTable = False
 
     def setup(self) -> None:
