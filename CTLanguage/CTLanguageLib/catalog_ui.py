@@ -37,14 +37,14 @@ class ModelChoice:
     hint: str = ""           # how to get the weights when they are not on disk
     downloadable: bool = False
 
-    def details(self) -> str:
+    def details(self, notice: bool = True) -> str:
         """Several lines for the panel (and the combo's tool tip): what it can do, licence, size,
-        CPU/GPU need, whether it is on disk, then the demo notice."""
+        CPU/GPU need, whether it is on disk, then (``notice``) the demo notice."""
         size = f"{self.size / 1e6:.1f} MB" if self.size else "size unknown"
         lines = [f"Can do: {', '.join(self.can_do) or 'unknown'}",
                  f"Licence: {self.license or 'unknown'} · {size} · runs on: {DEVICE_TEXT.get(self.device, self.device or 'CPU')}",
                  f"On disk: {self.where}" + ("" if self.available or not self.hint else f" — {self.hint}")]
-        return "\n".join(lines + ([self.notice] if self.notice else []))
+        return "\n".join(lines + ([self.notice] if self.notice and notice else []))
 
 
 def demo_notice(entry) -> str:

@@ -323,7 +323,7 @@ class WebSession:
     def model_choices(self) -> list[dict]:
         """Every model with what it can do, licence, size, CPU/GPU need, whether it is on disk and
         the demo model's limits: the Slicer module's menu (``CTLanguageLib.catalog_ui``)."""
-        return [{"value": c.spec, "title": c.label, "details": c.details(), "notice": c.notice,
+        return [{"value": c.spec, "title": c.label, "details": c.details(notice=False), "notice": c.notice,
                  "props": {"disabled": not c.available}} for c in self._model_choices()]
 
     def set_model(self, spec: str) -> None:
