@@ -884,3 +884,27 @@ def test_logic_front_results_colours_history_and_reset(scene, volume_node, fake_
         logic.export(volume_node, str(tmp_path), "csv")
     with pytest.raises(ValueError, match="Select"):
         logic.export(None, str(tmp_path), "csv")
+
+
+@pytest.mark.slow
+def test_in_slicer_self_test_flow_runs_on_slicer_core(module_logic, monkeypatch, real_engine_and_spec):
+    """CTLanguageLib/self_test.py (what CTLanguageTest runs inside Slicer) with the module's own
+    CTLanguageLogic, the worker process and the embedded model, on a slicer-core scene."""
+    import unittest
+
+    from CTLanguageLib import self_test
+
+    module, _fake_logic = module_logic
+    if real_engine_and_spec[1] != "default":
+        pytest.skip("the self-test uses the embedded default model")
+    logic = module.CTLanguageLogic()  # no injected engine: Engine.load("default") as in Slicer
+    monkeypatch.setattr(logic, "setupPythonRequirements", lambda ask=True: None)  # pip: Slicer only
+
+    class Case(unittest.TestCase):
+        def runTest(self):
+            pass
+
+        def delayDisplay(self, message, msec=None):  # noqa: N802 - ScriptedLoadableModuleTest's name
+            pass
+
+    self_test.prompt_flow(Case(), logic)
