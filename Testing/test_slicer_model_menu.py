@@ -1,6 +1,7 @@
 """The Slicer model menu (CTLanguageLib/catalog_ui.py): each model with what it can do (from its
 backend's ``describe``), licence, size, CPU/GPU need and whether it is on disk; the embedded
-synthetic model's notice with its measured limits from the catalog; a download that asks first,
+synthetic model's notice with its measured limits from the catalog (the same text the loaded
+model carries); a download that asks first,
 shows progress (the catalog's ``progress(done, total, message)``) and can be cancelled.
 
 The ``ModelSelector`` runs with Qt and the Slicer dialogs stubbed (what only the application
@@ -34,11 +35,15 @@ def test_shipped_models_say_what_they_can_do_and_the_demo_models_limits():
     for needle in ("anatomy (25)", "finding masks", "scores (calibrated)", f"Licence: {entry.license}",
                    f"{entry.size / 1e6:.1f} MB", "runs on: CPU", "On disk: embedded"):
         assert needle in text, (needle, text)
+    from ctlanguage.backends import grounded
+
     m = entry.metrics
-    assert first.notice.startswith("Synthetic-anatomy demo model")
-    for key, label in catalog_ui.METRIC_TEXT:
-        assert f"{label} {float(m[key]):.3g}" in first.notice
-    assert m["status"] in first.notice and first.notice in text
+    assert first.notice == grounded.demo_model_notice(entry)  # what the loaded model's info says
+    assert "trained only on synthetic anatomy" in first.notice
+    for key, label in (("mean_organ_dice", "organ Dice"), ("mean_finding_auc", "finding AUC"),
+                       ("mean_finding_dice", "finding Dice")):
+        assert f"{label} {m[key]}" in first.notice  # the catalog's measured numbers
+    assert first.notice in text and first.notice not in first.details(notice=False)
 
 
 @pytest.fixture

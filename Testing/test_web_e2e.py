@@ -130,7 +130,7 @@ def _drive(browser, server, shots: Path, tmp_path: Path):
     details = page.inner_text("#model-details")
     assert "Can do:" in details and "Licence:" in details and "On disk:" in details, details
     if os.environ.get("CTLANGUAGE_WEB_TEST_MODEL", "default") == "default":
-        assert "Synthetic-anatomy demo model" in page.inner_text("#model-notice")
+        assert "trained only on synthetic anatomy" in page.inner_text("#model-notice")
     page.screenshot(path=str(shots / "web_model_menu.png"))
 
     # --- load the bundled synthetic case ----------------------------------------------------------
@@ -316,7 +316,7 @@ def test_web_session_lists_models_and_switches_only_to_models_on_disk(tmp_path):
     assert s.logic.model_id == entry.id and models[0]["value"] == entry.id
     first = models[0]
     assert "Can do:" in first["details"] and entry.license in first["details"] and "On disk: embedded" in first["details"]
-    assert first["notice"].startswith("Synthetic-anatomy demo model") and not first["props"]["disabled"]
+    assert "trained only on synthetic anatomy" in first["notice"] and not first["props"]["disabled"]
     s.load_bundled(s.bundled_cases()[0]["value"])
     s.encode()
     assert s.is_encoded()

@@ -18,8 +18,6 @@ from pathlib import Path
 
 LOCAL_MODELS_FILE = "local_models.json"
 DEVICE_TEXT = {"cpu": "CPU", "gpu-recommended": "CPU or GPU (GPU recommended)", "gpu": "GPU required"}
-METRIC_TEXT = (("mean_organ_dice", "organ Dice"), ("mean_finding_dice", "finding Dice"),
-               ("mean_finding_auc", "finding AUC"), ("ece_calibrated", "ECE"))
 
 
 @dataclass
@@ -33,7 +31,7 @@ class ModelChoice:
     size: int | None = None  # bytes (download or on disk)
     device: str = ""         # Capabilities.device
     where: str = ""          # embedded | downloaded | not downloaded | local folder | weights present ...
-    notice: str = ""         # the demo model's limits (demo_notice)
+    notice: str = ""         # a demo model's measured limits (what the loaded model's info says)
     hint: str = ""           # how to get the weights when they are not on disk
     downloadable: bool = False
 
@@ -41,36 +39,33 @@ class ModelChoice:
         """Several lines for the panel (and the combo's tool tip): what it can do, licence, size,
         CPU/GPU need, whether it is on disk, then (``notice``) the demo notice."""
         size = f"{self.size / 1e6:.1f} MB" if self.size else "size unknown"
+        device = DEVICE_TEXT.get(self.device, self.device or "CPU")
         lines = [f"Can do: {', '.join(self.can_do) or 'unknown'}",
-                 f"Licence: {self.license or 'unknown'} · {size} · runs on: {DEVICE_TEXT.get(self.device, self.device or 'CPU')}",
+                 f"Licence: {self.license or 'unknown'} · {size} · runs on: {device}",
                  f"On disk: {self.where}" + ("" if self.available or not self.hint else f" — {self.hint}")]
         return "\n".join(lines + ([self.notice] if self.notice and notice else []))
 
 
-def demo_notice(entry) -> str:
-    """For a model trained on synthetic anatomy only: one sentence saying so, with its measured
-    limits from the catalog entry's ``metrics`` ("" for other models)."""
-    if "synthetic" not in str(entry.extra.get("training_data", "")).lower():
-        return ""
-    m = entry.metrics or {}
-    numbers = ", ".join(f"{label} {float(m[key]):.3g}" for key, label in METRIC_TEXT if key in m)
-    where = str(m.get("evaluation", "")).split(";")[0].split(" through ")[0]
-    text = "Synthetic-anatomy demo model (trained on synthetic phantoms only; not meaningful on patient CT)."
-    if numbers:
-        text += f" Measured{' on ' + where if where else ''}: {numbers}."
-    if m.get("status"):
-        text += f" Status: {m['status']}."
-    return text
-
-
-def _describe(entry, entries):
-    """Capabilities of a catalog entry (each member's for a pipeline), without loading weights."""
-    from ctlanguage import backends, catalog
-
+def _members(entry, entries) -> list:
+    """The catalog entries a choice runs: itself, or a pipeline's member models."""
     if not entry.pipeline:
-        return [backends.backend_module(entry.backend).describe(entry)]
-    members = [catalog.find_entry(mid, catalog=entries) for mid in dict.fromkeys(entry.pipeline.values())]
-    return [backends.backend_module(m.backend).describe(m) for m in members if m is not None]
+        return [entry]
+    found = (_catalog().find_entry(mid, catalog=entries) for mid in dict.fromkeys(entry.pipeline.values()))
+    return [m for m in found if m is not None]
+
+
+def _describe(members) -> list:
+    """Capabilities of each member (its backend's ``describe``: no weights loaded)."""
+    from ctlanguage import backends
+
+    return [backends.backend_module(m.backend).describe(m) for m in members]
+
+
+def _notice(members) -> str:
+    """The demo notice the loaded model would carry (``ModelInfo.notice``), from the catalog."""
+    from ctlanguage.backends.grounded import demo_model_notice
+
+    return " ".join(n for n in (demo_model_notice(m) for m in members if (m.backend or "grounded") == "grounded") if n)
 
 
 def entry_choice(entry, entries) -> ModelChoice:
@@ -78,8 +73,9 @@ def entry_choice(entry, entries) -> ModelChoice:
     from ctlanguage.errors import CTLanguageError
 
     cat = _catalog()
+    members = _members(entry, entries)
     try:
-        caps = _describe(entry, entries)
+        caps = _describe(members)
     except CTLanguageError as exc:  # an optional backend family that is not installed
         caps, hint = [], str(exc)
     else:
@@ -99,7 +95,7 @@ def entry_choice(entry, entries) -> ModelChoice:
         hint = f"Manage models… → Download selected model (or `ctlanguage models download {entry.id}`)"
     return ModelChoice(spec=entry.id, label=f"{entry.id} {entry.version} ({where})", available=available,
                        description=entry.description, license=entry.license, can_do=can_do, size=entry.size,
-                       device=device, where=where, notice=demo_notice(entry), hint=hint,
+                       device=device, where=where, notice=_notice(members), hint=hint,
                        downloadable=grounded and not entry.embedded and bool(entry.url))
 
 
