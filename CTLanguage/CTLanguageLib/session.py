@@ -4,10 +4,11 @@ The widget reaches it only through ``logic.Logic`` (its single front); the trame
 pytest suite use :class:`CTLanguageSession` directly on a ``vtkMRMLScene`` from ``slicer-core``.
 
 A session holds: the loaded engine (per model id + device), one encoding per input volume node,
-and the list of current results (finding + segment id). Changing the mask or probability
-threshold re-queries the stored prompts against the stored encoding (no re-encoding) and
-replaces the segments' masks in place. Errors that a user can cause are raised as ``ValueError``
-with one specific sentence.
+and the list of current results (finding + segment id). The engine answers every prompt with its
+mask, also for findings it judges absent; the probability threshold only hides segments. A new
+mask threshold re-thresholds each finding's stored logits (``Finding.with_threshold``: no query,
+no re-encoding) and replaces the segments' masks in place. Errors that a user can cause are
+raised as ``ValueError`` with one specific sentence.
 """
 
 from __future__ import annotations
