@@ -394,8 +394,22 @@ def demo_model_notice(entry) -> str:
 
 
 def describe(entry) -> Capabilities:
-    return Capabilities(finding_masks=True, scores=True, calibrated=True, heatmaps=True,
-                        anatomy=tuple(getattr(entry, "anatomies", None) or ()))
+    """What the model can do, from its folder's config.json (no weights read, no torch); when the
+    folder is not on disk, how to get the weights."""
+    import json
+
+    from ..catalog import resolve_model
+
+    spec = entry.id if entry is not None else "default"
+    try:
+        model_dir, _ = resolve_model(spec)
+        anatomies = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))["anatomies"]
+        present, hint = True, ""
+    except (CTLanguageError, OSError, ValueError, KeyError):
+        anatomies, present = (), False
+        hint = f"run `ctlanguage models download {spec}`"
+    return Capabilities(anatomy=tuple(anatomies), finding_masks=True, scores=True, calibrated=True,
+                        heatmaps=True, weights_present=present, weights_hint=hint)
 
 
 # ---- helpers -------------------------------------------------------------------------------
