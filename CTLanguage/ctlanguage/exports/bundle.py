@@ -11,6 +11,7 @@ import numpy as np
 from .. import __version__
 from . import ExportResult, check_masks, unique_slugs
 from .atomic import atomic_output_dir
+from .extent import mask_extent
 
 ALL_FORMATS = ("masks", "json", "csv", "seg_nrrd", "html", "dicom_seg")
 
@@ -76,10 +77,12 @@ def export_all(volume: Any, findings: Sequence[Any], out_dir: str | Path, *, mod
     if extra:
         meta.update(extra)
     info = input_record(volume, input_path)
+    # where each mask is non-empty, found once: every writer then works on bounding boxes only
+    extents = [mask_extent(getattr(f, "mask", None)) for f in findings]
     with atomic_output_dir(out_dir) as tmp:
         mask_rel: list[str | None] = [None] * len(findings)
         if "masks" in formats:
-            paths = write_masks(tmp / "masks", findings, slugs, volume.ijk_to_ras)
+            paths = write_masks(tmp / "masks", findings, slugs, volume.ijk_to_ras, extents=extents)
             mask_rel = [f"masks/{p.name}" if p is not None else None for p in paths]
             result.masks = [out_dir / r for r in mask_rel if r]
             step("masks")
@@ -93,12 +96,12 @@ def export_all(volume: Any, findings: Sequence[Any], out_dir: str | Path, *, mod
             result.files["findings.csv"] = out_dir / "findings.csv"
             step("findings.csv")
         if "seg_nrrd" in formats:
-            write_seg_nrrd(tmp / "segmentation.seg.nrrd", volume, findings)
+            write_seg_nrrd(tmp / "segmentation.seg.nrrd", volume, findings, extents=extents)
             result.files["segmentation.seg.nrrd"] = out_dir / "segmentation.seg.nrrd"
             step("segmentation.seg.nrrd")
         if "html" in formats:
             write_report(tmp / "report.html", volume, findings, model=model, input_info=info,
-                         mask_paths=mask_rel, extra=meta)
+                         mask_paths=mask_rel, extra=meta, extents=extents)
             result.files["report.html"] = out_dir / "report.html"
             step("report.html")
         if want_dicom:
