@@ -189,3 +189,56 @@ def test_key_image_sections_match_full_volume_sums(affine):
                 int(np.argmax(mv.sum(axis=(0, 2), dtype=np.int64))))
         got = _largest_sections(m, affine, mask_extent(m))
         assert got == (want if m.any() else None)
+
+
+# ---------------------------------------------------------------------------------- DICOM SEG
+
+def test_seg_frames_of_a_mask_equal_full_sampling(tmp_path):
+    """``_SeriesSampler.frames`` (only frames crossing the bounding box) gives exactly the
+    non-empty frames of sampling the whole series, on the vectorised and the per-instance path."""
+    import pydicom
+
+    from _export_helpers import synthetic_volume
+    from ctlanguage.dicom_io import write_dicom_series
+    from ctlanguage.exports.dicom_seg import _SeriesSampler
+
+    shape = (12, 20, 24)
+    vol = synthetic_volume(shape)
+    write_dicom_series(vol, tmp_path / "s")
+    dss = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted((tmp_path / "s").iterdir())]
+    inv = np.linalg.inv(vol.ijk_to_ras)
+    rng = np.random.default_rng(5)
+    for vectorised in (True, False):
+        sampler = _SeriesSampler(dss, inv, shape)
+        assert sampler.fast is not None
+        if not vectorised:  # force the per-instance path
+            from ctlanguage.exports.dicom_seg import _frame_sampler
+
+            sampler.fast = None
+            sampler.samplers = [_frame_sampler(ds, inv, shape) for ds in dss]
+        for blobs in (0, 1, 3):
+            m = _random_mask(rng, shape, blobs)
+            full = sampler(m) != 0
+            want = np.flatnonzero(full.reshape(len(dss), -1).any(axis=1))
+            idx, stack = sampler.frames(m, mask_extent(m))
+            np.testing.assert_array_equal(idx, want)
+            np.testing.assert_array_equal(stack, full[want])
+
+
+def test_report_images_keep_single_voxel_findings():
+    """Overlays are drawn at display size from area coverage: a one-voxel finding anywhere on a
+    512 x 512 slice shown at 320 pixels still changes the picture, and a large region keeps its
+    area."""
+    from ctlanguage.exports.html_report import render_overlay
+
+    ct = np.random.default_rng(6).normal(0, 50, (512, 512)).astype(np.float32)
+    draw = lambda m: np.asarray(render_overlay(ct, m, (0.9, 0.3, 0.2), 0.75, 0.75, 40, 400, 320))  # noqa: E731
+    base = draw(None)
+    for r, c in [(0, 0), (511, 511), (200, 301), (77, 450)]:
+        m = np.zeros((512, 512), np.uint8)
+        m[r, c] = 1
+        assert (draw(m) != base).any(), (r, c)
+    m = np.zeros((512, 512), np.uint8)
+    m[100:300, 150:400] = 1
+    changed = (draw(m) != base).any(axis=2).sum()
+    assert abs(changed - 200 * 250 * (320 / 512) ** 2) < 0.02 * changed

@@ -78,7 +78,8 @@ def export_all(volume: Any, findings: Sequence[Any], out_dir: str | Path, *, mod
         meta.update(extra)
     info = input_record(volume, input_path)
     # where each mask is non-empty, found once: every writer then works on bounding boxes only
-    extents = [mask_extent(getattr(f, "mask", None)) for f in findings]
+    extents = ([mask_extent(getattr(f, "mask", None)) for f in findings]
+               if {"masks", "seg_nrrd", "html"} & set(formats) else None)
     with atomic_output_dir(out_dir) as tmp:
         mask_rel: list[str | None] = [None] * len(findings)
         if "masks" in formats:

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import ExportError, InputError
 from . import finding_color, finding_key
+from .extent import extents_for, masks_overlap
 
 _LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -194,6 +195,27 @@ class _SeriesSampler:
         if self.fast is None:
             self.samplers = [_frame_sampler(ds, ras_to_ijk, shape_kji) for ds in datasets]
 
+    def frames(self, mask: np.ndarray | None, extent) -> tuple[np.ndarray, np.ndarray]:
+        """(frame indices, bool stack [n, rows, cols]) of the frames in which the mask is
+        non-empty; only frames crossing its bounding box (``extent``) are sampled."""
+        empty = (np.zeros(0, np.int64), np.zeros((0, self.rows, self.cols), bool))
+        if extent.box is None:
+            return empty
+        if self.fast is not None:
+            perm, fixed_idx, rows_idx, cols_idx = self.fast
+            span = extent.box[perm[0]]
+            idx = np.flatnonzero((fixed_idx >= span.start) & (fixed_idx < span.stop))
+            out = mask.transpose(perm)[fixed_idx[idx]]
+            for axis, ix in ((1, rows_idx), (2, cols_idx)):
+                ix = _as_slice(ix)
+                out = out[(slice(None),) * axis + (ix,)] if isinstance(ix, slice) else np.take(out, ix, axis=axis)
+            stack = out != 0
+        else:
+            stack = self(mask) != 0
+            idx = np.arange(stack.shape[0])
+        keep = stack.reshape(stack.shape[0], -1).any(axis=1)
+        return idx[keep], stack[keep]
+
     def __call__(self, mask: np.ndarray) -> np.ndarray:
         if self.fast is not None:
             perm, fixed_idx, rows_idx, cols_idx = self.fast
@@ -275,7 +297,7 @@ def segment_codes(f: Any) -> dict:
 
 def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], source: Any = None, *,
                     model: dict | None = None, names: Sequence[str] | None = None,
-                    series_description: str = "CTLanguage segmentation") -> Path:
+                    series_description: str = "CTLanguage segmentation", extents=None) -> Path:
     """Write a binary DICOM SEG of all findings, referencing the source CT series.
 
     ``source``: the DICOM folder (or a list of pydicom datasets) the volume was read from;
@@ -302,39 +324,36 @@ def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], sour
     shape = tuple(int(s) for s in np.shape(volume.array))
     sampler = _SeriesSampler(datasets, ras_to_ijk, shape)  # type: ignore[arg-type]
     n_seg = len(findings)
-    stacks = []
-    occupied = None
-    total = 0
-    for f in findings:
-        mask = getattr(f, "mask", None)
-        if mask is None:
-            st = np.zeros((len(datasets), sampler.rows, sampler.cols), bool)
-        else:
-            st = sampler(mask) > 0
-        total += int(np.count_nonzero(st))
-        if occupied is None:
-            occupied = st.copy()
-        else:
-            np.logical_or(occupied, st, out=occupied)
-        stacks.append(st)
-    overlap = occupied is not None and int(np.count_nonzero(occupied)) < total
+    masks = [getattr(f, "mask", None) for f in findings]
+    extents = extents_for(findings, extents)
+    # per segment: the frames (instance indices) it occupies and their pixels; only frames that
+    # cross the mask's bounding box are sampled
+    per_seg = [sampler.frames(m, e) for m, e in zip(masks, extents)]  # empty extent for no mask
+    # segments overlapping on the volume is necessary for an overlap in the frames (each frame
+    # pixel is one voxel), so without it a label-map array is exact
+    overlap = any(masks_overlap(masks[a], extents[a], masks[b], extents[b])
+                  for a in range(n_seg) for b in range(a + 1, n_seg)
+                  if masks[a] is not None and masks[b] is not None)
     # only instances that hold any segment become frames (highdicom would drop empty frames
     # anyway); the others are still listed as referenced instances of the series
-    used = np.flatnonzero(occupied.any(axis=(1, 2))) if occupied is not None else np.array([], int)
-    if used.size == 0:
+    used = np.unique(np.concatenate([idx for idx, _ in per_seg])) if n_seg else np.zeros(0, int)
+    any_voxels = used.size > 0
+    if not any_voxels:
         used = np.array([0])
     frames_src = [datasets[i] for i in used]
     used_set = set(used.tolist())
     further = [ds for i, ds in enumerate(datasets) if i not in used_set]
-    if overlap:
-        pixels = np.zeros((used.size, sampler.rows, sampler.cols, n_seg), np.uint8)
-        for n, st in enumerate(stacks):
-            pixels[..., n] = st[used]
+    if overlap:  # one contiguous plane per segment: highdicom reads [frame, :, :, segment]
+        planes = np.zeros((n_seg, used.size, sampler.rows, sampler.cols), np.uint8)
+        for n, (idx, st) in enumerate(per_seg):
+            planes[n, np.searchsorted(used, idx)] = st
+        pixels = np.moveaxis(planes, 0, -1)
     else:  # no overlap: a label-map style array is equivalent and far cheaper to validate
         pixels = np.zeros((used.size, sampler.rows, sampler.cols), np.uint8)
-        for n, st in enumerate(stacks):
-            pixels[st[used]] = n + 1
-    del stacks
+        for n, (idx, st) in enumerate(per_seg):
+            pos = np.searchsorted(used, idx)
+            pixels[pos] = np.where(st, np.uint8(n + 1), pixels[pos])
+    del per_seg
     model = model or {}
     algo = hd.AlgorithmIdentificationSequence(
         name=f"CTLanguage {model.get('id', 'model')}"[:64],
@@ -384,7 +403,7 @@ def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], sour
             series_description=series_description,
             content_label="CTLANGUAGE",
             content_description="Prompt-based segmentation (research use only)",
-            omit_empty_frames=bool(occupied is not None and occupied.any()),
+            omit_empty_frames=any_voxels,
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ExportError(f"could not build the DICOM SEG: {exc}") from None

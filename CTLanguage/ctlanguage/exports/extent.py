@@ -58,6 +58,16 @@ def mask_extent(mask: np.ndarray | None) -> MaskExtent:
     return MaskExtent((ks, js, is_), per_slice)  # type: ignore[arg-type]
 
 
+def masks_overlap(a: np.ndarray, ea: MaskExtent, b: np.ndarray, eb: MaskExtent) -> bool:
+    """Whether two masks share a voxel, looking only where their bounding boxes intersect."""
+    if ea.box is None or eb.box is None:
+        return False
+    box = tuple(slice(max(x.start, y.start), min(x.stop, y.stop)) for x, y in zip(ea.box, eb.box))
+    if any(s.start >= s.stop for s in box):
+        return False
+    return bool(np.logical_and(a[box], b[box]).any())
+
+
 def extents_for(findings, extents=None) -> list[MaskExtent]:
     """The given extents (one per finding) or freshly computed ones."""
     if extents is not None:

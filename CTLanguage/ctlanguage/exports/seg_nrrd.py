@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import finding_color, finding_key
-from .extent import MaskExtent, extents_for, mask_extent
+from .extent import MaskExtent, extents_for, mask_extent, masks_overlap
 from .gzip_stream import write_gzip
 
 _LPS = np.diag([-1.0, -1.0, 1.0])
@@ -42,16 +42,6 @@ def terminology_string(f: Any) -> str | None:
         return None
 
 
-def _overlap(a: np.ndarray, ea: MaskExtent, b: np.ndarray, eb: MaskExtent) -> bool:
-    """Whether two masks share a voxel, looking only where their bounding boxes intersect."""
-    if ea.box is None or eb.box is None:
-        return False
-    box = tuple(slice(max(x.start, y.start), min(x.stop, y.stop)) for x, y in zip(ea.box, eb.box))
-    if any(s.start >= s.stop for s in box):
-        return False
-    return bool(np.logical_and(a[box], b[box]).any())
-
-
 def assign_layers(masks: Sequence[np.ndarray | None], extents: Sequence[MaskExtent] | None = None
                   ) -> list[int]:
     """Greedy layer assignment: a segment goes into the first layer it does not overlap."""
@@ -64,7 +54,7 @@ def assign_layers(masks: Sequence[np.ndarray | None], extents: Sequence[MaskExte
             result.append(0)
             continue
         for li, members in enumerate(layers):
-            if not any(_overlap(m, e, masks[o], extents[o]) for o in members):
+            if not any(masks_overlap(m, e, masks[o], extents[o]) for o in members):
                 members.append(n)
                 result.append(li)
                 break
