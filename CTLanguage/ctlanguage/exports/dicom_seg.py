@@ -195,26 +195,38 @@ class _SeriesSampler:
         if self.fast is None:
             self.samplers = [_frame_sampler(ds, ras_to_ijk, shape_kji) for ds in datasets]
 
-    def frames(self, mask: np.ndarray | None, extent) -> tuple[np.ndarray, np.ndarray]:
-        """(frame indices, bool stack [n, rows, cols]) of the frames in which the mask is
-        non-empty; only frames crossing its bounding box (``extent``) are sampled."""
-        empty = (np.zeros(0, np.int64), np.zeros((0, self.rows, self.cols), bool))
-        if extent.box is None:
-            return empty
+    def candidate_frames(self, mask: np.ndarray | None, extent) -> np.ndarray:
+        """Sorted indices of the frames that can hold mask voxels: for a series of k-slices the
+        non-empty slices of the mask (``extent``), else frames crossing its bounding box; on the
+        per-instance path, the frames that sample any voxel."""
+        if mask is None or extent.box is None:
+            return np.zeros(0, np.int64)
+        if self.fast is not None:
+            perm, fixed_idx, _, _ = self.fast
+            span = extent.box[perm[0]]
+            inside = (fixed_idx >= span.start) & (fixed_idx < span.stop)
+            if perm[0] == 0:
+                inside &= extent.slices[np.clip(fixed_idx, 0, len(extent.slices) - 1)]
+            return np.flatnonzero(inside)
+        return np.array([i for i, s in enumerate(self.samplers) if s(mask).any()], np.int64)
+
+    def write_frames(self, mask: np.ndarray, frames: np.ndarray, out: np.ndarray,
+                     rows_of_out: np.ndarray, label: int | None = None) -> None:
+        """Sample ``frames`` of the mask into ``out[rows_of_out[n]]`` (uint8 [F, rows, cols]):
+        0/1 when ``label`` is None, else ``label`` where the mask is set (label map). One pass
+        over each frame, no temporary stack."""
         if self.fast is not None:
             perm, fixed_idx, rows_idx, cols_idx = self.fast
-            span = extent.box[perm[0]]
-            idx = np.flatnonzero((fixed_idx >= span.start) & (fixed_idx < span.stop))
-            out = mask.transpose(perm)[fixed_idx[idx]]
-            for axis, ix in ((1, rows_idx), (2, cols_idx)):
-                ix = _as_slice(ix)
-                out = out[(slice(None),) * axis + (ix,)] if isinstance(ix, slice) else np.take(out, ix, axis=axis)
-            stack = out != 0
+            v = mask.transpose(perm)
+            rs, cs = _as_slice(rows_idx), _as_slice(cols_idx)
+            planes = (v[fixed_idx[f]][rs][:, cs] for f in frames.tolist())
         else:
-            stack = self(mask) != 0
-            idx = np.arange(stack.shape[0])
-        keep = stack.reshape(stack.shape[0], -1).any(axis=1)
-        return idx[keep], stack[keep]
+            planes = (self.samplers[f](mask) for f in frames.tolist())
+        for src, r in zip(planes, rows_of_out.tolist()):
+            if label is None:
+                np.not_equal(src, 0, out=out[r].view(bool))
+            else:
+                np.copyto(out[r], np.uint8(label), where=src != 0)
 
     def __call__(self, mask: np.ndarray) -> np.ndarray:
         if self.fast is not None:
@@ -326,9 +338,8 @@ def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], sour
     n_seg = len(findings)
     masks = [getattr(f, "mask", None) for f in findings]
     extents = extents_for(findings, extents)
-    # per segment: the frames (instance indices) it occupies and their pixels; only frames that
-    # cross the mask's bounding box are sampled
-    per_seg = [sampler.frames(m, e) for m, e in zip(masks, extents)]  # empty extent for no mask
+    # per segment: the frames (instance indices) that can hold its voxels, from its extent
+    cands = [sampler.candidate_frames(m, e) for m, e in zip(masks, extents)]
     # segments overlapping on the volume is necessary for an overlap in the frames (each frame
     # pixel is one voxel), so without it a label-map array is exact
     overlap = any(masks_overlap(masks[a], extents[a], masks[b], extents[b])
@@ -336,7 +347,7 @@ def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], sour
                   if masks[a] is not None and masks[b] is not None)
     # only instances that hold any segment become frames (highdicom would drop empty frames
     # anyway); the others are still listed as referenced instances of the series
-    used = np.unique(np.concatenate([idx for idx, _ in per_seg])) if n_seg else np.zeros(0, int)
+    used = np.unique(np.concatenate(cands)) if n_seg else np.zeros(0, np.int64)
     any_voxels = used.size > 0
     if not any_voxels:
         used = np.array([0])
@@ -345,15 +356,13 @@ def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], sour
     further = [ds for i, ds in enumerate(datasets) if i not in used_set]
     if overlap:  # one contiguous plane per segment: highdicom reads [frame, :, :, segment]
         planes = np.zeros((n_seg, used.size, sampler.rows, sampler.cols), np.uint8)
-        for n, (idx, st) in enumerate(per_seg):
-            planes[n, np.searchsorted(used, idx)] = st
+        for n, (m, idx) in enumerate(zip(masks, cands)):
+            sampler.write_frames(m, idx, planes[n], np.searchsorted(used, idx))
         pixels = np.moveaxis(planes, 0, -1)
     else:  # no overlap: a label-map style array is equivalent and far cheaper to validate
         pixels = np.zeros((used.size, sampler.rows, sampler.cols), np.uint8)
-        for n, (idx, st) in enumerate(per_seg):
-            pos = np.searchsorted(used, idx)
-            pixels[pos] = np.where(st, np.uint8(n + 1), pixels[pos])
-    del per_seg
+        for n, (m, idx) in enumerate(zip(masks, cands)):
+            sampler.write_frames(m, idx, pixels, np.searchsorted(used, idx), label=n + 1)
     model = model or {}
     algo = hd.AlgorithmIdentificationSequence(
         name=f"CTLanguage {model.get('id', 'model')}"[:64],
