@@ -28,7 +28,8 @@ def folder(tmp_path):
     """A saved tiny model whose text cache holds two made-up vectors (no LM pass needed)."""
     m = _tiny_model()
     d = m.save_pretrained(tmp_path / "m")
-    m.text_encoder.preload({"liver": torch.full((384,), 0.5), "left lung": torch.arange(384.0)})
+    m.text_encoder.remember(["liver", "left lung"], torch.stack([torch.full((384,), 0.5),
+                                                                 torch.arange(384.0)]))
     write_text_cache(d, m.text_encoder, ["left lung", "liver"])
     return d
 

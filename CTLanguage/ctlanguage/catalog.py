@@ -59,6 +59,8 @@ class ModelEntry:
     embedded: bool = False
     path: str | None = None
     weights_sha256: str | None = None
+    backend: str = "grounded"           # model family (ctlanguage.backends.REGISTRY)
+    pipeline: dict | None = None        # composed entry: {"anatomy": ID, "masks": ID, "scores": ID}
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -154,9 +156,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 # ----------------------------------------------------------------------------- verification
 
 def verify_model_dir(path: str | Path, entry: ModelEntry | None = None) -> dict:
-    """Check a model folder without loading the network: files present, no pickles, config is
-    JSON, safetensors header readable, SHA256SUMS and catalog hash match. Returns a summary.
+    """Check a model folder without loading the network: files present, no pickles, and what
+    loading checks before it builds the network (config.json a valid ModelConfig, SHA256SUMS
+    present and matching), safetensors header readable, catalog hash match. Returns a summary.
     Raises CheckpointError with a specific message otherwise."""
+    from .model.checkpoint import verify_checksums
+    from .model.config import ModelConfig
+
     d = Path(path)
     if not d.is_dir():
         raise CheckpointError(f"model folder {d} does not exist")
@@ -176,20 +182,9 @@ def verify_model_dir(path: str | Path, entry: ModelEntry | None = None) -> dict:
     if not isinstance(config, dict):
         raise CheckpointError(f"{c} does not hold a JSON object")
     n_tensors = _check_safetensors_header(w)
+    verify_checksums(d)          # the same checks as loading (model/checkpoint.py)
+    ModelConfig.from_dict(config)
     weights_sha = sha256_file(w)
-    if (d / SUMS).is_file():
-        sums = {}
-        for line in (d / SUMS).read_text().splitlines():
-            parts = line.split()
-            if len(parts) == 2:
-                sums[parts[1].lstrip("*")] = parts[0].lower()
-        for name in (CONFIG, WEIGHTS):
-            if name in sums:
-                actual = weights_sha if name == WEIGHTS else sha256_file(d / name)
-                if actual != sums[name]:
-                    raise CheckpointError(
-                        f"{name} in {d} does not match its sha256 in {SUMS} (expected "
-                        f"{sums[name][:12]}…, got {actual[:12]}…): the file is corrupt or was modified")
     expected = entry.weights_sha256 if entry is not None else None
     if expected and expected.lower() != weights_sha:
         raise CheckpointError(
@@ -232,8 +227,9 @@ def _check_safetensors_header(path: Path) -> int:
 # ----------------------------------------------------------------------------- resolution
 
 def resolve_model(spec: str | os.PathLike | None = "default", *,
-                  catalog: list[ModelEntry] | None = None) -> tuple[Path, ModelEntry | None]:
-    """Model folder for ``spec`` (explicit path, 'default', catalog id or id@version).
+                  catalog: list[ModelEntry] | None = None) -> tuple[Path | None, ModelEntry | None]:
+    """Model folder for ``spec`` (explicit path, 'default', catalog id or id@version); None for
+    pipelines and non-grounded families, whose backends locate their own weights.
 
     Raises CheckpointError when the model is known but not available locally (with the command
     that downloads it) and CTLanguageError when the id is unknown."""
@@ -250,6 +246,8 @@ def resolve_model(spec: str | os.PathLike | None = "default", *,
     if entry is None:
         known = ", ".join(e.id for e in catalog) or "none"
         raise CTLanguageError(f"unknown model {s!r}; known models: {known} (or give a folder path)")
+    if entry.pipeline or (entry.backend or "grounded") != "grounded":
+        return None, entry   # pipelines and other families find their weights themselves
     if entry.embedded:
         d = embedded_model_dir(entry)
         if d.is_dir():

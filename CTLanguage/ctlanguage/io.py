@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ExportError, InputError
-from .volume import CTVolume, set_sitk_geometry
+from .files import make_shared
+from .exports.atomic import check_writable_dir
+from .volume import CTVolume, nonfinite_error, set_sitk_geometry
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ def read_ct(path, validate: bool = True) -> CTVolume:
         raise InputError(f"The file {path} is empty (0 bytes).")
     if suffix in (".nii", ".nii.gz"):
         _check_nifti_complete(path, suffix)
+        _check_nifti_finite(path, suffix)
     volume = _read_with_sitk(path)
     if validate:
         volume.validate()
@@ -73,10 +76,10 @@ def _read_series_of_file(path: Path, validate: bool) -> CTVolume:
     from . import dicom_io
 
     try:
-        uid = str(pydicom.dcmread(path, stop_before_pixels=True).get("SeriesInstanceUID", ""))
+        uid = dicom_io.series_key(pydicom.dcmread(path, stop_before_pixels=True), path)
     except Exception as exc:  # pydicom raises assorted types on corrupt files
         raise InputError(f"Cannot read the DICOM file {path.name}: {exc}.") from None
-    return dicom_io.read_dicom_series(path.parent, series_uid=uid or None, validate=validate)
+    return dicom_io.read_dicom_series(path.parent, series_uid=uid, validate=validate)
 
 
 def _looks_like_dicom(path: Path) -> bool:
@@ -119,6 +122,33 @@ def _check_nifti_complete(path: Path, suffix: str) -> None:
         raise InputError(
             f"Cannot read {path.name}: the file is truncated ({actual} of {expected} bytes of header and voxel data)."
         )
+
+
+def _check_nifti_finite(path: Path, suffix: str) -> None:
+    """Refuse NaN/Inf voxels in float NIfTI files: ITK's NIfTI reader silently turns them into 0
+    (NRRD/MetaImage keep them and ``CTVolume.validate`` refuses them). Streams the voxel data."""
+    import gzip
+
+    import nibabel as nib
+
+    header = nib.load(str(path)).header  # readable: _check_nifti_complete ran first
+    dtype = header.get_data_dtype()
+    if dtype.kind != "f":
+        return
+    remaining = int(np.prod(header.get_data_shape()))
+    per_chunk = (1 << 24) // dtype.itemsize
+    n_bad = 0
+    with (gzip.open(path, "rb") if suffix == ".nii.gz" else open(path, "rb")) as fh:
+        fh.seek(int(header.get_data_offset()))
+        while remaining > 0:
+            buf = fh.read(min(remaining, per_chunk) * dtype.itemsize)
+            if not buf:
+                break
+            values = np.frombuffer(buf, dtype=dtype, count=len(buf) // dtype.itemsize)
+            n_bad += int(np.count_nonzero(~np.isfinite(values)))
+            remaining -= values.size
+    if n_bad:
+        raise nonfinite_error(n_bad, str(path))
 
 
 def _read_with_sitk(path: Path) -> CTVolume:
@@ -174,11 +204,10 @@ def _check_destination(path: Path) -> str:
     suffix = _suffix(path, WRITE_SUFFIXES)
     if suffix is None:
         raise ExportError(f"Cannot write {path.name!r}: use one of {', '.join(WRITE_SUFFIXES)}.")
-    folder = path.parent
-    if not folder.is_dir():
-        raise ExportError(f"Cannot write {path}: the folder {folder} does not exist.")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ExportError(f"Cannot write {path}: the folder {folder} is not writable.")
+    try:
+        check_writable_dir(path.parent, create=False)
+    except ExportError as exc:
+        raise ExportError(f"Cannot write {path}: {exc}.") from None
     if path.is_dir():
         raise ExportError(f"Cannot write {path}: a folder with that name exists.")
     return suffix
@@ -188,7 +217,9 @@ def atomic_write(path, write_fn, suffix: str | None = None) -> Path:
     """Call ``write_fn(tmp_path)`` for a temp file next to ``path``, then rename it into place.
 
     ``suffix`` keeps the file extension on the temp name (ITK picks the format from it).
+    The file gets the permissions a plain ``open`` would give (the temp file is private).
     On any failure the temp file is removed and ExportError is raised.
+    The project's one single-file atomic writer.
     """
     path = Path(path)
     suffix = suffix if suffix is not None else "".join(path.suffixes)
@@ -198,6 +229,7 @@ def atomic_write(path, write_fn, suffix: str | None = None) -> Path:
         raise ExportError(f"Cannot write {path}: {exc.strerror or exc}.") from None
     os.close(fd)
     try:
+        make_shared(tmp)
         write_fn(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
@@ -217,8 +249,11 @@ def _write_array(array: np.ndarray, ijk_to_ras: np.ndarray, path: Path, compress
     import SimpleITK as sitk
 
     suffix = _check_destination(path)
-    image = sitk.GetImageFromArray(array)
-    set_sitk_geometry(image, ijk_to_ras)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    try:
+        set_sitk_geometry(image, ijk_to_ras)
+    except ValueError as exc:
+        raise ExportError(f"Cannot write {path.name}: {exc}.") from None
     itk_suffix = ".nrrd" if suffix == ".seg.nrrd" else suffix
 
     def write(tmp):
@@ -237,8 +272,9 @@ def write_volume(volume: CTVolume, path) -> Path:
 
 def _check_like(array: np.ndarray, like: CTVolume, what: str) -> np.ndarray:
     array = np.asarray(array)
-    if tuple(array.shape) != like.shape:
-        raise ExportError(f"The {what} has shape {array.shape} but the volume has shape {like.shape}.")
+    shape = tuple(np.shape(like.array))
+    if tuple(array.shape) != shape:
+        raise ExportError(f"The {what} has shape {array.shape} but the volume has shape {shape}.")
     if array.dtype == bool:
         return array.astype(np.uint8)
     if not np.issubdtype(array.dtype, np.integer):
@@ -246,12 +282,27 @@ def _check_like(array: np.ndarray, like: CTVolume, what: str) -> np.ndarray:
     return array
 
 
-def write_mask(mask: np.ndarray, like: CTVolume, path) -> Path:
-    """Write a binary mask (uint8, 0/1) on the exact voxel grid of ``like`` (NIfTI or NRRD)."""
+def write_mask(mask: np.ndarray, like: CTVolume, path, extent=None) -> Path:
+    """Write a binary mask (uint8, 0/1) on the exact voxel grid of ``like`` (NIfTI or NRRD; any
+    object with ``array`` and ``ijk_to_ras`` will do). The project's one mask writer.
+
+    ``.nii.gz`` is written in time proportional to the mask's bounding box
+    (``exports.masks.write_mask_nifti``); ``extent`` (its ``exports.extent.MaskExtent``) saves
+    finding that box again."""
+    from .exports.extent import mask_extent
+
     mask = _check_like(mask, like, "mask")
-    if mask.size and (mask.min() < 0 or mask.max() > 1):
-        raise ExportError(f"A mask must contain only 0 and 1, found values {mask.min()}..{mask.max()}.")
-    return _write_array(mask.astype(np.uint8, copy=False), like.ijk_to_ras, Path(path))
+    ext = extent if extent is not None else mask_extent(mask)
+    inside = mask[ext.box] if ext.box is not None else mask[:0]   # zero outside the box
+    if inside.size and (inside.min() < 0 or inside.max() > 1):
+        raise ExportError(f"A mask must contain only 0 and 1, found values {inside.min()}..{inside.max()}.")
+    mask = mask.astype(np.uint8, copy=False)
+    path = Path(path)
+    if _check_destination(path) == ".nii.gz":
+        from .exports.masks import write_mask_nifti
+
+        return atomic_write(path, lambda tmp: write_mask_nifti(tmp, mask, like.ijk_to_ras, ext))
+    return _write_array(mask, like.ijk_to_ras, path)
 
 
 def write_labelmap(labels: np.ndarray, like: CTVolume, path) -> Path:

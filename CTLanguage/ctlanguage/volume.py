@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import InputError
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])   # its own inverse: also RAS -> LPS
 MIN_VOXELS_PER_AXIS = 8
 
 
@@ -45,7 +45,7 @@ class CTVolume:
     @property
     def spacing(self) -> np.ndarray:
         """Voxel size in mm along (i, j, k)."""
-        return np.linalg.norm(self.ijk_to_ras[:3, :3], axis=0)
+        return voxel_spacing(self.ijk_to_ras)
 
     @property
     def origin_ras(self) -> np.ndarray:
@@ -56,6 +56,17 @@ class CTVolume:
     def direction(self) -> np.ndarray:
         """3x3 matrix whose columns are the unit RAS directions of the i, j, k axes."""
         return self.ijk_to_ras[:3, :3] / self.spacing
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(abs(np.linalg.det(self.ijk_to_ras[:3, :3]))) / 1000.0
+
+    @classmethod
+    def grid_only(cls, shape, ijk_to_ras: np.ndarray) -> "CTVolume":
+        """A volume that only carries a grid (a read-only broadcast view: no voxel memory), for
+        mapping masks onto a grid whose voxels are not at hand."""
+        return cls(np.broadcast_to(np.float32(-1000.0), tuple(int(s) for s in shape)),
+                   np.asarray(ijk_to_ras, dtype=np.float64))
 
     def ijk_to_ras_points(self, ijk: np.ndarray) -> np.ndarray:
         """(N, 3) voxel indices (i, j, k) -> (N, 3) RAS mm."""
@@ -96,11 +107,16 @@ class CTVolume:
             raise InputError(f"the voxel-to-RAS matrix{name} is not invertible or not finite")
         if np.any(self.spacing < 1e-3):
             raise InputError(f"the voxel spacing{name} is degenerate: {self.spacing}")
+        shear = shear_description(self.ijk_to_ras)
+        if shear:
+            raise InputError(
+                f"the voxel grid{name} is sheared ({shear}); only grids with perpendicular axes are "
+                "supported (exports could not lie on it exactly): resample the image onto an "
+                "orthogonal grid first")
         # min/max propagate NaN; checked separately for a precise message
         lo, hi = float(np.min(a)), float(np.max(a))
         if not (np.isfinite(lo) and np.isfinite(hi)):
-            n_bad = int(np.count_nonzero(~np.isfinite(a)))
-            raise InputError(f"the CT volume{name} contains {n_bad} NaN or infinite voxel values")
+            raise nonfinite_error(int(np.count_nonzero(~np.isfinite(a))), self.source)
         if lo > -500.0:
             raise InputError(
                 f"the values{name} do not look like CT Hounsfield units: the minimum is {lo:g} "
@@ -138,19 +154,73 @@ class CTVolume:
         return cls(arr, sitk_ijk_to_ras(image), **provenance)
 
 
+def voxel_spacing(ijk_to_ras: np.ndarray) -> np.ndarray:
+    """Voxel size in mm along (i, j, k): the lengths of the matrix's first three columns."""
+    return np.linalg.norm(np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3], axis=0)
+
+
+def flip_lps_ras(a: np.ndarray) -> np.ndarray:
+    """RAS <-> LPS (the flip is its own inverse) of a 4x4 voxel-to-world matrix, or of points or
+    vectors (..., 3). ITK, DICOM and NRRD use LPS; CTVolume and Slicer use RAS."""
+    a = np.asarray(a, dtype=np.float64)
+    if a.shape == (4, 4):
+        return LPS_TO_RAS @ a
+    if a.shape[-1:] != (3,):
+        raise ValueError(f"expected a 4x4 matrix or (..., 3) points, got shape {a.shape}")
+    return a * LPS_TO_RAS.diagonal()[:3]
+
+
+def sitk_geometry(ijk_to_ras: np.ndarray) -> tuple[tuple, tuple, tuple]:
+    """(spacing, LPS origin, row-major LPS direction) of a voxel->RAS matrix, as SimpleITK wants.
+    ValueError when an axis has zero length."""
+    lps = flip_lps_ras(ijk_to_ras)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    if np.any(spacing <= 0):
+        raise ValueError("the voxel-to-world matrix has a zero-length axis")
+    direction = lps[:3, :3] / spacing
+    return tuple(spacing.tolist()), tuple(lps[:3, 3].tolist()), tuple(direction.ravel().tolist())
+
+
+# cosine of the angle between two voxel axes still taken as perpendicular: header rounding
+# (6 decimals) gives ~1e-6; ITK's NIfTI writer straightens anything above ~1e-5 (0.05 mm at 500 mm)
+SHEAR_TOL = 1e-4
+
+
+def shear_description(ijk_to_ras: np.ndarray) -> str | None:
+    """None for perpendicular voxel axes, else which axes meet at which angle."""
+    m = np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]
+    d = m / np.linalg.norm(m, axis=0)
+    cos = d.T @ d
+    worst = max(((a, b) for a in range(3) for b in range(a + 1, 3)), key=lambda ab: abs(cos[ab]))
+    if abs(cos[worst]) <= SHEAR_TOL:
+        return None
+    angle = float(np.degrees(np.arccos(np.clip(cos[worst], -1.0, 1.0))))
+    return f"its {'ijk'[worst[0]]} and {'ijk'[worst[1]]} axes meet at {angle:.2f} degrees, not 90"
+
+
+def nonfinite_error(n_bad: int, source: str | None) -> InputError:
+    """The refusal for NaN/Inf voxels (one wording for every format)."""
+    name = f" in {source}" if source else ""
+    return InputError(f"the CT volume{name} contains {n_bad} NaN or infinite voxel values")
+
+
 def sitk_ijk_to_ras(image) -> np.ndarray:
     """4x4 voxel->RAS matrix of a 3D SimpleITK image."""
     d = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     m = np.eye(4)
     m[:3, :3] = d * np.array(image.GetSpacing(), dtype=np.float64)
     m[:3, 3] = image.GetOrigin()
-    return LPS_TO_RAS @ m
+    return flip_lps_ras(m)
 
 
 def set_sitk_geometry(image, ijk_to_ras: np.ndarray) -> None:
-    """Give a 3D SimpleITK image the grid described by a voxel->RAS matrix."""
-    lps = LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=np.float64)
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
-    image.SetOrigin([float(v) for v in lps[:3, 3]])
+    """Give a 3D SimpleITK image the grid described by a voxel->RAS matrix (ValueError when an
+    axis has zero length or two axes are parallel: ITK refuses a singular direction)."""
+    spacing, origin, direction = sitk_geometry(ijk_to_ras)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    try:
+        image.SetDirection(direction)
+    except RuntimeError:
+        raise ValueError("the voxel axes are degenerate (parallel); this grid cannot be stored as "
+                         "an ITK image (NIfTI/NRRD)") from None

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from .. import __version__
+from ..volume import voxel_spacing
 from . import ExportResult, check_masks, unique_slugs
 from .atomic import atomic_output_dir
 from .extent import mask_extent
 
+log = logging.getLogger(__name__)
 ALL_FORMATS = ("masks", "json", "csv", "seg_nrrd", "html", "dicom_seg")
 
 
 def input_record(volume: Any, path: str | Path | None = None) -> dict:
     """The "input" block of findings.json: where the image came from and its exact geometry."""
     m = np.asarray(volume.ijk_to_ras, dtype=np.float64)
-    sp_ijk = np.linalg.norm(m[:3, :3], axis=0)
+    sp_ijk = voxel_spacing(m)
     src = path if path is not None else getattr(volume, "source", None)
     return {
         "path": str(src) if src is not None else None,
@@ -35,8 +38,34 @@ def input_record(volume: Any, path: str | Path | None = None) -> dict:
 
 
 def is_dicom_volume(volume: Any) -> bool:
+    """Read from a DICOM folder: by its series UID, or by the files it lists (a series whose
+    UIDs an anonymiser removed)."""
     src = getattr(volume, "source", None)
-    return bool(getattr(volume, "series_uid", None)) and src is not None and Path(src).is_dir()
+    listed = bool((getattr(volume, "metadata", None) or {}).get("files"))
+    return (bool(getattr(volume, "series_uid", None)) or listed) and src is not None and Path(src).is_dir()
+
+
+def _dicom_seg(path: Path, volume: Any, findings: Sequence[Any], dicom_source: Any, model: dict,
+               warnings: list[str], extents=None) -> bool:
+    """Write the DICOM SEG; when the source cannot carry one, log and record why and return False
+    (every other export is still written). Disk errors still fail the whole export."""
+    from ..errors import ExportError, InputError
+    from .dicom_seg import write_dicom_seg
+    from .seg_source import seg_source_datasets
+
+    try:
+        datasets, notes = seg_source_datasets(volume, dicom_source)
+        write_dicom_seg(path, volume, findings, datasets, model=model, extents=extents)
+    except (ExportError, InputError, ValueError, TypeError, AttributeError, KeyError) as exc:
+        reason = str(exc).rstrip(".") or type(exc).__name__
+        notes = [f"segmentation.dcm not written: {reason}; every other export was written"]
+        ok = False
+    else:
+        ok = True
+    for note in notes:
+        log.warning("%s", note)
+    warnings.extend(notes)
+    return ok
 
 
 def export_all(volume: Any, findings: Sequence[Any], out_dir: str | Path, *, model: dict,
@@ -45,6 +74,8 @@ def export_all(volume: Any, findings: Sequence[Any], out_dir: str | Path, *, mod
                extra: dict | None = None, progress=None) -> ExportResult:
     """Write findings.json/.csv, masks/<slug>.nii.gz, segmentation.seg.nrrd, report.html and —
     when the volume came from a DICOM series (or ``dicom_source`` is given) — segmentation.dcm.
+    A source that cannot carry a SEG (e.g. anonymised without UIDs) gives fresh UIDs or no SEG,
+    with a warning in ``ExportResult.warnings`` and findings.json "warnings"; never a failure.
 
     ``model``: {"id", "version", "sha256"}. ``progress(fraction, message)`` is optional.
     Nothing is left in ``out_dir`` when any part fails (ExportError)."""
@@ -76,14 +107,26 @@ def export_all(volume: Any, findings: Sequence[Any], out_dir: str | Path, *, mod
     }
     if extra:
         meta.update(extra)
+    read_notes = list((getattr(volume, "metadata", None) or {}).get("warnings") or [])  # e.g. tilt
+    if read_notes:
+        meta["warnings"] = read_notes + list(meta.get("warnings") or [])
     info = input_record(volume, input_path)
     # where each mask is non-empty, found once: every writer then works on bounding boxes only
     extents = ([mask_extent(getattr(f, "mask", None)) for f in findings]
-               if {"masks", "seg_nrrd", "html"} & set(formats) else None)
+               if {"masks", "seg_nrrd", "html"} & set(formats) or want_dicom else None)
     with atomic_output_dir(out_dir) as tmp:
+        if want_dicom:  # first, so that findings.json records why it is missing (if it is)
+            warnings: list[str] = []
+            if _dicom_seg(tmp / "segmentation.dcm", volume, findings, dicom_source, model, warnings,
+                          extents):
+                result.files["segmentation.dcm"] = out_dir / "segmentation.dcm"
+            if warnings:
+                meta["warnings"] = list(meta.get("warnings") or []) + warnings
+                result.warnings.extend(warnings)
+            step("segmentation.dcm")
         mask_rel: list[str | None] = [None] * len(findings)
         if "masks" in formats:
-            paths = write_masks(tmp / "masks", findings, slugs, volume.ijk_to_ras, extents=extents)
+            paths = write_masks(tmp / "masks", findings, volume, slugs, extents=extents)
             mask_rel = [f"masks/{p.name}" if p is not None else None for p in paths]
             result.masks = [out_dir / r for r in mask_rel if r]
             step("masks")
@@ -105,10 +148,4 @@ def export_all(volume: Any, findings: Sequence[Any], out_dir: str | Path, *, mod
                          mask_paths=mask_rel, extra=meta, extents=extents)
             result.files["report.html"] = out_dir / "report.html"
             step("report.html")
-        if want_dicom:
-            from .dicom_seg import write_dicom_seg
-
-            write_dicom_seg(tmp / "segmentation.dcm", volume, findings, dicom_source, model=model)
-            result.files["segmentation.dcm"] = out_dir / "segmentation.dcm"
-            step("segmentation.dcm")
     return result

@@ -1,9 +1,11 @@
 """One NIfTI mask per prompt, on exactly the source volume's voxel grid.
 
-The array is written as uint8 in the volume's own voxel order (no resampling, no reorientation);
-the header (made by nibabel) carries the volume's IJK->RAS matrix as qform and sform, so any
-viewer places the mask exactly over the CT. The gzip stream is written by ``gzip_stream`` in time
-proportional to the mask's bounding box (level 1), several masks in parallel threads.
+The array is written as uint8 in the volume's own voxel order (no resampling, no reorientation)
+by the project's one mask writer, ``ctlanguage.io.write_mask``, several masks in parallel threads.
+For ``.nii.gz`` it calls ``write_mask_nifti`` here: the header (made by nibabel) carries the
+volume's IJK->RAS matrix as qform and sform, so any viewer places the mask exactly over the CT,
+and the gzip stream is written by ``gzip_stream`` in time proportional to the mask's bounding box
+(level 1).
 """
 
 from __future__ import annotations
@@ -63,12 +65,13 @@ def write_mask_nifti(path: str | Path, mask: np.ndarray, ijk_to_ras: np.ndarray,
     return path
 
 
-def write_masks(folder: str | Path, findings: list[Any], slugs: list[str], ijk_to_ras: np.ndarray,
+def write_masks(folder: str | Path, findings: list[Any], volume: Any, slugs: list[str],
                 progress=None, extents=None) -> list[Path | None]:
     """``folder/<slug>.nii.gz`` for every finding with a mask; returns the paths (None if no mask).
     Files are written by parallel threads (zlib releases the GIL while it compresses)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from ..io import write_mask
     from .extent import extents_for
 
     folder = Path(folder)
@@ -78,10 +81,9 @@ def write_masks(folder: str | Path, findings: list[Any], slugs: list[str], ijk_t
     out: list[Path | None] = [None] * len(findings)
     if not todo:
         return out
-    header = nifti_header(np.shape(findings[todo[0]].mask), ijk_to_ras)
     with ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1, 8))) as pool:
-        futures = {n: pool.submit(write_mask_nifti, folder / f"{slugs[n]}.nii.gz", findings[n].mask,
-                                  ijk_to_ras, extents[n], header) for n in todo}
+        futures = {n: pool.submit(write_mask, findings[n].mask, volume,
+                                  folder / f"{slugs[n]}.nii.gz", extent=extents[n]) for n in todo}
         for done, (n, fut) in enumerate(futures.items()):
             out[n] = fut.result()
             if progress:

@@ -64,6 +64,16 @@ def read_sha256sums(directory: Path) -> dict[str, str]:
     return sums
 
 
+def weights_sha256(directory: str | Path) -> str:
+    """sha256 of a model folder's weights (from SHA256SUMS when present, else hashed)."""
+    d = Path(directory)
+    if (d / SUMS).is_file():
+        sha = read_sha256sums(d).get(WEIGHTS)
+        if sha:
+            return sha
+    return sha256_file(d / WEIGHTS)
+
+
 def verify_checksums(directory: str | Path) -> None:
     d = Path(directory)
     if not (d / SUMS).is_file():
@@ -191,8 +201,9 @@ def load_pretrained(cls, directory: str | Path, device=None, verify: bool = True
     model.load_state_dict({k: state[k].to(v.dtype) for k, v in expected.items()})
     if (d / TEXT_CACHE).is_file():
         listed = read_sha256sums(d).get(TEXT_CACHE) if (d / SUMS).is_file() else None
-        model.text_encoder.preload(read_text_cache(d, model.text_encoder.fingerprint(), listed,
-                                                   verify=verify))
+        stored = read_text_cache(d, model.text_encoder.fingerprint(), listed, verify=verify)
+        if stored:
+            model.text_encoder.remember(list(stored), torch.stack(list(stored.values())))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)

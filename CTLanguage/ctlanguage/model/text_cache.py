@@ -86,24 +86,25 @@ def write_text_cache(directory: str | Path, text_encoder, texts) -> Path:
 
 
 def cache_vocabulary(model_dir: str | Path) -> Path:
-    """Write the cache for every phrase the engine embeds when it warms up (canonical names,
-    prompt ensembles, the vocabulary index), embedded afresh by the model's text encoder."""
-    from ..engine import Engine
+    """Write the cache for every phrase the grounded backend embeds when it warms up (canonical
+    names, prompt ensembles, the vocabulary index), embedded afresh by the model's text encoder."""
+    from ..backends import grounded
+    from ..catalog import CACHE_ENV
 
     with tempfile.TemporaryDirectory() as scratch:
-        before = os.environ.get("CTLANGUAGE_CACHE")
-        os.environ["CTLANGUAGE_CACHE"] = scratch    # no embeddings from a per-user cache
+        before = os.environ.get(CACHE_ENV)
+        os.environ[CACHE_ENV] = scratch              # no embeddings from a per-user cache
         try:
-            engine = Engine.load(str(model_dir), device="cpu", warm_text=False)
-            te = engine.model.text_encoder
+            backend = grounded.load(model_dir=model_dir, device="cpu", warm_text=False)
+            te = backend.model.text_encoder
             te.clear()                               # nor from an existing model cache
-            engine.warm_up()
+            backend.warm_up()
             return write_text_cache(model_dir, te, te.cached_texts())
         finally:
             if before is None:
-                os.environ.pop("CTLANGUAGE_CACHE", None)
+                os.environ.pop(CACHE_ENV, None)
             else:
-                os.environ["CTLANGUAGE_CACHE"] = before
+                os.environ[CACHE_ENV] = before
 
 
 def main(argv=None) -> int:

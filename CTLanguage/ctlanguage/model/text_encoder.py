@@ -102,6 +102,12 @@ class FrozenTextEncoder:
                     self._cache[t] = e
             return torch.stack([self._cache[t] for t in texts], 0)
 
+    def remember(self, texts: list[str], embeddings: torch.Tensor) -> None:
+        """Seed the per-string cache with embeddings computed earlier (e.g. a disk cache)."""
+        with self._lock:
+            for t, e in zip(texts, embeddings):
+                self._cache.setdefault(t, e)
+
     def cache_size(self) -> int:
         return len(self._cache)
 
@@ -112,15 +118,6 @@ class FrozenTextEncoder:
     def clear(self) -> None:
         with self._lock:
             self._cache.clear()
-
-    def preload(self, embeddings: dict[str, torch.Tensor]) -> int:
-        """Seed the per-string cache with stored LM outputs (model/text_cache.py); strings already
-        cached keep their value. Returns how many were added."""
-        with self._lock:
-            n = len(self._cache)
-            for t, e in embeddings.items():
-                self._cache.setdefault(t, e)
-            return len(self._cache) - n
 
     def fingerprint(self) -> str:
         """Identity of the embeddings this encoder produces, without loading it: the name, the

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
-from .errors import CTLanguageError
+from ..errors import CTLanguageError
 
 
 def _status(entry) -> tuple[str, str]:
-    from . import catalog
+    from .. import catalog
 
     if entry.embedded and catalog.embedded_model_dir(entry).is_dir():
         return "embedded", str(catalog.embedded_model_dir(entry))
@@ -32,7 +32,7 @@ def _size(n) -> str:
 
 
 def cmd_list(args) -> int:
-    from . import catalog
+    from .. import catalog
 
     entries = catalog.load_catalog(args.catalog)
     if args.json:
@@ -59,7 +59,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from . import catalog
+    from .. import catalog
 
     entries = catalog.load_catalog(args.catalog)
     targets = args.models or [e.id for e in entries if _status(e)[0] in ("embedded", "cached")]
@@ -69,7 +69,7 @@ def cmd_verify(args) -> int:
             path, entry = catalog.resolve_model(spec, catalog=entries)
             summary = catalog.verify_model_dir(path, entry)
             if args.deep:
-                from .engine import Engine
+                from ..engine import Engine
 
                 Engine.load(model=str(path), device="cpu")
             name = f"{entry.id} {entry.version}" if entry else str(path)
@@ -86,8 +86,8 @@ def cmd_verify(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from . import catalog
-    from .query_cli import Reporter
+    from .. import catalog
+    from .query import Reporter
 
     entries = catalog.load_catalog(args.catalog)
     entry = catalog.find_entry(args.model, entries)
