@@ -258,7 +258,7 @@ def test_encoding_save_load_round_trip(engine, enc, volume, tmp_path):
 
 
 def test_encoding_from_another_model_is_refused(engine, enc, tmp_path):
-    foreign = dataclasses.replace(enc, model_sha256="0" * 64, _regions={})
+    foreign = dataclasses.replace(enc, model_sha256="0" * 64)
     path = foreign.save(tmp_path / "foreign.ctlenc")
     with pytest.raises(CheckpointError, match="model"):
         Encoding.load(path, engine)
@@ -346,7 +346,7 @@ def _trilinear_truth(arr, grid, shape_src, ijk_to_ras, threshold):
 def test_threshold_to_source_matches_trilinear_sampling(seed):
     """The engine's separable, sparse mask mapping equals thresholded trilinear sampling for
     any axis permutation/flip, anisotropic spacing and offset of the source grid."""
-    from ctlanguage.engine import _geometry_volume, threshold_to_source
+    from ctlanguage.resample import threshold_to_source
     from ctlanguage.preprocess import ModelGrid
 
     rng = np.random.default_rng(seed)
@@ -362,7 +362,7 @@ def test_threshold_to_source_matches_trilinear_sampling(seed):
     g[:3, 3] = rng.uniform(-60, -20, 3)
     grid = ModelGrid(tuple(int(x) for x in rng.integers(3, 14, 3)), g)
     arr = (rng.normal(0, 1, grid.shape) - rng.uniform(-0.5, 1.0)).astype(np.float32)
-    vol = _geometry_volume(shape_src, m)
+    vol = CTVolume.grid_only(shape_src, m)
     mine = threshold_to_source(arr, grid, vol, 0.0)
     assert mine.dtype == np.uint8 and mine.shape == shape_src
     truth = _trilinear_truth(arr, grid, shape_src, m, 0.0)
@@ -390,8 +390,9 @@ def test_full_resolution_model_masks_land_on_the_source_grid(tmp_path):
     m = np.array([[0.0, 0.0, -2.5, 40.0], [-1.3, 0.0, 0.0, 12.0], [0.0, 1.1, 0.0, -70.0], [0, 0, 0, 1]])
     vol = CTVolume(arr, m)
     e = eng.encode(vol, use_cache=False)
-    assert e.feature_grid == e.model_grid
-    assert tuple(e.dense.shape[1:]) == tuple(e.model_grid.shape)
+    state = e.part()
+    assert state.feature_grid == state.model_grid
+    assert tuple(state.dense.shape[1:]) == tuple(state.model_grid.shape)
     for text in ("liver", "left lung", "body"):
         (f,) = eng.query(e, text)
         assert f.mask.shape == arr.shape
@@ -399,17 +400,17 @@ def test_full_resolution_model_masks_land_on_the_source_grid(tmp_path):
         thr = float(np.median(logit))  # threshold at the median: a partial mask to compare
         g = f.with_threshold(float(1.0 / (1.0 + np.exp(-thr))))
         assert 0.05 < g.mask.mean() < 0.95, text
-        truth = _trilinear_truth(logit, e.feature_grid, arr.shape, m, thr)
+        truth = _trilinear_truth(logit, state.feature_grid, arr.shape, m, thr)
         assert np.count_nonzero(g.mask != truth) <= 0.001 * truth.size, text  # rounding at thr
 
 
 def test_threshold_to_source_oblique_grid_falls_back():
-    from ctlanguage.engine import _geometry_volume, threshold_to_source
+    from ctlanguage.resample import threshold_to_source
     from ctlanguage.preprocess import ModelGrid
 
     c, s = np.cos(0.3), np.sin(0.3)
     m = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
-    vol = _geometry_volume((20, 30, 30), m)
+    vol = CTVolume.grid_only((20, 30, 30), m)
     grid = ModelGrid((8, 8, 8), np.diag([6.0, 6.0, 6.0, 1.0]))
     arr = np.full(grid.shape, -5.0, np.float32)
     arr[2:6, 2:6, 2:6] = 5.0
@@ -420,7 +421,7 @@ def test_threshold_to_source_oblique_grid_falls_back():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_interpolate_to_source_matches_simpleitk_path(seed):
-    from ctlanguage.engine import _geometry_volume, interpolate_to_source
+    from ctlanguage.resample import interpolate_to_source
     from ctlanguage.preprocess import ModelGrid
 
     rng = np.random.default_rng(100 + seed)
@@ -436,7 +437,7 @@ def test_interpolate_to_source_matches_simpleitk_path(seed):
     g[:3, 3] = rng.uniform(-60, -20, 3)
     grid = ModelGrid(tuple(int(x) for x in rng.integers(3, 12, 3)), g)
     arr = rng.uniform(0, 1, grid.shape).astype(np.float32)
-    vol = _geometry_volume(shape_src, m)
+    vol = CTVolume.grid_only(shape_src, m)
     mine = interpolate_to_source(arr, grid, vol, fill=0.0)
     assert mine.dtype == np.float32 and mine.shape == shape_src
     truth = _trilinear_truth(arr, grid, shape_src, m, -1.0)  # validity mask only

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from .errors import InputError
+from .phrases import canonical_phrase as canonical_prompt
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +194,6 @@ def sided_label(case: dict, finding: str, laterality: Optional[str]):
     return None
 
 
-def canonical_prompt(key: str, laterality: Optional[str] = None) -> str:
-    from . import vocabulary as V
-
-    lat = laterality if laterality in ("left", "right") else None
-    return V.display_name(key, lat).lower()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -57,6 +57,17 @@ class CTVolume:
         """3x3 matrix whose columns are the unit RAS directions of the i, j, k axes."""
         return self.ijk_to_ras[:3, :3] / self.spacing
 
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(abs(np.linalg.det(self.ijk_to_ras[:3, :3]))) / 1000.0
+
+    @classmethod
+    def grid_only(cls, shape, ijk_to_ras: np.ndarray) -> "CTVolume":
+        """A volume that only carries a grid (a read-only broadcast view: no voxel memory), for
+        mapping masks onto a grid whose voxels are not at hand."""
+        return cls(np.broadcast_to(np.float32(-1000.0), tuple(int(s) for s in shape)),
+                   np.asarray(ijk_to_ras, dtype=np.float64))
+
     def ijk_to_ras_points(self, ijk: np.ndarray) -> np.ndarray:
         """(N, 3) voxel indices (i, j, k) -> (N, 3) RAS mm."""
         ijk = np.asarray(ijk, dtype=np.float64).reshape(-1, 3)
@@ -147,10 +158,18 @@ def sitk_ijk_to_ras(image) -> np.ndarray:
     return LPS_TO_RAS @ m
 
 
-def set_sitk_geometry(image, ijk_to_ras: np.ndarray) -> None:
-    """Give a 3D SimpleITK image the grid described by a voxel->RAS matrix."""
+def sitk_geometry(ijk_to_ras: np.ndarray) -> tuple:
+    """(spacing, LPS origin, row-major LPS direction) tuples of a voxel->RAS matrix, as
+    SimpleITK takes them."""
     lps = LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=np.float64)
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
-    image.SetOrigin([float(v) for v in lps[:3, 3]])
+    return (tuple(float(s) for s in spacing), tuple(float(v) for v in lps[:3, 3]),
+            tuple(float(v) for v in (lps[:3, :3] / spacing).ravel()))
+
+
+def set_sitk_geometry(image, ijk_to_ras: np.ndarray) -> None:
+    """Give a 3D SimpleITK image the grid described by a voxel->RAS matrix."""
+    spacing, origin, direction = sitk_geometry(ijk_to_ras)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    image.SetOrigin(origin)
