@@ -73,8 +73,8 @@ def make_weights(root: Path, task_ids=(297,)) -> Path:
         torch.manual_seed(tid)
         net = get_network_from_plans(ARCH, arch["arch_kwargs"], arch["_kw_requires_import"],
                                      1, len(labels), deep_supervision=False)
-        # trainer_name "nnUNetTrainer": any other makes nnU-Net import every trainer module
-        torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
+        # the trainer name the real weights carry (our runner hands nnU-Net its class)
+        torch.save({"network_weights": net.state_dict(), "trainer_name": TRAINER.split("__")[0],
                     "init_args": {"configuration": "3d_fullres"},
                     "inference_allowed_mirroring_axes": None}, folder / "fold_0" / "checkpoint_final.pth")
     return Path(root)

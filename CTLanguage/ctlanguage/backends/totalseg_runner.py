@@ -40,6 +40,20 @@ def write_config(home: Path) -> None:
     cfg.write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
+def _register_trainers() -> None:
+    """Hand nnU-Net the two trainer classes the 'total' weights name, from their own modules.
+    Otherwise it imports every trainer module to find them by name, which pulls timm and
+    torchvision (slow, and fatal where torchvision does not match torch, e.g. a CPU torch)."""
+    import totalsegmentator.nnunet as ts_nnunet
+    from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import (
+        nnUNetTrainerNoMirroring)
+    from nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs_NoMirroring import (
+        nnUNetTrainer_4000epochs_NoMirroring)
+
+    for cls in (nnUNetTrainerNoMirroring, nnUNetTrainer_4000epochs_NoMirroring):
+        ts_nnunet.custom_trainers.setdefault(cls.__name__, cls)
+
+
 def run(req: dict) -> int:
     os.environ["TOTALSEG_HOME_DIR"] = req["home"]
     os.environ["TOTALSEG_WEIGHTS_PATH"] = req["weights"]
@@ -55,6 +69,7 @@ def run(req: dict) -> int:
         def no_download(url, *args, **kwargs):
             raise PermissionError(f"download of {url} not allowed")
         ts_libs.download_url_and_unpack = no_download
+    _register_trainers()
     from totalsegmentator.python_api import totalsegmentator
 
     what = "fast 3 mm" if req["fast"] else "full-resolution"
