@@ -451,3 +451,44 @@ def test_interpolate_to_source_matches_simpleitk_path(seed):
     val = ndimage.map_coordinates(arr, np.clip(coords, 0, n - 1), order=1, mode="nearest")
     expected = np.where(truth.ravel() > 0, val, 0.0).reshape(shape_src)
     assert np.allclose(mine, expected, atol=1e-5)
+
+
+def test_text_not_understood_gets_no_mask_and_no_number(engine, enc):
+    """Nonsense or foreign text is not forced onto the nearest concept (it was: 'xyzzy' drew a
+    4.6 ml oesophagus mask with confidence 0.00); a loose paraphrase still gets an answer."""
+    for text in ("xyzzy", "Leberläsion", "the weather today"):
+        (f,) = engine.query(enc, text)
+        assert not f.understood and f.kind == "unknown", text
+        assert f.probability is None and f.anatomy is None and f.finding is None
+        assert not f.mask.any() and f.volume_ml == 0.0
+        assert f.suggestions and f.to_dict()["understood"] is False
+    (g,) = engine.query(enc, "blood vessel bulge")
+    assert g.understood and g.fallback and g.finding == "aortic_aneurysm"
+
+
+def test_absent_finding_gets_no_mask_unless_asked(engine, enc):
+    (f,) = engine.query(enc, "left pleural effusion", presence_threshold=0.999)
+    assert f.probability_present < 0.999 and f.mask_suppressed and not f.mask.any()
+    (g,) = engine.query(enc, "left pleural effusion", presence_threshold=0.999, absent_masks=True)
+    assert not g.mask_suppressed and g.mask.any()
+    (h,) = engine.query(enc, "left pleural effusion", presence_threshold=1e-6)
+    assert not h.mask_suppressed and np.array_equal(h.mask, g.mask)
+
+
+def test_negated_prompt_is_marked_and_worded_for_what_it_is(engine, enc):
+    (pos,) = engine.query(enc, "left pleural effusion")
+    (neg,) = engine.query(enc, "no left pleural effusion")
+    assert neg.negated and not pos.negated
+    assert neg.probability == pytest.approx(1.0 - pos.probability)
+    assert neg.score_label.startswith("probability absent") and pos.score_label.startswith("probability present")
+    assert neg.to_dict()["score_label"] == neg.score_label
+
+
+def test_enlargement_findings_outline_the_organ(engine, enc):
+    """Cardiomegaly/hepatomegaly/splenomegaly: the mask is the organ (it was a few ml of the
+    heart while the probability said 0.97)."""
+    for finding, organ in (("cardiomegaly", "heart"), ("hepatomegaly", "liver"), ("splenomegaly", "spleen")):
+        (f,) = engine.query(enc, finding, absent_masks=True)
+        (o,) = engine.query(enc, organ)
+        assert np.array_equal(f.mask, o.mask), finding
+        assert f.probability is not None

@@ -45,6 +45,10 @@ MAX_PROMPTS_PER_QUERY = 64
 FALLBACK_SIM_LOW = 0.35
 FALLBACK_SIM_HIGH = 0.85
 FALLBACK_MAX_CONFIDENCE = 0.8
+# below this prompt confidence the text is "not understood": no mask, no number
+MIN_UNDERSTOOD_CONFIDENCE = 0.2
+# a finding whose presence probability is below this gets no mask unless absent masks are asked for
+PRESENCE_THRESHOLD = 0.5
 
 
 def resolve_device(device) -> str:
@@ -102,6 +106,7 @@ class Engine:
     def describe(self) -> dict:
         d = {"id": self.model_id, "version": self.model_version, "sha256": self.model_sha256,
              "path": self.info.path, "device": self.device, "calibration": self.info.calibration,
+             "license": self.info.license, "notice": self.info.notice,
              "roles": {r: b.info.id for r, b in self.roles.items()}}
         if len(self.backends) > 1:
             d["backends"] = [dict(b.info.to_dict(), capabilities=b.capabilities.summary())
@@ -226,12 +231,15 @@ class Engine:
 
     # ---- query ---------------------------------------------------------------------------------
     def query(self, encoding: Encoding, text: str, mask_threshold: float = 0.5,
-              volume=None, compute_masks: bool = True) -> list:
+              volume=None, compute_masks: bool = True, absent_masks: bool = False,
+              presence_threshold: float = PRESENCE_THRESHOLD) -> list:
         """Answer one or several prompts separated by ';', '|' or new lines.
 
         PromptError for empty text. ``volume`` attaches the source volume to an encoding loaded
         from disk after checking it is the right one. ``compute_masks=False`` skips mapping masks
-        to the source grid (``mask`` is then None; for scoring only)."""
+        to the source grid (``mask`` is then None; for scoring only). A finding judged absent
+        (presence probability below ``presence_threshold``) gets an empty mask unless
+        ``absent_masks``; text not understood gets neither a mask nor a number."""
         from ..prompts import split_prompts
 
         self._check_encoding(encoding)
@@ -240,13 +248,16 @@ class Engine:
         if not isinstance(text, str):
             raise PromptError(f"A prompt must be text, not {type(text).__name__}.")
         mask_threshold = check_threshold(mask_threshold)
+        presence_threshold = check_threshold(presence_threshold)
+        opts = dict(compute_masks=compute_masks, absent_masks=absent_masks,
+                    presence_threshold=presence_threshold)
         parts = split_prompts(text)
         if len(parts) > MAX_PROMPTS_PER_QUERY:
             raise PromptError(f"{len(parts)} prompts in one query; give at most {MAX_PROMPTS_PER_QUERY}.")
         if self._encoding_active or not self.single_thread_queries:
-            return [self.query_one(encoding, p, mask_threshold, compute_masks) for p in parts]
+            return [self.query_one(encoding, p, mask_threshold, **opts) for p in parts]
         with TorchThreads(1):
-            return [self.query_one(encoding, p, mask_threshold, compute_masks) for p in parts]
+            return [self.query_one(encoding, p, mask_threshold, **opts) for p in parts]
 
     def _resolve(self, prompt: str) -> tuple:
         """(parsed, Request, confidence, matched phrase, fallback used)."""
@@ -275,7 +286,8 @@ class Engine:
         return parsed, req, confidence, matched, fallback
 
     def query_one(self, enc: Encoding, prompt: str, mask_threshold: float = 0.5,
-                  compute_masks: bool = True) -> Finding:
+                  compute_masks: bool = True, absent_masks: bool = False,
+                  presence_threshold: float = PRESENCE_THRESHOLD) -> Finding:
         from .. import vocabulary as V
         from ..resample import SourceMapper
 
@@ -283,6 +295,9 @@ class Engine:
         timings = {}
         parsed, req, confidence, matched, fallback = self._resolve(prompt)
         timings["parse"] = time.perf_counter() - t0
+        if fallback and confidence < MIN_UNDERSTOOD_CONFIDENCE:
+            return self._not_understood(enc, prompt, parsed, confidence, matched, compute_masks,
+                                        mask_threshold, timings)
 
         t = time.perf_counter()
         probability = probability_present = None
@@ -305,7 +320,11 @@ class Engine:
         t = time.perf_counter()
         mapper = SourceMapper()
         mask = volume_ml = None
-        if compute_masks:
+        suppressed = (req.kind == "finding" and not absent_masks and probability_present is not None
+                      and probability_present < presence_threshold)
+        if compute_masks and suppressed:
+            mask, volume_ml = np.zeros(enc.volume.shape, dtype=np.uint8), 0.0
+        elif compute_masks:
             if mask_ans.mask is not None:
                 mask = mask_ans.mask
             elif mask_ans.logit is not None:
@@ -330,8 +349,21 @@ class Engine:
             score_model=score_ans.model if score_ans is not None and per_anat else None,
             calibrated=bool(score_ans and score_ans.calibrated and per_anat),
             calibration=score_ans.calibration if score_ans is not None and per_anat else None,
-            timings=timings, _logit=mask_ans.logit, _grid=mask_ans.grid, _volume=enc.volume,
-            _mapper=mapper)
+            mask_suppressed=bool(suppressed), timings=timings, _logit=mask_ans.logit,
+            _grid=mask_ans.grid, _volume=enc.volume, _mapper=mapper)
+
+    def _not_understood(self, enc, prompt, parsed, confidence, nearest, compute_masks,
+                        mask_threshold, timings) -> Finding:
+        """A prompt the system does not understand: no concept, no mask, no number; the nearest
+        vocabulary phrase is offered as a suggestion."""
+        timings["total"] = timings.get("parse", 0.0)
+        mask = np.zeros(enc.volume.shape, dtype=np.uint8) if compute_masks else None
+        return Finding(prompt=prompt, parsed=parsed, kind="unknown", anatomy=None, finding=None,
+                       laterality=None, probability=None, prompt_confidence=round(confidence, 3),
+                       mask=mask, volume_ml=0.0 if compute_masks else None, codes=None,
+                       color=(128, 128, 128), understood=False,
+                       suggestions=(nearest,) if nearest else (), name=prompt.strip()[:120],
+                       mask_threshold=float(mask_threshold), timings=timings)
 
     # ---- direct scoring (evaluation, calibration) --------------------------------------------
     def presence_probability(self, enc: Encoding, finding: str, laterality: Optional[str] = None,

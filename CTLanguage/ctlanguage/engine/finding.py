@@ -48,6 +48,9 @@ class Finding:
     score_model: Optional[str] = None    # model id that produced the number
     calibrated: bool = False             # the number is a calibrated probability
     calibration: Optional[str] = None    # "calibrated on <cohort>, n=<N>"
+    understood: bool = True              # False: no concept matched well enough; no mask, no number
+    suggestions: tuple = ()              # nearest vocabulary phrases when not understood
+    mask_suppressed: bool = False        # a finding judged absent: its mask is left empty
     timings: dict = field(default_factory=dict)
     _logit: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
     _grid: Any = field(default=None, repr=False, compare=False)
@@ -71,7 +74,7 @@ class Finding:
     def with_threshold(self, threshold: float) -> "Finding":
         """The same finding with its mask re-thresholded (no re-encoding, no network pass)."""
         t = check_threshold(threshold)
-        if self._logit is None:
+        if self._logit is None or self.mask_suppressed:
             return dataclasses.replace(self, mask_threshold=t)
         mask = self._mapper.mask(self._logit, self._grid, self._volume, t)
         vol = float(np.count_nonzero(mask)) * self._volume.voxel_volume_ml
@@ -90,5 +93,6 @@ class Finding:
             "anatomy_probabilities": self.anatomy_probabilities,
             "mask_model": self.mask_model, "score_model": self.score_model,
             "calibrated": self.calibrated, "calibration": self.calibration,
-            "score_label": self.score_label,
+            "score_label": self.score_label, "understood": self.understood,
+            "suggestions": list(self.suggestions), "mask_suppressed": self.mask_suppressed,
         }
