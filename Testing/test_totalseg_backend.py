@@ -230,3 +230,32 @@ def test_child_failures_become_one_clear_error(entry, env, monkeypatch, mode, er
     _fake_child(env, monkeypatch, mode)
     with pytest.raises(error, match=match):
         TS.load(entry, device="cpu").encode(_volume())
+
+
+@needs_ts
+@pytest.mark.slow
+def test_conforms_to_the_contract_and_composes_with_the_grounded_model(entry, env, monkeypatch,
+                                                                       one_torch_thread):
+    from test_backend_contract import check_backend
+
+    from ctlanguage.backends import grounded
+    from ctlanguage.engine import Engine
+
+    _fake_weights(env / "weights")
+    arr = np.full((24, 40, 40), -1000.0, np.float32)
+    arr[3:21, 6:34, 5:35] = 40.0
+    arr[6:16, 10:30, 8:18] = -850.0
+    vol = CTVolume(arr, np.diag([8.0, 8.0, 10.0, 1.0]))
+    ts = V.totalseg_classes()
+    labels = np.zeros(vol.shape, np.uint8)
+    labels[6:16, 10:30, 8:13] = ts["lung_upper_lobe_left"]
+    labels[6:16, 10:30, 13:18] = ts["lung_lower_lobe_left"]
+    _fake_child(env, monkeypatch, "labels", labels, vol.ijk_to_ras)
+    b = TS.load(entry, device="cpu")
+    check_backend(b, vol)
+    g = grounded.load(device="cpu")
+    engine = Engine({"anatomy": b, "masks": g, "scores": g})
+    enc = engine.encode(vol)
+    lung, effusion = engine.query(enc, "left lung; left pleural effusion")
+    assert lung.mask_model == "totalseg" and np.array_equal(lung.mask, (labels > 0).astype(np.uint8))
+    assert effusion.mask_model == effusion.score_model == g.info.id
