@@ -40,7 +40,7 @@ def write_config(home: Path) -> None:
     cfg.write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
-def _register_trainers() -> None:
+def register_trainers() -> None:
     """Hand nnU-Net the two trainer classes the 'total' weights name, from their own modules.
     Otherwise it imports every trainer module to find them by name, which pulls timm and
     torchvision (slow, and fatal where torchvision does not match torch, e.g. a CPU torch)."""
@@ -69,7 +69,7 @@ def run(req: dict) -> int:
         def no_download(url, *args, **kwargs):
             raise PermissionError(f"download of {url} not allowed")
         ts_libs.download_url_and_unpack = no_download
-    _register_trainers()
+    register_trainers()
     from totalsegmentator.python_api import totalsegmentator
 
     what = "fast 3 mm" if req["fast"] else "full-resolution"
