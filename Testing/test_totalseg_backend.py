@@ -259,3 +259,18 @@ def test_conforms_to_the_contract_and_composes_with_the_grounded_model(entry, en
     lung, effusion = engine.query(enc, "left lung; left pleural effusion")
     assert lung.mask_model == "totalseg" and np.array_equal(lung.mask, (labels > 0).astype(np.uint8))
     assert effusion.mask_model == effusion.score_model == g.info.id
+
+
+@needs_ts
+def test_cli_without_weights_exits_2_with_the_sentence_and_writes_nothing(env, capsys):
+    from ctlanguage.cli import main as cli
+    from ctlanguage.io import write_volume
+
+    vol = _volume((10, 12, 14))
+    vol.array[:, :3] = -1000.0                                  # air: a plausible CT
+    ct = write_volume(vol, env / "ct.nii.gz")
+    out = env / "out"
+    assert cli(["query", str(ct), "--model", "totalseg", "--prompt", "T12", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: TotalSegmentator's weights are not in") and "TOTALSEG_WEIGHTS_PATH" in err
+    assert not out.exists() and not (env / "weights").exists()
