@@ -91,3 +91,14 @@ def test_a_different_grid_is_refused(change):
         aff = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]) @ aff
     with pytest.raises(GeometryError, match="different voxel grid"):
         labels_onto_source(out, aff, vol)
+
+
+def test_a_long_axis_with_slightly_other_spacing_is_refused():
+    vol, _ = _source(shape_kji=(600, 4, 4), spacing=(0.7, 0.7, 0.7))
+    labels = np.zeros(vol.shape, np.uint8)
+    aff = vol.ijk_to_ras.copy()
+    aff[:3, 2] *= 1.00002            # 0.008 mm off at the last of 600 slices
+    with pytest.raises(GeometryError):
+        labels_onto_source(labels, aff, vol)
+    aff32 = vol.ijk_to_ras.astype(np.float32).astype(np.float64)
+    assert labels_onto_source(labels, aff32, vol).shape == vol.shape
