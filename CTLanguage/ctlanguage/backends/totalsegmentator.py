@@ -409,6 +409,5 @@ def load(entry, device=None, progress=None, **settings) -> TotalSegmentatorBacke
     weights are missing and no download was allowed."""
     if not installed():
         raise InputError("The TotalSegmentator backend is not installed: pip install 'ctlanguage[totalseg]'.")
-    if progress is not None:
-        progress(0.0, "Checking TotalSegmentator weights")
+    report(progress, 0.0, "Checking TotalSegmentator weights")
     return TotalSegmentatorBackend(entry, device=device, **settings)
