@@ -353,11 +353,13 @@ def _run_child(request: Path, progress, cancel, expected_s: float) -> None:
         if proc.poll() is None:
             _stop(proc)
         raise
-    if proc.returncode != 0:
-        if error:
-            raise InputError(error)
-        last = next((s for s in reversed(tail) if s.strip()), "no output")
-        raise CTLanguageError(f"TotalSegmentator failed (exit {proc.returncode}): {last.strip()}")
+    if proc.returncode == 0:
+        report(progress, 1.0, f"{message} ({time.monotonic() - t0:.0f} s)")
+        return
+    if error:
+        raise InputError(error)
+    last = next((s for s in reversed(tail) if s.strip()), "no output")
+    raise CTLanguageError(f"TotalSegmentator failed (exit {proc.returncode}): {last.strip()}")
 
 
 def _stop(proc: subprocess.Popen) -> None:
