@@ -17,6 +17,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   # --no-deps: the lock file is complete; this keeps a stray unpinned torch (CUDA build) out.
   "$VENV/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements.lock.txt"
   "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
-  "$VENV/bin/python" -m pip check
+  # dynamic-network-architectures (TotalSegmentator) declares timm, left out on purpose (see requirements.lock.txt)
+  if "$VENV/bin/python" -m pip check | grep -v "^dynamic.network.architectures .* requires timm" | grep -q .; then
+    "$VENV/bin/python" -m pip check; exit 1
+  fi
   echo "$want" > "$STAMP"
 fi

@@ -18,9 +18,10 @@ from ..errors import InputError
 
 REGISTRY = {
     "grounded": "ctlanguage.backends.grounded",   # the embedded grounded model (ours)
+    "totalsegmentator": "ctlanguage.backends.totalsegmentator",   # TotalSegmentator 'total' anatomy
 }
 # pip extra that provides each family's third-party package (for the error message)
-EXTRAS: dict = {}
+EXTRAS: dict = {"totalsegmentator": "totalseg"}
 
 
 def backend_module(kind: str):
