@@ -18,9 +18,10 @@ from ..errors import InputError
 
 REGISTRY = {
     "grounded": "ctlanguage.backends.grounded",   # the embedded grounded model (ours)
+    "voxtell": "ctlanguage.backends.voxtell",     # VoxTell free-text masks (voxtell package)
 }
 # pip extra that provides each family's third-party package (for the error message)
-EXTRAS: dict = {}
+EXTRAS: dict = {"voxtell": "voxtell"}
 
 
 def backend_module(kind: str):
