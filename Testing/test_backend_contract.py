@@ -147,3 +147,11 @@ def test_engine_import_pulls_no_training_or_model_code():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_test_double_conforms_too(tmp_path, small_volume):
+    """The stand-in backend the CLI/glue tests use implements the same contract."""
+    import _fake_engine
+
+    check_backend(_fake_engine.FakeBackend(_fake_engine.make_fake_model_dir(tmp_path / "m")),
+                  small_volume)

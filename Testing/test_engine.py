@@ -482,3 +482,13 @@ def test_negated_prompt_is_marked_and_worded_for_what_it_is(engine, enc):
     assert neg.probability == pytest.approx(1.0 - pos.probability)
     assert neg.score_label.startswith("probability absent") and pos.score_label.startswith("probability present")
     assert neg.to_dict()["score_label"] == neg.score_label
+
+
+def test_enlargement_findings_outline_the_organ(engine, enc):
+    """Cardiomegaly/hepatomegaly/splenomegaly: the mask is the organ (it was a few ml of the
+    heart while the probability said 0.97)."""
+    for finding, organ in (("cardiomegaly", "heart"), ("hepatomegaly", "liver"), ("splenomegaly", "spleen")):
+        (f,) = engine.query(enc, finding, absent_masks=True)
+        (o,) = engine.query(enc, organ)
+        assert np.array_equal(f.mask, o.mask), finding
+        assert f.probability is not None

@@ -154,13 +154,13 @@ def aligned_axes(grid_ijk_to_ras: np.ndarray, box_ijk_to_ras: np.ndarray):
     return out
 
 
-def _resample_aligned(array: np.ndarray, axis_map, out_shape, nearest: bool):
-    """Resample ``array`` (on the grid) onto the box grid; returns (values, valid) where
-    ``valid`` broadcasts to ``out_shape`` and is False outside the grid."""
+def _interp_axes(array: np.ndarray, axis_map, out_shape, nearest: bool, axes):
+    """Interpolate ``array`` (on the grid) along the given output array axes; returns
+    (values, valid) where ``valid`` broadcasts to ``out_shape`` and is False outside the grid."""
     # array axis of the box for voxel axis a is 2 - a; same for the grid
     t = array.transpose([2 - axis_map[2 - ax][0] for ax in range(3)])
     valid = np.ones((1, 1, 1), dtype=bool)
-    for ax in (2, 1, 0):
+    for ax in axes:
         _, scale, offset = axis_map[2 - ax]
         x = scale * np.arange(out_shape[ax], dtype=np.float64) + offset
         t, ok = _interp_axis(t, ax, x, nearest)
@@ -170,19 +170,16 @@ def _resample_aligned(array: np.ndarray, axis_map, out_shape, nearest: bool):
     return t, valid
 
 
+def _resample_aligned(array: np.ndarray, axis_map, out_shape, nearest: bool):
+    """Resample ``array`` onto the box grid: (values, valid)."""
+    return _interp_axes(array, axis_map, out_shape, nearest, (2, 1, 0))
+
+
 def _resample_aligned_full(array: np.ndarray, axis_map, out_shape, nearest: bool, fill,
                            slab: int = 16) -> np.ndarray:
     """Like ``_resample_aligned`` for a whole volume: the last (slowest) axis is done in slabs
     of ``slab`` output slices written straight into the result; outside the grid -> ``fill``."""
-    t = array.transpose([2 - axis_map[2 - ax][0] for ax in range(3)])
-    valid = np.ones((1, 1, 1), dtype=bool)
-    for ax in (2, 1):
-        _, scale, offset = axis_map[2 - ax]
-        x = scale * np.arange(out_shape[ax], dtype=np.float64) + offset
-        t, ok = _interp_axis(t, ax, x, nearest)
-        shape = [1, 1, 1]
-        shape[ax] = -1
-        valid = valid & ok.reshape(shape)
+    t, valid = _interp_axes(array, axis_map, out_shape, nearest, (2, 1))
     _, scale, offset = axis_map[2]
     x = scale * np.arange(out_shape[0], dtype=np.float64) + offset
     out = np.empty(tuple(out_shape), dtype=t.dtype)

@@ -86,6 +86,8 @@ class Term:
     sided: bool = False            # findings: needs left/right to resolve its anatomy
     region: Optional[Code] = None  # findings: anatomic region
     type_modifier: Optional[Code] = None
+    mask_is_anatomy: bool = False  # findings: the finding's extent is its whole organ
+                                   # (enlargement: cardiomegaly outlines the heart)
 
 
 def _phrase(template: str, side: Optional[str]) -> str:
@@ -122,7 +124,8 @@ def _load():
             lay=tuple(d.get("lay", ())), negated=tuple(d.get("negated", ())),
             heads=tuple(d.get("heads", ())), also_in=tuple(d.get("also_in", ())),
             anatomy=d["anatomy"], sided=bool(d["sided"]),
-            region=_code(d.get("region")), type_modifier=_code(d.get("type_modifier")))
+            region=_code(d.get("region")), type_modifier=_code(d.get("type_modifier")),
+            mask_is_anatomy=d.get("mask") == "anatomy")
     modifiers = {k: _code(v) for k, v in raw["modifiers"].items()}
     modifiers["_fallback_type"] = _code(raw["fallback_type"])
     _validate(terms, groups, modifiers)

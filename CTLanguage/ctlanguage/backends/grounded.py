@@ -104,7 +104,8 @@ class GroundedBackend:
     """Backend over one ``GroundedCTModel`` (anatomy masks, finding masks, calibrated scores)."""
 
     def __init__(self, model, model_dir: Optional[Path] = None, device: str = "cpu",
-                 sha256: Optional[str] = None, license: str = "", calibration_name: str = ""):
+                 sha256: Optional[str] = None, license: str = "", calibration_name: str = "",
+                 notice: str = ""):
         self.model = model
         self.model_dir = Path(model_dir) if model_dir else None
         self.device = device
@@ -117,7 +118,7 @@ class GroundedBackend:
         self.calibration = site or Calibration.from_model_config(cfg, name=calibration_name)
         self.info = ModelInfo(id=str(cfg.model_id), version=str(cfg.version), sha256=sha, kind=KIND,
                               license=license, path=str(self.model_dir) if self.model_dir else None,
-                              calibration=self.calibration.label)
+                              calibration=self.calibration.label, notice=notice)
         self.capabilities = Capabilities(anatomy=tuple(self.anatomies), finding_masks=True,
                                          scores=True, calibrated=True, heatmaps=True)
         self._text_cache: dict = {}
@@ -316,14 +317,17 @@ class GroundedBackend:
 
         sides = [V.get(a).side if V.get(a).kind == "anatomy" else None for a in req.anatomies]
         logits = None
-        if req.want_mask:
+        if req.want_mask and V.get(req.finding).mask_is_anatomy:   # enlargement: the organ itself
+            organ = state.organ_logit_array()
+            logits = np.stack([organ[state.anatomy_index(a)] for a in req.anatomies])
+        elif req.want_mask:
             t = self.embed([P.canonical_phrase(req.finding, s) for s in sides])
             logits = self.mask_logits(state.dense, t, state._head_cache).float().cpu().numpy()
         out, scores = None, {}
         for n, (a, s) in enumerate(zip(req.anatomies, sides)):
             if logits is not None:
                 lg = logits[n]
-                if a != "body":
+                if a != "body" and not V.get(req.finding).mask_is_anatomy:
                     region = req.region
                     keys = [region] if (region and region in state.anatomies and
                                         V.get(region).side in (None, s)) else [a]
@@ -368,11 +372,24 @@ def load(entry=None, device: Optional[str] = None, progress=None, model_dir=None
     net.eval()
     name = "held-out synthetic phantoms" if entry is not None and entry.embedded else ""
     backend = GroundedBackend(net, model_dir, device, sha256=weights_sha256(model_dir),
-                              license=getattr(entry, "license", "") or "", calibration_name=name)
+                              license=getattr(entry, "license", "") or "", calibration_name=name,
+                              notice=demo_model_notice(entry))
     if warm_text:
         report(progress, 0.6, "Loading text encoder")
         backend.warm_up()
     return backend
+
+
+def demo_model_notice(entry) -> str:
+    """The measured limits of a model trained on synthetic anatomy (from its catalog entry)."""
+    m = getattr(entry, "metrics", None) or {}
+    if entry is None or not entry.embedded or not m:
+        return ""
+    return (f"{entry.id} is a demonstration model trained only on synthetic anatomy. On held-out "
+            f"phantoms: organ Dice {m.get('mean_organ_dice')}, finding AUC "
+            f"{m.get('mean_finding_auc')}, finding Dice {m.get('mean_finding_dice')}. On real CT it "
+            "is not meaningful (blind check: organ Dice 0.15 over 13 organs, lesions missed). "
+            "Research use only; not for diagnosis.")
 
 
 def describe(entry) -> Capabilities:

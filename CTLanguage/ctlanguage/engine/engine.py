@@ -106,6 +106,7 @@ class Engine:
     def describe(self) -> dict:
         d = {"id": self.model_id, "version": self.model_version, "sha256": self.model_sha256,
              "path": self.info.path, "device": self.device, "calibration": self.info.calibration,
+             "license": self.info.license, "notice": self.info.notice,
              "roles": {r: b.info.id for r, b in self.roles.items()}}
         if len(self.backends) > 1:
             d["backends"] = [dict(b.info.to_dict(), capabilities=b.capabilities.summary())

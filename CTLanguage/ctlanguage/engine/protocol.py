@@ -66,6 +66,7 @@ class ModelInfo:
     license: str = ""
     path: Optional[str] = None
     calibration: Optional[str] = None   # e.g. "held-out phantoms (n=64)"; None: uncalibrated
+    notice: str = ""                    # what a user must know (e.g. a demo model's measured limits)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items()}
