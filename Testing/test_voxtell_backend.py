@@ -216,6 +216,8 @@ def test_typed_text_is_used_when_only_it_is_in_the_bank(backend):
     assert backend.prompts(req) == ["pleural effusion"]      # "left pleural effusion" is not in it
     req2 = Request(text="lungs", kind="anatomy", anatomies=("lung_left", "lung_right"))
     assert backend.prompts(req2) == ["left lung", "right lung"]
+    req3 = Request(text="cardiomegaly", kind="finding", anatomies=("heart",), finding="cardiomegaly")
+    assert backend.prompts(req3) == ["heart"]                  # its extent is the organ
 
 
 # ---- weights ---------------------------------------------------------------------------------
@@ -237,6 +239,9 @@ def test_missing_weights_one_sentence_and_nothing_written(env, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "VOXTELL_MODEL" in err[0], err
     assert not out.exists()
+    code = main(["--quiet", "models", "download", "voxtell"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "huggingface-cli download mrokuss/VoxTell" in err[0], err
     caps = voxtell.describe(None)
     assert not caps.weights_present and "huggingface-cli" in caps.weights_hint
 

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 KIND = "voxtell"
 LICENSE = "code Apache-2.0; weights licence not stated"
 ANSWER_CACHE = 8       # prompts whose logits are kept per encoded volume
+BOUNDARY = np.float32(1e-3)   # logit margin kept around VoxTell's decision boundary (see logits)
 
 
 @dataclass
@@ -114,7 +115,8 @@ class VoxTellBackend:
         ras = closest_ras(volume)
         check_cancel(cancel)
         report(progress, 0.4, "Cropping and normalising (VoxTell)")
-        image, bbox, _ = self.predictor.preprocess(ras.array)
+        # contiguous: the z-score's sums then run in the same order for every input layout
+        image, bbox, _ = self.predictor.preprocess(np.ascontiguousarray(ras.array))
         grid = _crop_grid(ras, bbox, tuple(image.shape[1:]))
         padded = [max(int(s), int(p)) for s, p in zip(image.shape[1:], self.predictor.patch_size)]
         patches = len(self.predictor._internal_get_sliding_window_slicers(padded))
@@ -145,9 +147,12 @@ class VoxTellBackend:
 
     def prompts(self, request: Request) -> list:
         """The texts VoxTell is run with: the concept's canonical phrase (one per anatomy of an
-        anatomy request), or the prompt as typed when only that is in the embedding bank."""
-        if request.kind == "anatomy":
-            out = [P.canonical_phrase(a) for a in request.anatomies]
+        anatomy request or of a finding whose extent is its organ), or the prompt as typed when
+        only that is in the embedding bank."""
+        from .. import vocabulary as V
+
+        if request.kind == "anatomy" or V.get(request.finding).mask_is_anatomy:
+            out = [P.canonical_phrase(a) for a in request.anatomies]   # enlargement: the organ
         else:
             out = [P.canonical_phrase(request.finding, request.laterality)]
         typed = " ".join(request.text.lower().split())
@@ -180,9 +185,12 @@ class VoxTellBackend:
             lg = out.float().amax(dim=0).cpu().numpy()
         del out
         lg = np.ascontiguousarray(lg, dtype=np.float32)
-        # VoxTell's mask is logit > 0; the engine's is probability >= threshold. Logits that are
-        # exactly 0 (float16 underflow where only patch borders reach) become just below it.
-        lg[lg == 0.0] = -np.finfo(np.float32).tiny
+        # VoxTell's mask is logit > 0 (float16 logits: exact zeros where only patch borders
+        # reach). Logits within BOUNDARY of 0 are set to +-BOUNDARY by that rule, so that the
+        # engine's threshold 0.5 (logit >= 0 after interpolation, whose float rounding is far
+        # below BOUNDARY) gives exactly VoxTell's mask; probabilities move by < 3e-4.
+        near = np.abs(lg) < BOUNDARY
+        lg[near] = np.where(lg[near] > 0, BOUNDARY, -BOUNDARY)
         state._logits[key] = lg
         while len(state._logits) > ANSWER_CACHE:
             state._logits.popitem(last=False)
