@@ -100,3 +100,24 @@ def phantom(shape=(36, 44, 40), spacing=(1.5, 1.2, 2.0)):
     aff = np.diag([*spacing, 1.0])
     aff[:3, 3] = (-20.0, 15.0, -60.0)
     return CTVolume(arr, aff)
+
+
+def make_text_model(path: Path) -> Path:
+    """A tiny random Qwen3 text model with VoxTell's embedding width (2560) and a word-level
+    tokenizer, saved like a Hub snapshot: stands in for Qwen3-Embedding-4B (8 GB)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+
+    words = ("<pad> <unk> instruct : given an anatomical term query , retrieve the precise entity "
+             "and location it represents left right kidney cyst liver lesion lung nodule").split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                            padding_side="left").save_pretrained(path)
+    torch.manual_seed(5)
+    cfg = Qwen3Config(vocab_size=len(words), hidden_size=TEXT_DIM, intermediate_size=32,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=16, max_position_embeddings=128)
+    Qwen3Model(cfg).save_pretrained(path)
+    return Path(path)

@@ -95,11 +95,22 @@ def test_our_predictor_equals_the_package_constructor(backend, model_dir, monkey
     import torch
     import voxtell.inference.predictor as VP
 
-    monkeypatch.setattr(VP, "VoxTellModel", H.tiny_network_class())
+    tiny, seen = H.tiny_network_class(), []
+
+    class Recording(tiny):
+        def __init__(self, **kw):
+            seen.append(dict(kw))
+            super().__init__(**kw)
+
+    from ctlanguage.backends import voxtell_weights as W
+
+    monkeypatch.setattr(VP, "VoxTellModel", Recording)
     bank = model_dir.parent / "embeddings" / "voxtell_v1.1" / "text_embeddings.npz"
     ref = VP.VoxTellPredictor(model_dir=str(model_dir), device=torch.device("cpu"),
                               embedding_bank=str(bank))
     ours = backend.predictor
+    W.build_network(W.read_plans(model_dir), Recording)
+    assert len(seen) == 2 and seen[0] == seen[1]        # the same published sizes and plans
     assert set(vars(ours)) == set(vars(ref))
     for k, v in vars(ref).items():
         if k not in ("network", "embedding_bank", "normalization"):
@@ -207,7 +218,7 @@ def test_prompt_outside_the_bank_without_the_text_model_is_one_clear_error(backe
     with pytest.raises(InputError) as e:
         backend.answer(state, req)
     msg = str(e.value)
-    assert "Qwen/Qwen3-Embedding-4B" in msg and "huggingface-cli download" in msg and "\n" not in msg
+    assert "Qwen/Qwen3-Embedding-4B" in msg and "hf download Qwen/Qwen3-Embedding-4B" in msg and "\n" not in msg
 
 
 def test_typed_text_is_used_when_only_it_is_in_the_bank(backend):
@@ -222,11 +233,15 @@ def test_typed_text_is_used_when_only_it_is_in_the_bank(backend):
 
 # ---- weights ---------------------------------------------------------------------------------
 
-def test_missing_weights_one_sentence_and_nothing_written(env, tmp_path, capsys):
+def test_missing_weights_one_sentence_and_nothing_written(env, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants as C
+
     from ctlanguage.backends import voxtell
+
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "no_hub_cache"))
     from ctlanguage.cli import main
 
-    with pytest.raises(InputError, match="huggingface-cli download mrokuss/VoxTell"):
+    with pytest.raises(InputError, match="hf download mrokuss/VoxTell"):
         voxtell.load(None, device="cpu")
     with pytest.raises(InputError, match="not a VoxTell model folder"):
         voxtell.load(None, device="cpu", model_dir=tmp_path)
@@ -241,9 +256,9 @@ def test_missing_weights_one_sentence_and_nothing_written(env, tmp_path, capsys)
     assert not out.exists()
     code = main(["--quiet", "models", "download", "voxtell"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "huggingface-cli download mrokuss/VoxTell" in err[0], err
+    assert code == 2 and len(err) == 1 and "hf download mrokuss/VoxTell" in err[0], err
     caps = voxtell.describe(None)
-    assert not caps.weights_present and "huggingface-cli" in caps.weights_hint
+    assert not caps.weights_present and "hf download" in caps.weights_hint
 
 
 def test_weights_are_unpickled_once_weights_only_then_read_as_safetensors(model_dir, monkeypatch):
@@ -316,3 +331,39 @@ def test_catalog_and_registry_know_voxtell():
     assert e is not None and e.backend == "voxtell" and "not stated" in e.license
     assert catalog.resolve_model("voxtell") == (None, e)
     assert backend_module("voxtell").KIND == "voxtell" and EXTRAS["voxtell"] == "voxtell"
+
+
+def test_prompts_outside_the_bank_load_a_local_text_model_only_then(model_dir, volume, tmp_path,
+                                                                     monkeypatch):
+    from ctlanguage.backends import voxtell
+
+    monkeypatch.setenv("VOXTELL_TEXT_MODEL", str(H.make_text_model(tmp_path / "qwen")))
+    b = voxtell.load(None, device="cpu", model_dir=model_dir, network_cls=H.tiny_network_class())
+    seen = []
+    b.progress = lambda f, m: seen.append(m)
+    state = b.encode(volume)
+    b.answer(state, Request(text="liver", kind="anatomy", anatomies=("liver",)))
+    assert b.predictor.text_backbone is None                    # the bank had it
+    ans = b.answer(state, Request(text="left kidney cyst", kind="finding", anatomies=("kidney_left",),
+                                  finding="kidney_cyst", laterality="left"))
+    assert b.predictor.text_backbone is not None and "left kidney cyst" in b.predictor.embedding_bank
+    assert any("text model" in m for m in seen)
+    assert ans.logit.shape == state.grid.shape and (ans.logit > 0).any()
+
+
+def test_weights_are_found_in_the_hugging_face_cache(env, tmp_path, monkeypatch):
+    """`hf download` without --local-dir leaves them in the Hub cache: found there, offline."""
+    import huggingface_hub.constants as C
+
+    from ctlanguage.backends import voxtell_weights as W
+
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--mrokuss--VoxTell"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    d = H.make_model_dir(repo / "snapshots" / rev)
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert W.model_dir_for(None) == d
+    assert W.bank_path_for(d).name == "text_embeddings.npz"
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    assert W.model_dir_for(None) is None

@@ -209,7 +209,7 @@ class VoxTellBackend:
                 raise InputError(
                     f"VoxTell needs its text model for '{missing[0]}' ({where} lacks it), and "
                     f"{W.TEXT_MODEL} (~8 GB) is not on this computer: download it once with "
-                    f"`huggingface-cli download {W.TEXT_MODEL}` or set {W.TEXT_MODEL_ENV} to its folder.")
+                    f"`hf download {W.TEXT_MODEL}` or set {W.TEXT_MODEL_ENV} to its folder.")
             self.predictor._text_encoding_model = local
             report(self.progress, 0.0, f"Loading the VoxTell text model for '{missing[0]}'")
         return self.predictor.embed_text_prompts(prompts)

@@ -38,16 +38,31 @@ NETWORK_KWARGS = dict(input_channels=1, decoder_layer=4, text_embedding_dim=2560
 # plans.json names classes to import; only these packages may be named
 IMPORTABLE = ("torch.nn.", "dynamic_network_architectures.")
 
-WEIGHTS_HINT = (f"Download the VoxTell weights once with `huggingface-cli download {HUB_REPO} "
-                f"--local-dir <folder>` (~1.7 GB) and set {MODEL_ENV} to <folder>/{MODEL_NAME}.")
+WEIGHTS_HINT = (f"Download the VoxTell weights once with `hf download {HUB_REPO} --include "
+                f"'{MODEL_NAME}/*' --include 'embeddings/{MODEL_NAME}/*' --local-dir <folder>` "
+                f"(~1.7 GB) and set {MODEL_ENV} to <folder>/{MODEL_NAME}.")
 
 
 def model_dir_for(entry=None, model_dir=None) -> Optional[Path]:
-    """The model folder from (first given) the argument, the catalog entry's ``model_dir`` and
-    ``$VOXTELL_MODEL``; None when none is set."""
+    """The model folder from (first given) the argument, the catalog entry's ``model_dir``,
+    ``$VOXTELL_MODEL`` and the local Hugging Face cache (``hf download`` without --local-dir);
+    None when none is found. Never downloads."""
     extra = getattr(entry, "extra", None) or {}
     spec = model_dir or extra.get("model_dir") or os.environ.get(MODEL_ENV)
-    return Path(spec).expanduser() if spec else None
+    if spec:
+        return Path(spec).expanduser()
+    return _hub_cache_dir(HUB_REPO, MODEL_NAME)
+
+
+def _hub_cache_dir(repo: str, sub: str = "") -> Optional[Path]:
+    """``sub`` of the newest local snapshot of ``repo`` in the Hugging Face cache, or None."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        d = Path(snapshot_download(repo_id=repo, local_files_only=True)) / sub
+    except Exception:   # not cached (the hub raises several kinds of "not found")
+        return None
+    return d if d.is_dir() else None
 
 
 def check_model_dir(d: Optional[Path]) -> Path:
@@ -95,15 +110,8 @@ def local_text_model(entry=None) -> Optional[str]:
     extra = getattr(entry, "extra", None) or {}
     spec = os.environ.get(TEXT_MODEL_ENV) or extra.get("text_model") or TEXT_MODEL
     p = Path(spec).expanduser()
-    if p.is_dir():
-        return str(p) if (p / "config.json").is_file() else None
-    try:
-        from huggingface_hub import snapshot_download
-
-        d = Path(snapshot_download(repo_id=spec, local_files_only=True))
-    except Exception:   # not in the local Hub cache (any of its "not found" errors)
-        return None
-    if (d / "config.json").is_file() and any(d.glob("*.safetensors")):
+    d = p if p.is_dir() else _hub_cache_dir(spec)
+    if d is not None and (d / "config.json").is_file() and any(d.glob("*.safetensors")):
         return str(d)
     return None
 
