@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 KIND = "voxtell"
 LICENSE = "code Apache-2.0; weights licence not stated"
-ANSWER_CACHE = 8       # prompts whose logits are kept per encoded volume
+ANSWER_CACHE_BYTES = 512 << 20   # recent prompts' logits kept per encoded volume (float16)
 BOUNDARY = np.float32(1e-3)   # logit margin kept around VoxTell's decision boundary (see logits)
 
 
@@ -169,7 +169,7 @@ class VoxTellBackend:
         hit = state._logits.get(key)
         if hit is not None:
             state._logits.move_to_end(key)
-            return hit
+            return hit.astype(np.float32)
         emb = self.embed(list(key))
         label = key[0] if len(key) == 1 else f"{key[0]} (+{len(key) - 1})"
         t0 = time.perf_counter()
@@ -182,7 +182,7 @@ class VoxTellBackend:
         out = self.predictor.predict_sliding_window_return_logits(
             state.image, emb, progress_callback=on_patch if self.progress else None)
         with torch.inference_mode():
-            lg = out.float().amax(dim=0).cpu().numpy()
+            lg = out.amax(dim=0).float().cpu().numpy()     # float16 logits: the max is exact
         del out
         lg = np.ascontiguousarray(lg, dtype=np.float32)
         # VoxTell's mask is logit > 0 (float16 logits: exact zeros where only patch borders
@@ -191,8 +191,8 @@ class VoxTellBackend:
         # below BOUNDARY) gives exactly VoxTell's mask; probabilities move by < 3e-4.
         near = np.abs(lg) < BOUNDARY
         lg[near] = np.where(lg[near] > 0, BOUNDARY, -BOUNDARY)
-        state._logits[key] = lg
-        while len(state._logits) > ANSWER_CACHE:
+        state._logits[key] = lg.astype(np.float16)         # exact: they were float16
+        while sum(v.nbytes for v in state._logits.values()) > ANSWER_CACHE_BYTES:
             state._logits.popitem(last=False)
         return lg
 
