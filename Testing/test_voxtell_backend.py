@@ -257,6 +257,11 @@ def test_missing_weights_one_sentence_and_nothing_written(env, tmp_path, capsys,
     code = main(["--quiet", "models", "download", "voxtell"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "hf download mrokuss/VoxTell" in err[0], err
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no|none is available"):
+            voxtell.load(None, device="cuda", model_dir=H.make_model_dir(tmp_path / "m"))
     caps = voxtell.describe(None)
     assert not caps.weights_present and "hf download" in caps.weights_hint
 

@@ -240,6 +240,9 @@ def load(entry=None, device: Optional[str] = None, progress=None, model_dir=None
     import torch
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("VoxTell was asked to run on a CUDA GPU, but none is available; use the CPU "
+                         "(slow: minutes to hours per prompt) or a machine with a GPU.")
     report(progress, 0.05, f"Loading VoxTell from {d}")
     plans = W.read_plans(d)
     net = W.build_network(plans, network_cls)
