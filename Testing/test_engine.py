@@ -184,17 +184,22 @@ def test_ten_thousand_character_prompt_still_answers(engine, enc):
 @pytest.mark.parametrize("text", ["Leber-Läsion", "肝脏病变", "poumon gauche", "pleural effusión izquierda",
                                   "🫁 nodule"])
 def test_non_ascii_prompt_answers(engine, enc, text):
+    """Foreign or odd text: an answer when a concept matches well enough, else "not understood"
+    (no concept, nothing drawn) -- never an error or a confident guess."""
     (f,) = engine.query(enc, text)
-    assert f.kind in ("anatomy", "finding")
     assert 0.0 <= f.prompt_confidence <= 1.0
     assert f.mask.shape == enc.source_shape
+    if f.understood:
+        assert f.kind in ("anatomy", "finding")
+    else:
+        assert f.kind == "unknown" and not f.mask.any() and f.prompt_confidence < 0.2
 
 
-def test_unknown_prompt_has_low_confidence_but_an_answer(engine, enc):
+def test_unknown_prompt_is_not_understood_with_a_suggestion(engine, enc):
     (f,) = engine.query(enc, "xqzt blorf wibble")
-    assert f.fallback and f.matched
-    assert f.prompt_confidence < 0.3
-    assert f.mask.dtype == np.uint8
+    assert not f.understood and f.suggestions
+    assert f.prompt_confidence < 0.2
+    assert f.mask.dtype == np.uint8 and not f.mask.any()
     (known,) = engine.query(enc, "liver lesion")
     assert known.prompt_confidence > f.prompt_confidence
 
@@ -492,3 +497,19 @@ def test_enlargement_findings_outline_the_organ(engine, enc):
         (o,) = engine.query(enc, organ)
         assert np.array_equal(f.mask, o.mask), finding
         assert f.probability is not None
+
+
+@pytest.mark.parametrize("text,finding", [("small round opacity in the lung", "lung_nodule"),
+                                          ("focal hepatic abnormality", "liver_lesion"),
+                                          ("dark area in the liver", "liver_lesion")])
+def test_anatomy_plus_unknown_words_answers_with_the_nearest_finding(engine, enc, text, finding):
+    """These got an organ mask and no probability; the nearest finding of that organ answers."""
+    (f,) = engine.query(enc, text)
+    assert f.kind == "finding" and f.finding == finding and f.fallback
+    assert f.probability is not None and 0.2 < f.prompt_confidence <= 0.8
+
+
+def test_anatomy_prompts_with_extra_words_stay_anatomy(engine, enc):
+    for text, key in (("liver parenchyma", "liver"), ("right kidney upper pole", "kidney_right")):
+        (f,) = engine.query(enc, text)
+        assert f.kind == "anatomy" and f.anatomy == key, text

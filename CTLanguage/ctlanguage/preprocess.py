@@ -208,6 +208,14 @@ def _smoothed_source_box(volume: CTVolume, grid: ModelGrid, spec: ModelSpec):
     return sitk_image(box, affine)
 
 
+# Body detection runs on the model lattice over the whole image; an image whose lattice would
+# exceed this many voxels (e.g. a header with 50 mm voxels: metres of extent) is searched on a
+# proportionally coarser lattice instead, and only the body box is resampled finely (bounded memory).
+DETECT_MAX_VOXELS = 1 << 24
+# A body box larger than this (mm along R, A, S) is no patient: the header's spacing is wrong.
+MAX_BODY_EXTENT_MM = (1000.0, 1000.0, 2500.0)
+
+
 def to_model_space(volume: CTVolume, spec: ModelSpec | None = None, validate: bool = True) -> ModelImage:
     """Resample, crop to the body, pad and normalise a CT for the model (see module docstring)."""
     import SimpleITK as sitk
@@ -220,22 +228,37 @@ def to_model_space(volume: CTVolume, spec: ModelSpec | None = None, validate: bo
 
     # 1. body detection on the full lattice (plain linear resampling is enough here)
     full = _full_lattice(volume, s)
-    # axis-aligned sources (nearly all CTs): anti-aliased resampling in one separable pass whose
-    # result is cut to the final grid below; oblique sources: SimpleITK in two steps
-    fast = _smoothed_aligned(volume, full, _antialias_sigma_mm(volume, spec), air)
+    factor = max(1, math.ceil((np.prod(full.shape, dtype=np.float64) / DETECT_MAX_VOXELS) ** (1 / 3) - _EPS))
+    fast = None
+    if factor == 1:
+        # axis-aligned sources (nearly all CTs): anti-aliased resampling in one separable pass
+        # whose result is cut to the final grid below; oblique sources: SimpleITK in two steps
+        fast = _smoothed_aligned(volume, full, _antialias_sigma_mm(volume, spec), air)
+        detect = full
+    else:  # coarse lattice; its voxel n is voxel factor * n of the (never built) full lattice
+        detect = _full_lattice(volume, s * factor)
+        full = ModelGrid(tuple((np.asarray(detect.shape) - 1) * factor + 1),
+                         _grid_affine(s, detect.ijk_to_ras[:3, 3]))
     if fast is not None:
         coarse = fast
     else:
-        coarse = sitk_resample(sitk_image(volume.array, volume.ijk_to_ras), full.shape,
-                           full.ijk_to_ras, nearest=False, default=air,
+        coarse = sitk_resample(sitk_image(volume.array, volume.ijk_to_ras), detect.shape,
+                               detect.ijk_to_ras, nearest=False, default=air,
                            pixel_type=sitk.sitkFloat32)
     bbox = _largest_component_bbox(coarse > spec.body_threshold_hu)
     if fast is None:
         del coarse
+    name = f" {volume.source}" if volume.source else ""
     if bbox is None:
-        name = f" {volume.source}" if volume.source else ""
         raise InputError(f"No body found in the volume{name}: no voxel is above {spec.body_threshold_hu:g} HU.")
-    lo, hi = bbox
+    extent = ((bbox[1] - bbox[0] + 1) * s * factor)[::-1]  # mm along R, A, S
+    if np.any(extent > np.asarray(MAX_BODY_EXTENT_MM)):
+        raise InputError(
+            f"The body in the volume{name} would span {' x '.join(f'{v:.0f}' for v in extent)} mm "
+            f"(R x A x S), more than any patient ({' x '.join(f'{v:.0f}' for v in MAX_BODY_EXTENT_MM)} mm); "
+            f"the voxel spacing {' x '.join(f'{v:g}' for v in volume.spacing)} mm in its header is "
+            "probably wrong.")
+    lo, hi = bbox[0] * factor - (factor - 1), bbox[1] * factor + (factor - 1)  # whole coarse voxels
     margin = math.ceil(spec.margin_mm / s - _EPS)
     lo, hi = lo - margin, hi + margin
 

@@ -107,11 +107,16 @@ class CTVolume:
             raise InputError(f"the voxel-to-RAS matrix{name} is not invertible or not finite")
         if np.any(self.spacing < 1e-3):
             raise InputError(f"the voxel spacing{name} is degenerate: {self.spacing}")
+        shear = shear_description(self.ijk_to_ras)
+        if shear:
+            raise InputError(
+                f"the voxel grid{name} is sheared ({shear}); only grids with perpendicular axes are "
+                "supported (exports could not lie on it exactly): resample the image onto an "
+                "orthogonal grid first")
         # min/max propagate NaN; checked separately for a precise message
         lo, hi = float(np.min(a)), float(np.max(a))
         if not (np.isfinite(lo) and np.isfinite(hi)):
-            n_bad = int(np.count_nonzero(~np.isfinite(a)))
-            raise InputError(f"the CT volume{name} contains {n_bad} NaN or infinite voxel values")
+            raise nonfinite_error(int(np.count_nonzero(~np.isfinite(a))), self.source)
         if lo > -500.0:
             raise InputError(
                 f"the values{name} do not look like CT Hounsfield units: the minimum is {lo:g} "
@@ -147,6 +152,29 @@ class CTVolume:
                              f"{image.GetNumberOfComponentsPerPixel()} components per voxel")
         arr = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
         return cls(arr, sitk_ijk_to_ras(image), **provenance)
+
+
+# cosine of the angle between two voxel axes still taken as perpendicular: header rounding
+# (6 decimals) gives ~1e-6; ITK's NIfTI writer straightens anything above ~1e-5 (0.05 mm at 500 mm)
+SHEAR_TOL = 1e-4
+
+
+def shear_description(ijk_to_ras: np.ndarray) -> str | None:
+    """None for perpendicular voxel axes, else which axes meet at which angle."""
+    m = np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]
+    d = m / np.linalg.norm(m, axis=0)
+    cos = d.T @ d
+    worst = max(((a, b) for a in range(3) for b in range(a + 1, 3)), key=lambda ab: abs(cos[ab]))
+    if abs(cos[worst]) <= SHEAR_TOL:
+        return None
+    angle = float(np.degrees(np.arccos(np.clip(cos[worst], -1.0, 1.0))))
+    return f"its {'ijk'[worst[0]]} and {'ijk'[worst[1]]} axes meet at {angle:.2f} degrees, not 90"
+
+
+def nonfinite_error(n_bad: int, source: str | None) -> InputError:
+    """The refusal for NaN/Inf voxels (one wording for every format)."""
+    name = f" in {source}" if source else ""
+    return InputError(f"the CT volume{name} contains {n_bad} NaN or infinite voxel values")
 
 
 def sitk_ijk_to_ras(image) -> np.ndarray:

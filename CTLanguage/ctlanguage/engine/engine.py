@@ -281,6 +281,18 @@ class Engine:
                 covers = tuple(V.resolve_anatomies(key, lat))
             sim_conf = (sim - FALLBACK_SIM_LOW) / (FALLBACK_SIM_HIGH - FALLBACK_SIM_LOW)
             confidence = float(np.clip(sim_conf, 0.0, 1.0)) * FALLBACK_MAX_CONFIDENCE
+        elif kind == "anatomy" and parsed.unknown_tokens and confidence < 1.0:
+            # "small round opacity in the lung": an anatomy plus words the parser does not know;
+            # a finding of that anatomy close in the text space answers the prompt better
+            phrase, key, lat, sim = self.nearest_phrase(parsed.text)
+            sim_conf = float(np.clip((sim - FALLBACK_SIM_LOW) / (FALLBACK_SIM_HIGH - FALLBACK_SIM_LOW),
+                                     0.0, 1.0)) * FALLBACK_MAX_CONFIDENCE
+            if V.get(key).kind == "finding" and sim_conf > max(confidence, MIN_UNDERSTOOD_CONFIDENCE):
+                side = laterality if laterality in ("left", "right") else lat
+                judged = tuple(V.resolve_anatomies(key, side))
+                if set(judged) & set(covers) or _same_group(judged, covers):
+                    kind, finding, laterality, covers = "finding", key, side, judged
+                    confidence, matched, fallback = sim_conf, phrase, True
         req = Request(text=prompt, kind=kind, anatomies=covers, finding=finding,
                       laterality=laterality, region=parsed.region)
         return parsed, req, confidence, matched, fallback
@@ -393,6 +405,14 @@ def _load_backend(entry, path, device, progress, warm_text: bool):
         return backend_module(kind).load(entry, device=device, progress=progress, model_dir=path,
                                          warm_text=warm_text)
     return backend_module(kind).load(entry, device=device, progress=progress)
+
+
+def _same_group(a, b) -> bool:
+    from .. import vocabulary as V
+
+    ga = {V.get(k).group or k for k in a}
+    gb = {V.get(k).group or k for k in b}
+    return bool(ga & gb)
 
 
 class _Flag:
