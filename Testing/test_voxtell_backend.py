@@ -267,18 +267,23 @@ def test_missing_weights_one_sentence_and_nothing_written(env, tmp_path, capsys,
 
 
 def test_weights_are_unpickled_once_weights_only_then_read_as_safetensors(model_dir, monkeypatch):
+    import torch
+
     from ctlanguage.backends import voxtell, voxtell_weights as W
+    from ctlanguage.catalog import cache_dir, sha256_file
+
+    first = voxtell.load(None, device="cpu", model_dir=model_dir, network_cls=H.tiny_network_class())
+    sha = sha256_file(model_dir / W.CHECKPOINT)
+    assert first.info.sha256 == sha
+    assert (cache_dir() / "voxtell" / sha[:16] / "network.safetensors").is_file()
 
     def no_pickle(path):
         raise AssertionError("the pickle was opened again")
 
     monkeypatch.setattr(W, "read_checkpoint", no_pickle)
-    b = voxtell.load(None, device="cpu", model_dir=model_dir, network_cls=H.tiny_network_class())
-    from ctlanguage.catalog import cache_dir, sha256_file
-
-    sha = sha256_file(model_dir / W.CHECKPOINT)
-    assert b.info.sha256 == sha
-    assert (cache_dir() / "voxtell" / sha[:16] / "network.safetensors").is_file()
+    again = voxtell.load(None, device="cpu", model_dir=model_dir, network_cls=H.tiny_network_class())
+    a, b = first.predictor.network.state_dict(), again.predictor.network.state_dict()
+    assert again.info.sha256 == sha and all(torch.equal(a[k], b[k]) for k in a)
 
 
 class _Boom:
