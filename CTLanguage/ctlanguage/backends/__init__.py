@@ -19,9 +19,10 @@ from ..errors import InputError
 REGISTRY = {
     "grounded": "ctlanguage.backends.grounded",   # the embedded grounded model (ours)
     "totalsegmentator": "ctlanguage.backends.totalsegmentator",   # TotalSegmentator 'total' anatomy
+    "voxtell": "ctlanguage.backends.voxtell",     # VoxTell free-text masks (voxtell package)
 }
 # pip extra that provides each family's third-party package (for the error message)
-EXTRAS: dict = {"totalsegmentator": "totalseg"}
+EXTRAS: dict = {"totalsegmentator": "totalseg", "voxtell": "voxtell"}
 
 
 def backend_module(kind: str):
