@@ -258,7 +258,7 @@ def test_cli_models_download_list_verify(tmp_path, env, server, capsys):
     assert main(["--quiet", "models", "--catalog", str(cat), "download", "remote-model"]) == 0
     assert main(["models", "--catalog", str(cat), "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert listed[0]["status"] == "cached"
+    assert listed[0]["status"] == "downloaded" and listed[0]["available"] is True
     assert main(["--quiet", "models", "--catalog", str(cat), "verify"]) == 0
     # tamper with the cached weights: verify must refuse with a clear message
     w = env / "models" / "remote-model" / "2.0" / "model.safetensors"

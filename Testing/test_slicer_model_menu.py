@@ -73,7 +73,7 @@ def test_models_not_on_disk_say_how_to_get_them(remote_catalog):
     by_id = {c.spec: c for c in catalog_ui.model_choices()}
     remote = by_id["remote-model"]
     assert not remote.available and remote.downloadable and remote.where == "not on disk"
-    assert "Download selected model" in remote.hint and "not on disk" in remote.details()
+    assert "ctlanguage models download remote-model" in remote.hint and "not on disk" in remote.details()
     assert remote.notice == ""  # not a synthetic-anatomy model
     pipeline = by_id["remote-pipeline"]
     assert not pipeline.available and not pipeline.downloadable

@@ -33,28 +33,38 @@ def _size(n) -> str:
 
 def cmd_list(args) -> int:
     from .. import catalog
+    from ..model_choices import DEVICE_TEXT, catalog_choices
 
     entries = catalog.load_catalog(args.catalog)
+    choices = catalog_choices(entries)
     if args.json:
         out = []
-        for e in entries:
+        for e, c in zip(entries, choices):
             st, path = _status(e)
-            out.append(e.to_dict() | {"status": st, "local_path": path or None})
+            out.append(e.to_dict() | {"status": c.where, "local_path": path or None,
+                                      "capabilities": list(c.can_do), "device": c.device,
+                                      "available": c.available, "how_to_get": c.hint or None,
+                                      "notice": c.notice or None})
         print(json.dumps(out, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"CTLanguage models (cache: {catalog.cache_dir()})")
-    for col in ("id", "version", "status", "size", "license", "text encoder"):
+    t = Table(title=f"CTLanguage models and pipelines (cache: {catalog.cache_dir()})")
+    for col in ("id", "can do", "licence", "size", "runs on", "on disk"):
         t.add_column(col, overflow="fold")
-    for i, e in enumerate(entries):
-        st, _ = _status(e)
-        enc = (e.text_encoder or "—").split(" (")[0].split("/")[-1]
-        t.add_row(e.id + (" *" if i == 0 else ""), e.version, st, _size(e.size), e.license, enc)
+    for i, (e, c) in enumerate(zip(entries, choices)):
+        name = e.id + (" *" if i == 0 else "")
+        if e.pipeline:
+            name += "\n" + ", ".join(f"{r}: {m}" for r, m in e.pipeline.items())
+        t.add_row(name, ", ".join(c.can_do) or "—", e.license or "—", _size(e.size),
+                  DEVICE_TEXT.get(c.device, c.device or "CPU"), c.where)
     Console().print(t)
+    for c in choices:
+        if not c.available and c.hint:
+            print(f"{c.spec}: {c.hint}")
     print("* default model. `ctlanguage models list --json` shows every field "
-          "(description, intended use, metrics).")
+          "(description, intended use, metrics, how to get the weights).")
     return 0
 
 

@@ -1,0 +1,55 @@
+"""`ctlanguage models list` shows every family and the composed pipeline with what they can do,
+licence, size, device and on-disk status; a pipeline without its weights ends in one sentence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ctlanguage.cli import main
+from ctlanguage.model_choices import catalog_choices
+
+
+@pytest.fixture
+def no_totalseg_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(tmp_path / "no-weights"))
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "ts-home"))
+    monkeypatch.delenv("CTLANGUAGE_ALLOW_DOWNLOADS", raising=False)
+
+
+def test_models_list_shows_backends_and_the_pipeline(capsys, no_totalseg_weights):
+    assert main(["models", "list", "--json"]) == 0
+    rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    pipe = rows["totalseg+grounded"]
+    assert pipe["pipeline"] == {"anatomy": "totalseg", "masks": "ctlanguage-synth-v2",
+                                "scores": "ctlanguage-synth-v2"}
+    assert "scores (calibrated)" in pipe["capabilities"] and any(
+        c.startswith("anatomy (1") for c in pipe["capabilities"])   # TotalSegmentator's 124 keys
+    assert pipe["license"] and pipe["available"] is False and "TOTALSEG_WEIGHTS_PATH" in pipe["how_to_get"]
+    assert rows["ctlanguage-synth-v2"]["available"] and "synthetic" in rows["ctlanguage-synth-v2"]["notice"]
+    assert rows["voxtell"]["device"] == "gpu-recommended" and "free-text masks" in rows["voxtell"]["capabilities"]
+    assert main(["models", "list"]) == 0   # folded to the terminal width: check words, not cells
+    table = capsys.readouterr().out
+    for needle in ("totalseg+gr", "anatomy:", "runs on", "on disk", "TOTALSEG_WEIGHTS_PATH"):
+        assert needle in table
+
+
+def test_pipeline_without_weights_ends_in_one_sentence(tmp_path, capsys, no_totalseg_weights):
+    from _export_helpers import synthetic_volume
+    from ctlanguage.io import write_volume
+
+    img = tmp_path / "ct.nii.gz"
+    write_volume(synthetic_volume((12, 20, 24)), img)
+    out = tmp_path / "out"
+    code = main(["--quiet", "query", str(img), "-p", "left kidney", "--out", str(out),
+                 "--model", "totalseg+grounded"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "TOTALSEG_WEIGHTS_PATH" in err[0], err
+    assert not out.exists()
+
+
+def test_choices_are_one_model_for_cli_slicer_and_web():
+    from CTLanguageLib import catalog_ui
+
+    assert catalog_ui.entry_choice is catalog_choices.__globals__["entry_choice"]
