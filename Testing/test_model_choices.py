@@ -53,3 +53,17 @@ def test_choices_are_one_model_for_cli_slicer_and_web():
     from CTLanguageLib import catalog_ui
 
     assert catalog_ui.entry_choice is catalog_choices.__globals__["entry_choice"]
+
+
+def test_allow_download_flag_is_the_users_consent(monkeypatch):
+    """--allow-download sets the consent every backend reads (CTLANGUAGE_ALLOW_DOWNLOADS)."""
+    import os
+
+    from ctlanguage.cli import build_parser
+
+    monkeypatch.delenv("CTLANGUAGE_ALLOW_DOWNLOADS", raising=False)
+    build_parser().parse_args(["query", "ct.nii.gz", "-p", "liver", "--out", "o"])
+    assert "CTLANGUAGE_ALLOW_DOWNLOADS" not in os.environ
+    monkeypatch.setenv("CTLANGUAGE_ALLOW_DOWNLOADS", "0")
+    args = build_parser().parse_args(["query", "ct.nii.gz", "-p", "liver", "--out", "o", "--allow-download"])
+    assert args.allow_download and os.environ["CTLANGUAGE_ALLOW_DOWNLOADS"] == "1"

@@ -8,8 +8,10 @@ them into one ``error: ...`` line and exit status 2.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -309,6 +311,17 @@ def _add_model_args(p) -> None:
                    help="catalog id (see `ctlanguage models list`) or a model folder; default: the embedded model")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="force the device (default: CUDA when available, else CPU)")
+    p.add_argument("--allow-download", action=_AllowDownload, nargs=0,
+                   help="let a published model's package fetch its weights on first use (e.g. "
+                        "TotalSegmentator, ~0.25 GB); without it a missing model says how to get it")
+
+
+class _AllowDownload(argparse.Action):
+    """--allow-download: the user's consent, passed to backends as CTLANGUAGE_ALLOW_DOWNLOADS=1."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        os.environ["CTLANGUAGE_ALLOW_DOWNLOADS"] = "1"
+        setattr(namespace, self.dest, True)
 
 
 def add_threshold_arg(p) -> None:
