@@ -487,3 +487,20 @@ def test_cli_import_does_not_pull_the_web_demo_or_the_slicer_glue():
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[] []", r.stdout
     assert "web" in main.__globals__["build_parser"]()._subparsers._group_actions[0].choices
+
+
+def test_table_marks_negation_absence_and_text_not_understood(tmp_path, fake, nifti, capsys):
+    code = main(["query", str(nifti), "-p", "no liver lesion; left pleural effusion; xyzzy", "--out",
+                 str(tmp_path / "o"), "--model", str(fake)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    words = " ".join(out.split())
+    assert {"NO", "understood", "absent:"} <= set(out.split())   # cells fold at the terminal width
+    assert "score absent (uncalibrated)" in words and "score present (uncalibrated)" in words
+    assert "masks by fake-model" in words
+    doc = json.loads((tmp_path / "o" / "findings.json").read_text())
+    neg, pos, nonsense = doc["findings"]
+    assert neg["negated"] and neg["score_label"].startswith("score absent")
+    assert pos["mask_suppressed"] and pos["volume_ml"] == 0
+    assert not nonsense["understood"] and nonsense["probability"] is None
+    assert doc["research_use_only"] is True

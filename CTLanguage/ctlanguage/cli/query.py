@@ -213,8 +213,27 @@ def _term(key: Any) -> str:
 
 
 def _finding_cell(f: Any) -> str:
-    name, side = getattr(f, "finding", None), getattr(f, "laterality", None)
-    return _term(name) + (f" ({side})" if name and side else "")
+    """The finding, marked when the question was negated, judged absent or not understood."""
+    if not f.understood:
+        return "not understood" + (f" (try: {f.suggestions[0]})" if f.suggestions else "")
+    name, side = f.finding, f.laterality
+    cell = _term(name) + (f" ({side})" if name and side else "")
+    if f.negated:
+        cell = f"NO {cell}"
+    if f.mask_suppressed:
+        cell += " (judged absent: no mask)"
+    return cell
+
+
+def _value_legend(findings: Sequence[Any]) -> str:
+    """What the numbers are, and which models made them (the table's caption)."""
+    labels = dict.fromkeys(f"{f.score_label} by {f.score_model}" for f in findings
+                           if f.probability is not None)
+    masks = dict.fromkeys(f.mask_model for f in findings if f.mask_model)
+    out = [f"probability: {', '.join(labels)}"] if labels else []
+    if masks:
+        out.append(f"masks by {', '.join(masks)}")
+    return "; ".join(out)
 
 
 def findings_table(findings: Sequence[Any], result: Any, title: str = "Findings",
@@ -230,7 +249,7 @@ def findings_table(findings: Sequence[Any], result: Any, title: str = "Findings"
                      "—" if p is None else f"{p:.2f}", "—" if c is None else f"{c:.2f}",
                      "—" if v is None else f"{v:.1f}",
                      *[str(vals[n]) for vals in (extra or {}).values()]])
-    t = Table(title=title, show_lines=False)
+    t = Table(title=title, show_lines=False, caption=_value_legend(findings) or None)
     for i, (col, just) in enumerate((*TABLE_COLUMNS, *((c, "left") for c in (extra or {})))):
         word = max(len(w) for w in col.split())
         if just == "right":  # numbers: fixed width

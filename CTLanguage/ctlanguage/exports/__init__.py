@@ -46,6 +46,16 @@ class ExportFinding:
     volume_ml: float | None = None
     codes: dict | None = None
     color: tuple | None = None
+    kind: str | None = None
+    negated: bool = False
+    understood: bool = True
+    suggestions: tuple = ()
+    mask_suppressed: bool = False
+    mask_model: str | None = None
+    score_model: str | None = None
+    calibrated: bool = False
+    calibration: str | None = None
+    score_label: str | None = None
 
 
 @dataclass
