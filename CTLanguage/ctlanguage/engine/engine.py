@@ -341,8 +341,9 @@ class Engine:
                 mask = mask_ans.mask
             elif mask_ans.logit is not None:
                 mask = mapper.mask(mask_ans.logit, mask_ans.grid, enc.volume, mask_threshold)
-            if mask is not None:
-                volume_ml = float(np.count_nonzero(mask)) * enc.voxel_volume_ml
+            else:   # a scores-only model: nothing to draw
+                mask = np.zeros(enc.volume.shape, dtype=np.uint8)
+            volume_ml = float(np.count_nonzero(mask)) * enc.voxel_volume_ml
         timings["to_source"] = time.perf_counter() - t
 
         key = req.anatomies[0] if req.kind == "anatomy" else req.finding
@@ -357,7 +358,8 @@ class Engine:
             probability_present=probability_present, anatomy_probabilities=per_anat,
             anatomies=tuple(req.anatomies), matched=matched, fallback=fallback,
             name=prompt.strip()[:120], terminology=ident["terminology"],
-            mask_threshold=float(mask_threshold), mask_model=mask_ans.model,
+            mask_threshold=float(mask_threshold),
+            mask_model=mask_ans.model if (mask_ans.mask is not None or mask_ans.logit is not None) else None,
             score_model=score_ans.model if score_ans is not None and per_anat else None,
             calibrated=bool(score_ans and score_ans.calibrated and per_anat),
             calibration=score_ans.calibration if score_ans is not None and per_anat else None,
