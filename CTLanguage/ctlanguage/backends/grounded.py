@@ -389,8 +389,7 @@ def demo_model_notice(entry) -> str:
     return (f"{entry.id} is a demonstration model trained only on synthetic anatomy. On held-out "
             f"phantoms: organ Dice {m.get('mean_organ_dice')}, finding AUC "
             f"{m.get('mean_finding_auc')}, finding Dice {m.get('mean_finding_dice')}. On real CT it "
-            "is not meaningful (blind check: organ Dice 0.15 over 13 organs, lesions missed). "
-            "Research use only; not for diagnosis.")
+            "is not meaningful (blind check: organ Dice 0.15 over 13 organs, lesions missed).")
 
 
 def describe(entry) -> Capabilities:
