@@ -18,9 +18,10 @@ from ..errors import InputError
 
 REGISTRY = {
     "grounded": "ctlanguage.backends.grounded",   # the embedded grounded model (ours)
+    "merlin": "ctlanguage.backends.merlin",       # Merlin zero-shot finding scores
 }
 # pip extra that provides each family's third-party package (for the error message)
-EXTRAS: dict = {}
+EXTRAS: dict = {"merlin": "merlin"}
 
 
 def backend_module(kind: str):

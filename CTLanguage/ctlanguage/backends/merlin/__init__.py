@@ -1,0 +1,27 @@
+"""Merlin (Stanford MIMI, MIT): CT image + report contrastive model used for zero-shot finding
+scores. Modules: ``model`` (I3ResNet-152 image encoder), ``text`` (Clinical-Longformer side),
+``network`` (both, our parameter names), ``preprocess`` (Merlin's grid on our geometry),
+``weights`` (download, safe read, conversion), ``backend`` (the engine's Backend).
+
+Importing this package is cheap; torch and transformers load when a function below is called.
+"""
+
+from __future__ import annotations
+
+
+def describe(entry):
+    from .backend import describe as _describe
+
+    return _describe(entry)
+
+
+def load(entry, device=None, progress=None):
+    from .backend import load as _load
+
+    return _load(entry, device=device, progress=progress)
+
+
+def download(entry, progress=None, force=False, source=None, tokenizer=None):
+    from .weights import download as _download
+
+    return _download(entry, progress=progress, force=force, source=source, tokenizer=tokenizer)
