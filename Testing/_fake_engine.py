@@ -1,101 +1,83 @@
-"""A stand-in for ctlanguage.engine with the documented API (docs/architecture.md, ENGINE API),
-used to test the command line plumbing fast and independently of model quality. Masks are
-simple HU thresholds inside the body; probabilities are fixed per parsed finding."""
+"""A fast stand-in *backend* for the command-line and glue plumbing tests, plugged into the real
+``ctlanguage.engine.Engine`` through the backend registry (so the tests exercise the real engine,
+encodings, findings and exports; only the model is replaced). Masks are HU thresholds inside the
+body, exactly on the source grid; scores are fixed per finding and marked uncalibrated."""
 
 from __future__ import annotations
 
 import json
+import sys
 import types
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ctlanguage import vocabulary as V
 from ctlanguage.catalog import verify_model_dir
-from ctlanguage.errors import CheckpointError, InputError
-from ctlanguage.prompts import parse_prompt
+from ctlanguage.engine import Answer, Capabilities, ModelInfo
+from ctlanguage.errors import CheckpointError
+
+FAKE_SCORE = 0.25
 
 
-@dataclass
-class Finding:
-    prompt: str
-    parsed: object
-    anatomy: str | None
-    finding: str | None
-    laterality: str | None
-    probability: float | None
-    prompt_confidence: float
-    mask: np.ndarray
-    volume_ml: float
-    codes: dict | None = None
-    color: tuple | None = None
+class FakeState:
+    def __init__(self, soft_tissue: np.ndarray):
+        self.soft_tissue = soft_tissue
+
+    def tensors(self):
+        return {"soft_tissue": self.soft_tissue}
+
+    def metadata(self):
+        return {}
+
+    def nbytes(self):
+        return int(self.soft_tissue.nbytes)
 
 
-@dataclass
-class Encoding:
-    volume_hash: str
-    model_id: str
-    shape: tuple
-    array: np.ndarray = field(repr=False, default=None)
+class FakeBackend:
+    """Implements ``ctlanguage.engine.protocol.Backend`` (checked by test_backend_contract)."""
 
-    def save(self, path):
-        Path(path).write_text(json.dumps({"volume_hash": self.volume_hash, "model_id": self.model_id,
-                                          "shape": list(self.shape)}))
-
-    @classmethod
-    def load(cls, path, engine, volume=None):
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, ValueError):
-            raise InputError(f"{path} is not an encoding file") from None
-        if d.get("model_id") != engine.model_id:
-            raise InputError(f"the encoding {Path(path).name} was made with model {d.get('model_id')}, "
-                             f"not {engine.model_id}")
-        enc = cls(d["volume_hash"], d["model_id"], tuple(d["shape"]))
-        if volume is not None:
-            if volume.content_hash() != enc.volume_hash:
-                raise InputError("The encoding was computed for a different volume; encode it again.")
-            enc.array = volume.array
-        return enc
-
-
-class Engine:
     calls: list = []
 
-    def __init__(self, path):
+    def __init__(self, path: Path):
         self.path = Path(path)
-        verify_model_dir(self.path)
+        sums = verify_model_dir(self.path)
         cfg = json.loads((self.path / "config.json").read_text())
-        self.model_id = cfg.get("model_id", "fake")
-        self.model_info = {"id": self.model_id, "version": cfg.get("version", "0"),
-                           "sha256": verify_model_dir(self.path)["weights_sha256"]}
-        self._vol = None
+        self.info = ModelInfo(id=cfg.get("model_id", "fake"), version=str(cfg.get("version", "0")),
+                              sha256=sums["weights_sha256"], kind="fake", path=str(self.path))
+        self.capabilities = Capabilities(anatomy=tuple(V.anatomies()), finding_masks=True, scores=True)
 
-    @classmethod
-    def load(cls, model="default", device=None, progress=None):
-        if progress:
-            progress(1.0, "loaded")
-        p = Path(model)
-        if not p.is_dir():
-            raise CheckpointError(f"model folder {p} does not exist")
-        return cls(p)
-
-    def encode(self, volume, progress=None, cancel=None):
-        Engine.calls.append("encode")
+    def encode(self, volume, progress=None, cancel=None, anatomy=None):
+        FakeBackend.calls.append("encode")
         if progress:
             progress(1.0, "encoded")
-        return Encoding(volume.content_hash(), self.model_id, volume.array.shape, volume.array)
+        arr = np.asarray(volume.array)
+        return FakeState(((arr > -100) & (arr < 100)).astype(np.uint8))
 
-    def query(self, enc, prompt, mask_threshold=0.5, volume=None):
-        Engine.calls.append(("query", prompt))
-        p = parse_prompt(prompt)
-        arr = enc.array
-        if arr is None:
-            arr = np.zeros(enc.shape, np.float32)
-        mask = ((arr > -100) & (arr < 100)).astype(np.uint8) if p.kind != "unknown" else np.zeros(enc.shape, np.uint8)
-        prob = None if p.finding is None else 0.25
-        return [Finding(prompt, p, p.anatomy, p.finding, p.laterality, prob, p.confidence, mask,
-                        float(mask.sum()) * 0.001)]
+    def restore(self, metadata, tensors):
+        return FakeState(np.asarray(tensors["soft_tissue"], dtype=np.uint8))
+
+    def answer(self, state, request):
+        FakeBackend.calls.append(("answer", request.text))
+        mask = state.soft_tissue.copy() if request.want_mask else None
+        scores = {a: FAKE_SCORE for a in request.anatomies} if (
+            request.kind == "finding" and request.want_scores) else {}
+        return Answer(model=self.info.id, mask=mask, scores=scores, calibrated=False)
+
+    def nearest_phrase(self, text):
+        return "body", "body", None, 0.0     # nothing is close: "not understood"
+
+
+def load(entry=None, device=None, progress=None, model_dir=None, warm_text=True):
+    if progress:
+        progress(1.0, "loaded")
+    if model_dir is None or not Path(model_dir).is_dir():
+        raise CheckpointError(f"model folder {model_dir} does not exist")
+    return FakeBackend(Path(model_dir))
+
+
+def describe(entry):
+    return Capabilities(finding_masks=True, scores=True)
 
 
 def make_fake_model_dir(folder: Path, model_id: str = "fake-model") -> Path:
@@ -113,13 +95,13 @@ def make_fake_model_dir(folder: Path, model_id: str = "fake-model") -> Path:
 
 
 def install(monkeypatch):
-    """Make `from ctlanguage.engine import Engine, Encoding` return the fakes."""
-    import sys
+    """Model folders load as FakeBackend (the "grounded" family is pointed at this module)."""
+    from ctlanguage import backends
 
-    mod = types.ModuleType("ctlanguage.engine")
-    mod.Engine = Engine
-    mod.Encoding = Encoding
-    mod.Finding = Finding
-    monkeypatch.setitem(sys.modules, "ctlanguage.engine", mod)
-    Engine.calls = []
-    return mod
+    name = "_ctlanguage_fake_backend"
+    mod = types.ModuleType(name)
+    mod.load, mod.describe = load, describe
+    monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setitem(backends.REGISTRY, "grounded", name)
+    FakeBackend.calls = []
+    return FakeBackend

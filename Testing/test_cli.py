@@ -1,7 +1,7 @@
 """`ctlanguage encode | query | batch | demo` — outputs, resumability, and every bad input ending
 in one `error:` line, a non-zero exit and no partial files.
 
-Most tests run the real CLI code on a stand-in engine (Testing/_fake_engine.py) so that they test
+Most tests run the real CLI code and engine on a stand-in backend (Testing/_fake_engine.py) so that they test
 the plumbing fast; `test_real_engine_*` run the embedded default model end to end when it exists.
 """
 
@@ -109,11 +109,11 @@ def test_encode_then_query_reuses_encoding(tmp_path, fake, nifti, capsys):
     enc = tmp_path / "ct.enc"
     code, _, err = run(["encode", str(nifti), "--out", str(enc), "--model", str(fake)], capsys)
     assert code == 0, err and enc.is_file()
-    _fake_engine.Engine.calls.clear()
+    _fake_engine.FakeBackend.calls.clear()
     code, _, err = run(["query", str(nifti), "-p", "liver", "--encoding", str(enc), "--out",
                         str(tmp_path / "o"), "--model", str(fake)], capsys)
     assert code == 0, err
-    assert "encode" not in _fake_engine.Engine.calls
+    assert "encode" not in _fake_engine.FakeBackend.calls
 
 
 def test_quiet_success_prints_nothing(tmp_path, fake, nifti, capsys):
@@ -140,14 +140,14 @@ def test_batch_resumable_and_failure_tolerant(tmp_path, fake, nifti, capsys):
     assert "p:liver lesion" in rows["a"]
     assert (out / "a" / "findings.json").is_file() and not (out / "broken").exists()
     # resume: finished cases are skipped, the broken one is retried
-    _fake_engine.Engine.calls.clear()
+    _fake_engine.FakeBackend.calls.clear()
     (cohort / "broken.nii.gz").unlink()
     shutil.copy(nifti, cohort / "broken.nii.gz")
     code, _, err = run(args, capsys)
     assert code == 0, err
     rows = {r["case_id"]: r for r in csv.DictReader(open(out / "summary.csv"))}
     assert [rows[c]["status"] for c in ("a", "b", "broken")] == ["skipped", "skipped", "ok"]
-    assert _fake_engine.Engine.calls.count("encode") == 1
+    assert _fake_engine.FakeBackend.calls.count("encode") == 1
 
 
 def test_batch_folder_with_dicom_case(tmp_path, fake, nifti, dicom_dir, capsys):

@@ -10,10 +10,11 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from _dicom_helpers import edit_series, files_of, legacy_converted, tilted_series
 from ctlanguage.dicom_io import find_series, read_dicom_series, write_dicom_series
 from ctlanguage.errors import ExportError, GeometryError, InputError
 from ctlanguage.io import read_ct
-from ctlanguage.volume import CTVolume
+from ctlanguage.volume import LPS_TO_RAS, CTVolume
 
 
 def oblique_affine(spacing=(0.7, 0.8, 2.5), origin=(12.3, -45.6, 78.9), deg=20.0):
@@ -30,10 +31,6 @@ def ct_volume(shape=(10, 20, 24), affine=None, seed=0):
     arr = rng.normal(0, 300, shape).astype(np.float32)
     arr[0, 0, 0] = -1024
     return CTVolume(arr, oblique_affine() if affine is None else affine)
-
-
-def files_of(folder):
-    return sorted(p for p in folder.rglob("*.dcm"))
 
 
 def test_round_trip_geometry_and_hu(tmp_path):
@@ -128,25 +125,35 @@ def test_refuses_mr_sr_and_empty_folders(tmp_path):
         read_ct(tmp_path / "empty")
 
 
-def _edit_series(folder, fn):
-    for p in files_of(folder):
-        ds = pydicom.dcmread(p)
-        fn(ds)
-        ds.save_as(p)
+def test_gantry_tilted_series_is_resampled_exactly_with_a_warning(tmp_path, caplog):
+    truth, hu = tilted_series(tmp_path, deg=15.0)
+    with caplog.at_level(logging.WARNING, logger="ctlanguage.dicom_io"):
+        vol = read_ct(tmp_path)
+    assert "gantry tilt (15.0 degrees)" in caplog.text and "orthogonal grid" in caplog.text
+    assert vol.metadata["gantry_tilt_deg"] == pytest.approx(15.0, abs=1e-3)
+    d = vol.direction
+    np.testing.assert_allclose(d.T @ d, np.eye(3), atol=1e-9)  # an orthogonal grid now
+    # every output voxel inside the acquired data holds the HU of its own position
+    k, j, i = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in vol.shape], indexing="ij")
+    lps = (np.stack([i, j, k], -1).reshape(-1, 3) @ vol.ijk_to_ras[:3, :3].T + vol.ijk_to_ras[:3, 3]) @ LPS_TO_RAS[:3, :3]
+    src = (lps - truth[:3, 3]) @ np.linalg.inv(truth[:3, :3]).T  # continuous index in the stored data
+    np.testing.assert_allclose(src[:, 2], np.round(src[:, 2]), atol=1e-6)  # slices are the acquired planes
+    inside = np.all((src >= -1e-6) & (src <= np.array([23, 19, 9]) + 1e-6), axis=1)
+    assert inside.sum() >= 0.95 * 10 * 20 * 24  # all but the fractional edge rows of each plane
+    err = np.abs(vol.array.reshape(-1)[inside] - hu(lps[inside]))
+    assert err.max() <= 0.5 + 1e-3  # integer HU storage; bilinear interpolation of a linear field is exact
+    assert np.all(vol.array.reshape(-1)[~inside & np.all(np.abs(src - np.clip(src, 0, [23, 19, 9])) > 0.51, axis=1)]
+                  == pytest.approx(-1024.0))
 
 
-def test_gantry_tilt_is_refused(tmp_path):
-    vol = ct_volume(affine=oblique_affine(deg=0.0))
-    write_dicom_series(vol, tmp_path)
-    tilt = np.tan(np.radians(12.0))
-
-    def shear(ds):
-        pos = [float(v) for v in ds.ImagePositionPatient]
-        pos[1] += tilt * pos[2]  # y drifts with z: slices along a tilted line
-        ds.ImagePositionPatient = [round(v, 4) for v in pos]
-
-    _edit_series(tmp_path, shear)
-    with pytest.raises(GeometryError, match="gantry tilt.*12.0 degrees"):
+def test_irregular_sideways_wander_is_refused(tmp_path):
+    tilted_series(tmp_path, deg=10.0)
+    target = sorted(files_of(tmp_path), key=lambda p: int(pydicom.dcmread(p).InstanceNumber))[4]
+    ds = pydicom.dcmread(target)
+    pos = [float(v) for v in ds.ImagePositionPatient]
+    ds.ImagePositionPatient = [pos[0] + 3.0, pos[1], pos[2]]
+    ds.save_as(target)
+    with pytest.raises(GeometryError, match="wander sideways irregularly"):
         read_ct(tmp_path)
 
 
@@ -223,38 +230,42 @@ def test_written_series_is_accepted_by_highdicom_seg(tmp_path):
     assert int(seg.NumberOfFrames) == 3
 
 
-def test_compressed_series_rle_and_jpeg_lossless(tmp_path):
-    vol = ct_volume()
-    # RLE Lossless (pydicom encodes and decodes it natively)
-    write_dicom_series(vol, tmp_path / "rle")
-    for p in files_of(tmp_path / "rle"):
-        ds = pydicom.dcmread(p)
-        ds.compress("1.2.840.10008.1.2.5")
-        ds.save_as(p)
-    assert pydicom.dcmread(files_of(tmp_path / "rle")[0]).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"
-    back = read_ct(tmp_path / "rle")
-    assert np.abs(back.array - vol.array).max() <= 0.5 + 1e-4
+def _gdcm_compress(ds, tmp_path, compressor):
+    """Pixel data of ``ds`` re-encoded by GDCM (SimpleITK's DICOM writer)."""
+    writer = sitk.ImageFileWriter()
+    writer.SetImageIO("GDCMImageIO")
+    writer.SetUseCompression(True)
+    writer.SetCompressor(compressor)
+    writer.SetFileName(str(tmp_path / "c.dcm"))
+    writer.Execute(sitk.GetImageFromArray(ds.pixel_array[None]))
+    c = pydicom.dcmread(tmp_path / "c.dcm")
+    ds["PixelData"] = c["PixelData"]
+    ds.file_meta.TransferSyntaxUID = c.file_meta.TransferSyntaxUID
+    (tmp_path / "c.dcm").unlink()
 
-    # JPEG Lossless (process 14): pydicom has no decoder here, the reader falls back to GDCM
-    write_dicom_series(vol, tmp_path / "jpeg")
-    for n, p in enumerate(files_of(tmp_path / "jpeg")):
+
+_COMPRESSIONS = {
+    # transfer syntax: how to compress one slice in place
+    "1.2.840.10008.1.2.5": lambda ds, tmp: ds.compress("1.2.840.10008.1.2.5"),  # RLE (pydicom)
+    "1.2.840.10008.1.2.4.70": lambda ds, tmp: _gdcm_compress(ds, tmp, "JPEG"),  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": lambda ds, tmp: ds.compress("1.2.840.10008.1.2.4.80",
+                                                           encoding_plugin="pyjpegls"),  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.90": lambda ds, tmp: _gdcm_compress(ds, tmp, "JPEG2000"),  # JPEG 2000 lossless
+}
+
+
+@pytest.mark.parametrize("syntax", sorted(_COMPRESSIONS), ids=["jpeg-lossless", "jpeg-ls", "jpeg2000", "rle"])
+def test_compressed_series_per_transfer_syntax(tmp_path, syntax):
+    vol = ct_volume()
+    write_dicom_series(vol, tmp_path / "s")
+    for p in files_of(tmp_path / "s"):
         ds = pydicom.dcmread(p)
-        writer = sitk.ImageFileWriter()
-        writer.SetImageIO("GDCMImageIO")
-        writer.SetUseCompression(True)
-        writer.SetCompressor("JPEG")
-        writer.SetFileName(str(tmp_path / f"c{n}.dcm"))
-        writer.Execute(sitk.GetImageFromArray(ds.pixel_array[None]))
-        c = pydicom.dcmread(tmp_path / f"c{n}.dcm")
-        ds["PixelData"] = c["PixelData"]
-        ds.file_meta.TransferSyntaxUID = c.file_meta.TransferSyntaxUID
+        _COMPRESSIONS[syntax](ds, tmp_path)
         ds.save_as(p)
-        (tmp_path / f"c{n}.dcm").unlink()
-    ts = pydicom.dcmread(files_of(tmp_path / "jpeg")[0]).file_meta.TransferSyntaxUID
-    assert ts == "1.2.840.10008.1.2.4.70"
-    back = read_ct(tmp_path / "jpeg")
+    assert pydicom.dcmread(files_of(tmp_path / "s")[0]).file_meta.TransferSyntaxUID == syntax
+    back = read_ct(tmp_path / "s")
     np.testing.assert_allclose(back.ijk_to_ras, vol.ijk_to_ras, atol=1e-4)
-    assert np.abs(back.array - vol.array).max() <= 0.5 + 1e-4
+    assert np.abs(back.array - vol.array).max() <= 0.5 + 1e-4  # lossless: only the HU rounding
 
 
 def test_a_single_file_stands_for_its_own_series(tmp_path):
@@ -269,7 +280,7 @@ def test_a_single_file_stands_for_its_own_series(tmp_path):
         read_ct(tmp_path / "junk.dcm")
 
 
-def test_enhanced_multiframe_ct_is_refused_clearly(tmp_path):
+def test_multiframe_without_plane_geometry_is_refused_clearly(tmp_path):
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
@@ -284,8 +295,60 @@ def test_enhanced_multiframe_ct_is_refused_clearly(tmp_path):
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.PixelData = np.zeros((12, 16, 16), "<i2").tobytes()
     ds.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
-    with pytest.raises(InputError, match="multi-frame"):
+    with pytest.raises(InputError, match="enhanced.dcm .frame 1. has no Plane Position / Plane Orientation / Pixel Measures"):
         read_ct(tmp_path)
+
+
+def test_multiframe_ct_reads_like_its_classic_series(tmp_path):
+    vol = ct_volume(affine=oblique_affine(deg=-25.0))
+    vol.array[4] += 200.0  # per-slice content, so that a frame order error shows
+    write_dicom_series(vol, tmp_path / "classic")
+    legacy_converted(tmp_path / "classic", tmp_path / "mf")
+    classic, multi = read_ct(tmp_path / "classic"), read_ct(tmp_path / "mf")
+    assert multi.metadata["sop_class_uid"] == "1.2.840.10008.5.1.4.1.1.2.2" and multi.shape == vol.shape
+    np.testing.assert_allclose(multi.ijk_to_ras, classic.ijk_to_ras, atol=1e-6)
+    np.testing.assert_array_equal(multi.array, classic.array)
+
+
+def test_multiframe_gantry_tilt_is_resampled_like_the_classic_series(tmp_path):
+    tilted_series(tmp_path / "classic", deg=12.0)
+    legacy_converted(tmp_path / "classic", tmp_path / "mf")
+    classic, multi = read_ct(tmp_path / "classic"), read_ct(tmp_path / "mf")
+    assert multi.metadata["gantry_tilt_deg"] == pytest.approx(12.0, abs=1e-3)
+    np.testing.assert_allclose(multi.ijk_to_ras, classic.ijk_to_ras, atol=1e-6)
+    np.testing.assert_allclose(multi.array, classic.array, atol=1e-3)
+
+
+def _pydicom_test_file(name):
+    """A file from pydicom's published test data (the pydicom-data package), or skip."""
+    from pydicom.data import get_testdata_file
+
+    try:
+        path = get_testdata_file(name, download=False)
+    except Exception:  # noqa: BLE001 - pydicom-data not installed
+        path = None
+    if path is None:
+        pytest.skip(f"{name} needs the pydicom-data package (requirements.lock.txt)")
+    return path
+
+
+def test_enhanced_ct_from_a_vendor_matches_highdicom(tmp_path):
+    # eCT_Supplemental.dcm: a 2-frame Enhanced CT Image Storage object with per-frame positions
+    # and a shared rescale; compared with highdicom's independent reading of the same file
+    import highdicom as hd
+
+    path = _pydicom_test_file("eCT_Supplemental.dcm")
+    shutil.copy(path, tmp_path / "ect.dcm")
+    vol = read_dicom_series(tmp_path, validate=False)  # two frames: too thin to pass validate()
+    assert vol.shape == (2, 512, 512) and vol.metadata["sop_class_uid"] == "1.2.840.10008.5.1.4.1.1.2.1"
+    ref = hd.imread(str(path)).get_volume()  # ref.affine: (array index a, b, c) -> LPS
+    k, j, i = np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij")
+    ijk = np.stack([i, j, k], -1).reshape(-1, 3).astype(np.float64)
+    lps = (ijk @ vol.ijk_to_ras[:3, :3].T + vol.ijk_to_ras[:3, 3]) @ LPS_TO_RAS[:3, :3]
+    abc = (lps - ref.affine[:3, 3]) @ np.linalg.inv(ref.affine[:3, :3]).T
+    np.testing.assert_allclose(abc, np.round(abc), atol=1e-4)  # every voxel centre is one of theirs
+    a, b, c = np.round(abc).astype(int).T
+    np.testing.assert_array_equal(vol.array.reshape(-1), ref.array[a, b, c].astype(np.float32))
 
 
 def test_dicom_and_canonical_nifti_give_the_same_model_input(tmp_path):
@@ -321,3 +384,66 @@ def test_left_handed_grid_reads_back_as_the_same_physical_image(tmp_path):
     flipped[:3, 2] *= -1
     np.testing.assert_allclose(back.ijk_to_ras, flipped, atol=1e-4)
     assert np.abs(back.array[::-1] - vol.array).max() <= 0.5 + 1e-4
+
+
+def test_localizers_are_left_out_with_an_info_line(tmp_path, caplog):
+    vol = ct_volume()
+    uid = write_dicom_series(vol, tmp_path / "s")
+    ref = pydicom.dcmread(files_of(tmp_path / "s")[0])
+    # a scout inside the same series (some scanners do this) and one as its own series
+    for name, series_uid in (("scout_same.dcm", uid), ("scout_own.dcm", generate_uid())):
+        scout = pydicom.dcmread(files_of(tmp_path / "s")[0])
+        scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        scout.SeriesInstanceUID = series_uid
+        scout.SOPInstanceUID = scout.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        scout.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # a coronal projection
+        scout.Rows, scout.Columns = 30, 24
+        scout.PixelData = np.zeros((30, 24), "<i2").tobytes()
+        scout.save_as(tmp_path / "s" / name)
+    with caplog.at_level(logging.INFO, logger="ctlanguage.dicom_io"):
+        back = read_ct(tmp_path / "s")
+    assert back.series_uid == uid and back.shape == vol.shape
+    assert np.abs(back.array - vol.array).max() <= 0.5 + 1e-4
+    assert caplog.text.count("Left out 1 localizer (scout) image(s)") == 2
+    assert "only localizer images" in caplog.text
+    assert [p.rsplit("/", 1)[-1] for p in back.metadata["left_out_localizers"]] == ["scout_same.dcm"]
+    assert ref.SOPInstanceUID in back.metadata["sop_instance_uids"]
+
+
+@pytest.mark.parametrize("also_file_meta", [False, True])
+def test_files_without_sop_class_uid_are_dicom(tmp_path, also_file_meta):
+    vol = ct_volume()
+    write_dicom_series(vol, tmp_path / "s")
+
+    def drop(ds):
+        del ds.SOPClassUID
+        if also_file_meta:
+            del ds.file_meta.MediaStorageSOPClassUID
+
+    edit_series(tmp_path / "s", drop)
+    back_ds = pydicom.dcmread(files_of(tmp_path / "s")[0])
+    assert "SOPClassUID" not in back_ds
+    assert ("MediaStorageSOPClassUID" in back_ds.file_meta) != also_file_meta
+    back = read_ct(tmp_path / "s")
+    np.testing.assert_allclose(back.ijk_to_ras, vol.ijk_to_ras, atol=1e-4)
+    assert np.abs(back.array - vol.array).max() <= 0.5 + 1e-4
+
+
+@pytest.mark.parametrize("how", ["removed", "blank"])
+def test_series_without_uids_reads_with_no_invented_series_uid(tmp_path, how):
+    vol = ct_volume()
+    write_dicom_series(vol, tmp_path / "s")
+
+    def strip(ds):
+        for kw in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+            if how == "removed":
+                delattr(ds, kw)
+            else:
+                setattr(ds, kw, "")
+
+    edit_series(tmp_path / "s", strip)
+    back = read_ct(tmp_path / "s")
+    assert back.series_uid is None and back.study_uid is None
+    assert len(back.metadata["files"]) == vol.shape[0]
+    one = read_ct(files_of(tmp_path / "s")[3])  # a single file stands for its UID-less series
+    np.testing.assert_array_equal(one.array, back.array)

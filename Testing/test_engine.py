@@ -184,17 +184,22 @@ def test_ten_thousand_character_prompt_still_answers(engine, enc):
 @pytest.mark.parametrize("text", ["Leber-Läsion", "肝脏病变", "poumon gauche", "pleural effusión izquierda",
                                   "🫁 nodule"])
 def test_non_ascii_prompt_answers(engine, enc, text):
+    """Foreign or odd text: an answer when a concept matches well enough, else "not understood"
+    (no concept, nothing drawn) -- never an error or a confident guess."""
     (f,) = engine.query(enc, text)
-    assert f.kind in ("anatomy", "finding")
     assert 0.0 <= f.prompt_confidence <= 1.0
     assert f.mask.shape == enc.source_shape
+    if f.understood:
+        assert f.kind in ("anatomy", "finding")
+    else:
+        assert f.kind == "unknown" and not f.mask.any() and f.prompt_confidence < 0.2
 
 
-def test_unknown_prompt_has_low_confidence_but_an_answer(engine, enc):
+def test_unknown_prompt_is_not_understood_with_a_suggestion(engine, enc):
     (f,) = engine.query(enc, "xqzt blorf wibble")
-    assert f.fallback and f.matched
-    assert f.prompt_confidence < 0.3
-    assert f.mask.dtype == np.uint8
+    assert not f.understood and f.suggestions
+    assert f.prompt_confidence < 0.2
+    assert f.mask.dtype == np.uint8 and not f.mask.any()
     (known,) = engine.query(enc, "liver lesion")
     assert known.prompt_confidence > f.prompt_confidence
 
@@ -258,7 +263,7 @@ def test_encoding_save_load_round_trip(engine, enc, volume, tmp_path):
 
 
 def test_encoding_from_another_model_is_refused(engine, enc, tmp_path):
-    foreign = dataclasses.replace(enc, model_sha256="0" * 64, _regions={})
+    foreign = dataclasses.replace(enc, model_sha256="0" * 64)
     path = foreign.save(tmp_path / "foreign.ctlenc")
     with pytest.raises(CheckpointError, match="model"):
         Encoding.load(path, engine)
@@ -346,7 +351,7 @@ def _trilinear_truth(arr, grid, shape_src, ijk_to_ras, threshold):
 def test_threshold_to_source_matches_trilinear_sampling(seed):
     """The engine's separable, sparse mask mapping equals thresholded trilinear sampling for
     any axis permutation/flip, anisotropic spacing and offset of the source grid."""
-    from ctlanguage.engine import _geometry_volume, threshold_to_source
+    from ctlanguage.resample import threshold_to_source
     from ctlanguage.preprocess import ModelGrid
 
     rng = np.random.default_rng(seed)
@@ -362,7 +367,7 @@ def test_threshold_to_source_matches_trilinear_sampling(seed):
     g[:3, 3] = rng.uniform(-60, -20, 3)
     grid = ModelGrid(tuple(int(x) for x in rng.integers(3, 14, 3)), g)
     arr = (rng.normal(0, 1, grid.shape) - rng.uniform(-0.5, 1.0)).astype(np.float32)
-    vol = _geometry_volume(shape_src, m)
+    vol = CTVolume.grid_only(shape_src, m)
     mine = threshold_to_source(arr, grid, vol, 0.0)
     assert mine.dtype == np.uint8 and mine.shape == shape_src
     truth = _trilinear_truth(arr, grid, shape_src, m, 0.0)
@@ -390,8 +395,9 @@ def test_full_resolution_model_masks_land_on_the_source_grid(tmp_path):
     m = np.array([[0.0, 0.0, -2.5, 40.0], [-1.3, 0.0, 0.0, 12.0], [0.0, 1.1, 0.0, -70.0], [0, 0, 0, 1]])
     vol = CTVolume(arr, m)
     e = eng.encode(vol, use_cache=False)
-    assert e.feature_grid == e.model_grid
-    assert tuple(e.dense.shape[1:]) == tuple(e.model_grid.shape)
+    state = e.part()
+    assert state.feature_grid == state.model_grid
+    assert tuple(state.dense.shape[1:]) == tuple(state.model_grid.shape)
     for text in ("liver", "left lung", "body"):
         (f,) = eng.query(e, text)
         assert f.mask.shape == arr.shape
@@ -399,17 +405,17 @@ def test_full_resolution_model_masks_land_on_the_source_grid(tmp_path):
         thr = float(np.median(logit))  # threshold at the median: a partial mask to compare
         g = f.with_threshold(float(1.0 / (1.0 + np.exp(-thr))))
         assert 0.05 < g.mask.mean() < 0.95, text
-        truth = _trilinear_truth(logit, e.feature_grid, arr.shape, m, thr)
+        truth = _trilinear_truth(logit, state.feature_grid, arr.shape, m, thr)
         assert np.count_nonzero(g.mask != truth) <= 0.001 * truth.size, text  # rounding at thr
 
 
 def test_threshold_to_source_oblique_grid_falls_back():
-    from ctlanguage.engine import _geometry_volume, threshold_to_source
+    from ctlanguage.resample import threshold_to_source
     from ctlanguage.preprocess import ModelGrid
 
     c, s = np.cos(0.3), np.sin(0.3)
     m = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
-    vol = _geometry_volume((20, 30, 30), m)
+    vol = CTVolume.grid_only((20, 30, 30), m)
     grid = ModelGrid((8, 8, 8), np.diag([6.0, 6.0, 6.0, 1.0]))
     arr = np.full(grid.shape, -5.0, np.float32)
     arr[2:6, 2:6, 2:6] = 5.0
@@ -420,7 +426,7 @@ def test_threshold_to_source_oblique_grid_falls_back():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_interpolate_to_source_matches_simpleitk_path(seed):
-    from ctlanguage.engine import _geometry_volume, interpolate_to_source
+    from ctlanguage.resample import interpolate_to_source
     from ctlanguage.preprocess import ModelGrid
 
     rng = np.random.default_rng(100 + seed)
@@ -436,7 +442,7 @@ def test_interpolate_to_source_matches_simpleitk_path(seed):
     g[:3, 3] = rng.uniform(-60, -20, 3)
     grid = ModelGrid(tuple(int(x) for x in rng.integers(3, 12, 3)), g)
     arr = rng.uniform(0, 1, grid.shape).astype(np.float32)
-    vol = _geometry_volume(shape_src, m)
+    vol = CTVolume.grid_only(shape_src, m)
     mine = interpolate_to_source(arr, grid, vol, fill=0.0)
     assert mine.dtype == np.float32 and mine.shape == shape_src
     truth = _trilinear_truth(arr, grid, shape_src, m, -1.0)  # validity mask only
@@ -450,3 +456,60 @@ def test_interpolate_to_source_matches_simpleitk_path(seed):
     val = ndimage.map_coordinates(arr, np.clip(coords, 0, n - 1), order=1, mode="nearest")
     expected = np.where(truth.ravel() > 0, val, 0.0).reshape(shape_src)
     assert np.allclose(mine, expected, atol=1e-5)
+
+
+def test_text_not_understood_gets_no_mask_and_no_number(engine, enc):
+    """Nonsense or foreign text is not forced onto the nearest concept (it was: 'xyzzy' drew a
+    4.6 ml oesophagus mask with confidence 0.00); a loose paraphrase still gets an answer."""
+    for text in ("xyzzy", "Leberläsion", "the weather today"):
+        (f,) = engine.query(enc, text)
+        assert not f.understood and f.kind == "unknown", text
+        assert f.probability is None and f.anatomy is None and f.finding is None
+        assert not f.mask.any() and f.volume_ml == 0.0
+        assert f.suggestions and f.to_dict()["understood"] is False
+    (g,) = engine.query(enc, "blood vessel bulge")
+    assert g.understood and g.fallback and g.finding == "aortic_aneurysm"
+
+
+def test_absent_finding_gets_no_mask_unless_asked(engine, enc):
+    (f,) = engine.query(enc, "left pleural effusion", presence_threshold=0.999)
+    assert f.probability_present < 0.999 and f.mask_suppressed and not f.mask.any()
+    (g,) = engine.query(enc, "left pleural effusion", presence_threshold=0.999, absent_masks=True)
+    assert not g.mask_suppressed and g.mask.any()
+    (h,) = engine.query(enc, "left pleural effusion", presence_threshold=1e-6)
+    assert not h.mask_suppressed and np.array_equal(h.mask, g.mask)
+
+
+def test_negated_prompt_is_marked_and_worded_for_what_it_is(engine, enc):
+    (pos,) = engine.query(enc, "left pleural effusion")
+    (neg,) = engine.query(enc, "no left pleural effusion")
+    assert neg.negated and not pos.negated
+    assert neg.probability == pytest.approx(1.0 - pos.probability)
+    assert neg.score_label.startswith("probability absent") and pos.score_label.startswith("probability present")
+    assert neg.to_dict()["score_label"] == neg.score_label
+
+
+def test_enlargement_findings_outline_the_organ(engine, enc):
+    """Cardiomegaly/hepatomegaly/splenomegaly: the mask is the organ (it was a few ml of the
+    heart while the probability said 0.97)."""
+    for finding, organ in (("cardiomegaly", "heart"), ("hepatomegaly", "liver"), ("splenomegaly", "spleen")):
+        (f,) = engine.query(enc, finding, absent_masks=True)
+        (o,) = engine.query(enc, organ)
+        assert np.array_equal(f.mask, o.mask), finding
+        assert f.probability is not None
+
+
+@pytest.mark.parametrize("text,finding", [("small round opacity in the lung", "lung_nodule"),
+                                          ("focal hepatic abnormality", "liver_lesion"),
+                                          ("dark area in the liver", "liver_lesion")])
+def test_anatomy_plus_unknown_words_answers_with_the_nearest_finding(engine, enc, text, finding):
+    """These got an organ mask and no probability; the nearest finding of that organ answers."""
+    (f,) = engine.query(enc, text)
+    assert f.kind == "finding" and f.finding == finding and f.fallback
+    assert f.probability is not None and 0.2 < f.prompt_confidence <= 0.8
+
+
+def test_anatomy_prompts_with_extra_words_stay_anatomy(engine, enc):
+    for text, key in (("liver parenchyma", "liver"), ("right kidney upper pole", "kidney_right")):
+        (f,) = engine.query(enc, text)
+        assert f.kind == "anatomy" and f.anatomy == key, text

@@ -191,7 +191,10 @@ def test_global_clip_baseline_scores_from_the_global_embedding():
     arr[4:26, 8:40, 6:42] = 40.0
     enc = engine.encode(CTVolume(arr, np.diag([4.0, 4.0, 5.0, 1.0])))
     (f,) = engine.query(enc, "liver lesion")
-    scrambled = dataclasses.replace(enc, organ_embeddings=torch.zeros_like(enc.organ_embeddings))
+    state = enc.part()
+    scrambled = dataclasses.replace(enc, parts={
+        k: dataclasses.replace(state, organ_embeddings=torch.zeros_like(state.organ_embeddings))
+        for k in enc.parts})
     (g,) = engine.query(scrambled, "liver lesion")
     assert f.probability == pytest.approx(g.probability)
-    assert engine.describe()["presence_source"] == "global"
+    assert engine.roles["scores"].presence_source == "global"

@@ -13,6 +13,7 @@ import SimpleITK as sitk
 
 import ctlanguage.preprocess as pp
 from ctlanguage.preprocess import ModelSpec, to_model_space
+from ctlanguage.resample import aligned_axes
 from ctlanguage.volume import CTVolume, set_sitk_geometry
 
 
@@ -116,7 +117,7 @@ def test_oblique_source_uses_fallback_and_matches_sitk():
     aff[:3, :3] = rot @ aff[:3, :3]
     vol = CTVolume(vol.array, aff)
     grid = to_model_space(vol).grid
-    assert pp._axis_map(grid.ijk_to_ras, vol.ijk_to_ras) is None
+    assert aligned_axes(grid.ijk_to_ras, vol.ijk_to_ras) is None
     logits = np.full(grid.shape, -4.0, np.float32)
     logits[6:14, 8:16, 8:16] = 3.0
     got = grid.to_source(logits, vol, threshold=0.0)
@@ -193,7 +194,7 @@ def test_nearly_aligned_scanner_directions_take_the_fast_path():
     aff[:3, :3] = rot @ aff[:3, :3]
     tilted = CTVolume(vol.array, aff)
     mi = to_model_space(tilted)
-    assert pp._axis_map(mi.grid.ijk_to_ras, tilted.ijk_to_ras) is not None
+    assert aligned_axes(mi.grid.ijk_to_ras, tilted.ijk_to_ras) is not None
     assert np.abs(mi.array - to_model_space(vol).array).max() < 1e-5
     arr = np.zeros(mi.grid.shape, np.float32)
     arr[5:15, 6:12, 7:17] = 1.0

@@ -106,8 +106,8 @@ def child(args) -> None:
     out["encode_s"] = time.perf_counter() - t
     out["encode_breakdown_s"] = {k: round(v, 3) for k, v in enc.timings.items()}
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    out["model_grid"] = list(enc.model_grid.shape)
-    out["feature_grid"] = list(enc.feature_grid.shape)
+    out["model_grid"] = list(enc.part().model_grid.shape)
+    out["feature_grid"] = list(enc.part().feature_grid.shape)
     out["encoding_mb"] = enc.nbytes() / 1e6
     t = time.perf_counter()
     engine.encode(vol)

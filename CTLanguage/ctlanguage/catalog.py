@@ -59,6 +59,8 @@ class ModelEntry:
     embedded: bool = False
     path: str | None = None
     weights_sha256: str | None = None
+    backend: str = "grounded"           # model family (ctlanguage.backends.REGISTRY)
+    pipeline: dict | None = None        # composed entry: {"anatomy": ID, "masks": ID, "scores": ID}
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -232,8 +234,9 @@ def _check_safetensors_header(path: Path) -> int:
 # ----------------------------------------------------------------------------- resolution
 
 def resolve_model(spec: str | os.PathLike | None = "default", *,
-                  catalog: list[ModelEntry] | None = None) -> tuple[Path, ModelEntry | None]:
-    """Model folder for ``spec`` (explicit path, 'default', catalog id or id@version).
+                  catalog: list[ModelEntry] | None = None) -> tuple[Path | None, ModelEntry | None]:
+    """Model folder for ``spec`` (explicit path, 'default', catalog id or id@version); None for
+    pipelines and non-grounded families, whose backends locate their own weights.
 
     Raises CheckpointError when the model is known but not available locally (with the command
     that downloads it) and CTLanguageError when the id is unknown."""
@@ -250,6 +253,8 @@ def resolve_model(spec: str | os.PathLike | None = "default", *,
     if entry is None:
         known = ", ".join(e.id for e in catalog) or "none"
         raise CTLanguageError(f"unknown model {s!r}; known models: {known} (or give a folder path)")
+    if entry.pipeline or (entry.backend or "grounded") != "grounded":
+        return None, entry   # pipelines and other families find their weights themselves
     if entry.embedded:
         d = embedded_model_dir(entry)
         if d.is_dir():

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from .errors import InputError
+from .phrases import canonical_phrase as canonical_prompt
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +194,6 @@ def sided_label(case: dict, finding: str, laterality: Optional[str]):
     return None
 
 
-def canonical_prompt(key: str, laterality: Optional[str] = None) -> str:
-    from . import vocabulary as V
-
-    lat = laterality if laterality in ("left", "right") else None
-    return V.display_name(key, lat).lower()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -255,7 +251,8 @@ def evaluate_model(model: Any, manifest: str | Path, *, device: Optional[str] = 
 
         def ask(text, masks=True):
             t0 = time.perf_counter()
-            out = engine.query(enc, text, mask_threshold=mask_threshold, compute_masks=masks)[0]
+            out = engine.query(enc, text, mask_threshold=mask_threshold, compute_masks=masks,
+                               absent_masks=True)[0]
             if masks:  # latency of full answers (mask on the source grid included)
                 c.query_ms.append(1000 * (time.perf_counter() - t0))
             return out

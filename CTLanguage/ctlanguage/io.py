@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ExportError, InputError
-from .volume import CTVolume, set_sitk_geometry
+from .volume import CTVolume, nonfinite_error, set_sitk_geometry
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ def read_ct(path, validate: bool = True) -> CTVolume:
         raise InputError(f"The file {path} is empty (0 bytes).")
     if suffix in (".nii", ".nii.gz"):
         _check_nifti_complete(path, suffix)
+        _check_nifti_finite(path, suffix)
     volume = _read_with_sitk(path)
     if validate:
         volume.validate()
@@ -73,10 +74,10 @@ def _read_series_of_file(path: Path, validate: bool) -> CTVolume:
     from . import dicom_io
 
     try:
-        uid = str(pydicom.dcmread(path, stop_before_pixels=True).get("SeriesInstanceUID", ""))
+        uid = dicom_io.series_key(pydicom.dcmread(path, stop_before_pixels=True), path)
     except Exception as exc:  # pydicom raises assorted types on corrupt files
         raise InputError(f"Cannot read the DICOM file {path.name}: {exc}.") from None
-    return dicom_io.read_dicom_series(path.parent, series_uid=uid or None, validate=validate)
+    return dicom_io.read_dicom_series(path.parent, series_uid=uid, validate=validate)
 
 
 def _looks_like_dicom(path: Path) -> bool:
@@ -119,6 +120,33 @@ def _check_nifti_complete(path: Path, suffix: str) -> None:
         raise InputError(
             f"Cannot read {path.name}: the file is truncated ({actual} of {expected} bytes of header and voxel data)."
         )
+
+
+def _check_nifti_finite(path: Path, suffix: str) -> None:
+    """Refuse NaN/Inf voxels in float NIfTI files: ITK's NIfTI reader silently turns them into 0
+    (NRRD/MetaImage keep them and ``CTVolume.validate`` refuses them). Streams the voxel data."""
+    import gzip
+
+    import nibabel as nib
+
+    header = nib.load(str(path)).header  # readable: _check_nifti_complete ran first
+    dtype = header.get_data_dtype()
+    if dtype.kind != "f":
+        return
+    remaining = int(np.prod(header.get_data_shape()))
+    per_chunk = (1 << 24) // dtype.itemsize
+    n_bad = 0
+    with (gzip.open(path, "rb") if suffix == ".nii.gz" else open(path, "rb")) as fh:
+        fh.seek(int(header.get_data_offset()))
+        while remaining > 0:
+            buf = fh.read(min(remaining, per_chunk) * dtype.itemsize)
+            if not buf:
+                break
+            values = np.frombuffer(buf, dtype=dtype, count=len(buf) // dtype.itemsize)
+            n_bad += int(np.count_nonzero(~np.isfinite(values)))
+            remaining -= values.size
+    if n_bad:
+        raise nonfinite_error(n_bad, str(path))
 
 
 def _read_with_sitk(path: Path) -> CTVolume:

@@ -7,7 +7,8 @@ HU threshold, plus a margin), pads it to a multiple of ``pad_multiple`` and maps
 permutation/flip of the same volume gives the same model-space array.
 
 ``ModelGrid`` carries the model grid's own ``ijk_to_ras``; ``ModelGrid.to_source`` maps any
-model-space array (probabilities, logits, labels) back onto the source grid with SimpleITK.
+model-space array (probabilities, logits, labels) back onto the source grid (``resample``, the
+only way back).
 """
 
 from __future__ import annotations
@@ -19,17 +20,8 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from .errors import InputError
+from .resample import aligned_axes, grid_to_source, sitk_image, sitk_resample
 from .volume import CTVolume
-
-_LPS = np.diag([-1.0, -1.0, 1.0])
-
-
-def lps_from_affine(ijk_to_ras: np.ndarray):
-    """4x4 ijk->RAS -> (spacing, LPS origin, row-major LPS direction) tuples for SimpleITK."""
-    affine = np.asarray(ijk_to_ras, dtype=np.float64)
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    direction = _LPS @ (affine[:3, :3] / spacing)
-    return tuple(spacing.tolist()), tuple((_LPS @ affine[:3, 3]).tolist()), tuple(direction.ravel().tolist())
 
 log = logging.getLogger(__name__)
 
@@ -76,34 +68,6 @@ def _grid_affine(spacing: float, origin_ras) -> np.ndarray:
     affine = np.diag([spacing, spacing, spacing, 1.0])
     affine[:3, 3] = origin_ras
     return affine
-
-
-def _sitk_image(array: np.ndarray, ijk_to_ras: np.ndarray):
-    import SimpleITK as sitk
-
-    arr = np.ascontiguousarray(array)
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8)
-    image = sitk.GetImageFromArray(arr)
-    spacing, origin, direction = lps_from_affine(ijk_to_ras)
-    image.SetSpacing(spacing)
-    image.SetOrigin(origin)
-    image.SetDirection(direction)
-    return image
-
-
-def _resample(image, shape, ijk_to_ras, nearest: bool, default: float, pixel_type=None) -> np.ndarray:
-    """Resample a SimpleITK image onto the grid (shape [k,j,i], ijk_to_ras); returns a numpy array."""
-    import SimpleITK as sitk
-
-    spacing, origin, direction = lps_from_affine(ijk_to_ras)
-    interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
-    out = sitk.Resample(
-        image, [int(shape[2]), int(shape[1]), int(shape[0])], sitk.Transform(), interp,
-        origin, spacing, direction, float(default),
-        pixel_type if pixel_type is not None else image.GetPixelID(),
-    )
-    return sitk.GetArrayFromImage(out)
 
 
 @dataclass
@@ -158,77 +122,13 @@ class ModelGrid:
             labels = labels.astype(np.uint8)
         if not np.issubdtype(labels.dtype, np.integer):
             raise InputError(f"A label map must have an integer type, got {labels.dtype}.")
-        image = _sitk_image(labels, volume.ijk_to_ras)
-        return _resample(image, self.shape, self.ijk_to_ras, nearest=True, default=0)
+        image = sitk_image(labels, volume.ijk_to_ras)
+        return sitk_resample(image, self.shape, self.ijk_to_ras, nearest=True, default=0)
 
-    # --- model -> source -----------------------------------------------------------------
     def to_source(self, array: np.ndarray, volume: CTVolume, mode: str = "linear",
                   threshold: float | None = None, fill_value: float = 0.0) -> np.ndarray:
-        """Map an array on this grid back onto ``volume``'s voxel grid.
-
-        Without ``threshold`` returns the resampled array (float32 for linear mode, the input
-        dtype for nearest mode); outside this grid the value is ``fill_value``.
-        With ``threshold`` returns a uint8 mask (resampled value >= threshold); only the bounding
-        box of the above-threshold region (plus interpolation support) is resampled.
-        """
-        array = np.asarray(array)
-        if tuple(array.shape) != self.shape:
-            raise InputError(f"Array shape {array.shape} does not match the model grid shape {self.shape}.")
-        if mode not in ("linear", "nearest"):
-            raise ValueError(f"mode must be 'linear' or 'nearest', got {mode!r}")
-        nearest = mode == "nearest"
-        if array.dtype == bool:
-            array = array.astype(np.uint8)
-        if not nearest and array.dtype != np.float32:
-            array = array.astype(np.float32)
-
-        if threshold is None:
-            axis_map = _axis_map(self.ijk_to_ras, volume.ijk_to_ras)
-            if axis_map is not None:  # aligned grids: separable, slab by slab (bounded memory)
-                return _resample_aligned_full(array, axis_map, volume.shape, nearest, fill_value)
-            image = _sitk_image(array, self.ijk_to_ras)
-            # fill_value: what lies outside the model grid (e.g. a very negative logit)
-            return _resample(image, volume.shape, volume.ijk_to_ras, nearest, default=fill_value)
-
-        out = np.zeros(volume.shape, dtype=np.uint8)
-        above = np.argwhere(array >= threshold)
-        if above.size == 0:
-            return out
-        # model-grid index box (array order k,j,i) of the above-threshold voxels, widened by one
-        # voxel: outside it, interpolated values are below threshold (nearest: outside it,
-        # the nearest voxel is below threshold too).
-        lo = np.maximum(above.min(0) - 1, 0)
-        hi = np.minimum(above.max(0) + 1, np.asarray(self.shape) - 1)
-        sub = array[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1]
-        sub_affine = self.ijk_to_ras.copy()
-        sub_affine[:3, 3] = self.ijk_to_ras[:3, :3] @ lo[::-1] + self.ijk_to_ras[:3, 3]
-        # source index box covering that region (corners in (i,j,k) order)
-        # half a grid voxel beyond the outer nodes: where the sub-array touches the grid border,
-        # source voxels up to there still take the edge value (ITK's half-voxel rule)
-        corners = np.array([[a, b, c] for a in (lo[2] - 0.5, hi[2] + 0.5) for b in (lo[1] - 0.5, hi[1] + 0.5)
-                            for c in (lo[0] - 0.5, hi[0] + 0.5)], dtype=np.float64)
-        ras = corners @ self.ijk_to_ras[:3, :3].T + self.ijk_to_ras[:3, 3]
-        src = volume.ras_to_ijk_points(ras)
-        size_ijk = np.asarray(volume.shape[::-1])
-        s_lo = np.clip(np.floor(src.min(0)).astype(int) - 1, 0, size_ijk - 1)
-        s_hi = np.clip(np.ceil(src.max(0)).astype(int) + 1, 0, size_ijk - 1)
-        if np.any(src.max(0) < -1) or np.any(src.min(0) > size_ijk):
-            return out  # region lies entirely outside the source volume
-        box_affine = volume.ijk_to_ras.copy()
-        box_affine[:3, 3] = volume.ijk_to_ras[:3, :3] @ s_lo + volume.ijk_to_ras[:3, 3]
-        box_shape = tuple((s_hi - s_lo + 1)[::-1])
-        box = (slice(s_lo[2], s_hi[2] + 1), slice(s_lo[1], s_hi[1] + 1), slice(s_lo[0], s_hi[0] + 1))
-        axis_map = _axis_map(sub_affine, box_affine)
-        if axis_map is not None:  # axis-aligned grids (any permutation/flip): separable, fast
-            values, valid = _resample_aligned(sub, axis_map, box_shape, nearest)
-            out[box] = (values >= threshold) & valid
-            return out
-        # oblique grids: SimpleITK; outside the sub-array counts as below the threshold
-        below = float(threshold) - 1.0 - abs(float(threshold))
-        image = _sitk_image(sub, sub_affine)
-        values = _resample(image, box_shape, box_affine, nearest, default=below)
-        out[box] = values >= threshold
-        return out
+        """``resample.grid_to_source`` on this grid."""
+        return grid_to_source(array, self, volume, mode, threshold, fill_value)
 
 
 @dataclass
@@ -305,7 +205,15 @@ def _smoothed_source_box(volume: CTVolume, grid: ModelGrid, spec: ModelSpec):
         if sigma[axis] > 0 and box.shape[2 - axis] >= 4:
             box = ndimage.gaussian_filter1d(box, sigma[axis] / src_spacing[axis], axis=2 - axis,
                                             output=np.float32, mode="nearest", truncate=3.0)
-    return _sitk_image(box, affine)
+    return sitk_image(box, affine)
+
+
+# Body detection runs on the model lattice over the whole image; an image whose lattice would
+# exceed this many voxels (e.g. a header with 50 mm voxels: metres of extent) is searched on a
+# proportionally coarser lattice instead, and only the body box is resampled finely (bounded memory).
+DETECT_MAX_VOXELS = 1 << 24
+# A body box larger than this (mm along R, A, S) is no patient: the header's spacing is wrong.
+MAX_BODY_EXTENT_MM = (1000.0, 1000.0, 2500.0)
 
 
 def to_model_space(volume: CTVolume, spec: ModelSpec | None = None, validate: bool = True) -> ModelImage:
@@ -320,22 +228,37 @@ def to_model_space(volume: CTVolume, spec: ModelSpec | None = None, validate: bo
 
     # 1. body detection on the full lattice (plain linear resampling is enough here)
     full = _full_lattice(volume, s)
-    # axis-aligned sources (nearly all CTs): anti-aliased resampling in one separable pass whose
-    # result is cut to the final grid below; oblique sources: SimpleITK in two steps
-    fast = _smoothed_aligned(volume, full, _antialias_sigma_mm(volume, spec), air)
+    factor = max(1, math.ceil((np.prod(full.shape, dtype=np.float64) / DETECT_MAX_VOXELS) ** (1 / 3) - _EPS))
+    fast = None
+    if factor == 1:
+        # axis-aligned sources (nearly all CTs): anti-aliased resampling in one separable pass
+        # whose result is cut to the final grid below; oblique sources: SimpleITK in two steps
+        fast = _smoothed_aligned(volume, full, _antialias_sigma_mm(volume, spec), air)
+        detect = full
+    else:  # coarse lattice; its voxel n is voxel factor * n of the (never built) full lattice
+        detect = _full_lattice(volume, s * factor)
+        full = ModelGrid(tuple((np.asarray(detect.shape) - 1) * factor + 1),
+                         _grid_affine(s, detect.ijk_to_ras[:3, 3]))
     if fast is not None:
         coarse = fast
     else:
-        coarse = _resample(_sitk_image(volume.array, volume.ijk_to_ras), full.shape,
-                           full.ijk_to_ras, nearest=False, default=air,
+        coarse = sitk_resample(sitk_image(volume.array, volume.ijk_to_ras), detect.shape,
+                               detect.ijk_to_ras, nearest=False, default=air,
                            pixel_type=sitk.sitkFloat32)
     bbox = _largest_component_bbox(coarse > spec.body_threshold_hu)
     if fast is None:
         del coarse
+    name = f" {volume.source}" if volume.source else ""
     if bbox is None:
-        name = f" {volume.source}" if volume.source else ""
         raise InputError(f"No body found in the volume{name}: no voxel is above {spec.body_threshold_hu:g} HU.")
-    lo, hi = bbox
+    extent = ((bbox[1] - bbox[0] + 1) * s * factor)[::-1]  # mm along R, A, S
+    if np.any(extent > np.asarray(MAX_BODY_EXTENT_MM)):
+        raise InputError(
+            f"The body in the volume{name} would span {' x '.join(f'{v:.0f}' for v in extent)} mm "
+            f"(R x A x S), more than any patient ({' x '.join(f'{v:.0f}' for v in MAX_BODY_EXTENT_MM)} mm); "
+            f"the voxel spacing {' x '.join(f'{v:g}' for v in volume.spacing)} mm in its header is "
+            "probably wrong.")
+    lo, hi = bbox[0] * factor - (factor - 1), bbox[1] * factor + (factor - 1)  # whole coarse voxels
     margin = math.ceil(spec.margin_mm / s - _EPS)
     lo, hi = lo - margin, hi + margin
 
@@ -362,7 +285,7 @@ def to_model_space(volume: CTVolume, spec: ModelSpec | None = None, validate: bo
             fast[tuple(slice(a, c) for a, c in zip(src_lo, src_hi))]
     else:
         image = _smoothed_source_box(volume, grid, spec)
-        hu = _resample(image, grid.shape, grid.ijk_to_ras, nearest=False, default=air,
+        hu = sitk_resample(image, grid.shape, grid.ijk_to_ras, nearest=False, default=air,
                        pixel_type=sitk.sitkFloat32)
         hu[~_inside_hull(grid, volume)] = air  # ITK's half-open buffer test is not flip-symmetric
     np.clip(hu, spec.hu_min, spec.hu_max, out=hu)
@@ -372,91 +295,6 @@ def to_model_space(volume: CTVolume, spec: ModelSpec | None = None, validate: bo
 
 
 # --- fast path for axis-aligned grids ------------------------------------------------------------
-# When every source voxel axis runs along one model-grid axis (RAS-aligned model grid, source
-# with any axis permutation/flip and any spacing/origin), trilinear interpolation is the product
-# of three 1D linear interpolations. Doing them one axis after the other with gathers costs a few
-# memory passes instead of ITK's per-voxel transform, which keeps to_source(threshold=...) within
-# its budget on 512x512x300 grids. Border rule as in ITK's interpolators: positions within half
-# a voxel outside the outermost voxel centres take the edge value, farther ones are invalid.
-
-def _axis_map(grid_ijk_to_ras: np.ndarray, box_ijk_to_ras: np.ndarray):
-    """Per output (box) voxel axis a: (grid axis b, scale, offset) with
-    grid_index_b = scale * box_index_a + offset, or None when the axes are not aligned."""
-    m = np.linalg.inv(grid_ijk_to_ras) @ box_ijk_to_ras
-    out = []
-    for a in range(3):
-        col = m[:3, a]
-        b = int(np.argmax(np.abs(col)))
-        # scanners write direction cosines like 1e-9 or 3e-7 off-axis; below 1e-6 (<= 1e-3 voxel
-        # over a 1000-voxel axis) the grids are treated as aligned
-        if np.any(np.abs(np.delete(col, b)) > 1e-6 * max(1.0, abs(col[b]))):
-            return None
-        out.append((b, float(col[b]), float(m[b, 3])))
-    if len({b for b, _, _ in out}) != 3:
-        return None
-    return out
-
-
-def _resample_aligned(array: np.ndarray, axis_map, out_shape, nearest: bool):
-    """Resample ``array`` (on the grid) onto the box grid; returns (values, valid) where
-    ``valid`` broadcasts to ``out_shape`` and is False outside the grid."""
-    # array axis of the box for voxel axis a is 2 - a; same for the grid
-    t = array.transpose([2 - axis_map[2 - ax][0] for ax in range(3)])
-    valid = np.ones((1, 1, 1), dtype=bool)
-    for ax in (2, 1, 0):
-        _, scale, offset = axis_map[2 - ax]
-        x = scale * np.arange(out_shape[ax], dtype=np.float64) + offset
-        t, ok = _interp_axis(t, ax, x, nearest)
-        shape = [1, 1, 1]
-        shape[ax] = -1
-        valid = valid & ok.reshape(shape)
-    return t, valid
-
-
-def _resample_aligned_full(array: np.ndarray, axis_map, out_shape, nearest: bool, fill,
-                           slab: int = 16) -> np.ndarray:
-    """Like ``_resample_aligned`` for a whole volume: the last (slowest) axis is done in slabs
-    of ``slab`` output slices written straight into the result; outside the grid -> ``fill``."""
-    t = array.transpose([2 - axis_map[2 - ax][0] for ax in range(3)])
-    valid = np.ones((1, 1, 1), dtype=bool)
-    for ax in (2, 1):
-        _, scale, offset = axis_map[2 - ax]
-        x = scale * np.arange(out_shape[ax], dtype=np.float64) + offset
-        t, ok = _interp_axis(t, ax, x, nearest)
-        shape = [1, 1, 1]
-        shape[ax] = -1
-        valid = valid & ok.reshape(shape)
-    _, scale, offset = axis_map[2]
-    x = scale * np.arange(out_shape[0], dtype=np.float64) + offset
-    out = np.empty(tuple(out_shape), dtype=t.dtype)
-    fill = np.asarray(fill).astype(t.dtype)
-    for start in range(0, out_shape[0], slab):
-        xs = x[start:start + slab]
-        part, ok = _interp_axis(t, 0, xs, nearest)
-        out[start:start + len(xs)] = np.where(valid & ok.reshape(-1, 1, 1), part, fill)
-    return out
-
-
-def _interp_axis(t: np.ndarray, axis: int, x: np.ndarray, nearest: bool):
-    n = t.shape[axis]
-    ok = (x >= -0.5) & (x <= n - 0.5)
-    if nearest:
-        idx = np.clip(np.floor(x + 0.5).astype(np.intp), 0, n - 1)
-        return np.take(t, idx, axis=axis), ok
-    xc = np.clip(x, 0.0, n - 1.0)
-    i0 = np.minimum(np.floor(xc).astype(np.intp), max(n - 2, 0))
-    i1 = np.minimum(i0 + 1, n - 1)
-    shape = [1, 1, 1]
-    shape[axis] = -1
-    f = (xc - i0).astype(np.float32).reshape(shape)
-    a0 = np.take(t, i0, axis=axis)
-    a1 = np.take(t, i1, axis=axis)
-    a1 -= a0          # a0 + f * (a1 - a0), in place to keep memory passes low
-    a1 *= f
-    a1 += a0
-    return a1, ok
-
-
 def _antialias_sigma_mm(volume: CTVolume, spec: ModelSpec) -> np.ndarray:
     """Gaussian sigma (mm) per source axis (i, j, k): (s_model - s_src) / 2 where the source is
     finer than the model grid, else 0."""
@@ -471,7 +309,7 @@ def _smoothed_aligned(volume: CTVolume, grid: ModelGrid, sigma_mm: np.ndarray, a
 
     Positions outside the hull of the source voxel centres get ``air``; the filter clamps at the
     edges. Both rules are symmetric, so axis flips/permutations give the same result."""
-    amap = _axis_map(volume.ijk_to_ras, grid.ijk_to_ras)  # per grid axis: source axis, scale, off
+    amap = aligned_axes(volume.ijk_to_ras, grid.ijk_to_ras)  # per grid axis: source axis, scale, off
     if amap is None:
         return None
     t = np.asarray(volume.array, dtype=np.float32)

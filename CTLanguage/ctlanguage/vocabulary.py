@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
+from typing import Optional, Sequence
 
 from .errors import CTLanguageError
 from .resources import package_data_dir
@@ -86,6 +86,8 @@ class Term:
     sided: bool = False            # findings: needs left/right to resolve its anatomy
     region: Optional[Code] = None  # findings: anatomic region
     type_modifier: Optional[Code] = None
+    mask_is_anatomy: bool = False  # findings: the finding's extent is its whole organ
+                                   # (enlargement: cardiomegaly outlines the heart)
 
 
 def _phrase(template: str, side: Optional[str]) -> str:
@@ -122,7 +124,8 @@ def _load():
             lay=tuple(d.get("lay", ())), negated=tuple(d.get("negated", ())),
             heads=tuple(d.get("heads", ())), also_in=tuple(d.get("also_in", ())),
             anatomy=d["anatomy"], sided=bool(d["sided"]),
-            region=_code(d.get("region")), type_modifier=_code(d.get("type_modifier")))
+            region=_code(d.get("region")), type_modifier=_code(d.get("type_modifier")),
+            mask_is_anatomy=d.get("mask") == "anatomy")
     modifiers = {k: _code(v) for k, v in raw["modifiers"].items()}
     modifiers["_fallback_type"] = _code(raw["fallback_type"])
     _validate(terms, groups, modifiers)
@@ -357,3 +360,38 @@ def all_training_phrases() -> set:
             out.update(training_phrases(key, lat))
             out.update(negated_phrases(key, lat))
     return out
+
+
+_BILATERAL_CODE = ("51440002", "SCT", "Bilateral")
+
+
+def segment_identity(kind: str, key: str, covers: Sequence[str], laterality: Optional[str]) -> dict:
+    """How a segment for concept ``key`` over the anatomies ``covers`` is named and coded:
+    {"anatomy" (key or group name), "laterality", "color", "codes" (DICOM SEG, None when
+    unknown), "terminology" (Slicer string, None when unknown)}."""
+
+    def safe(fn):
+        try:
+            return fn()
+        except CTLanguageError:
+            return None
+
+    covers = tuple(covers)
+    groups_ = {get(a).group for a in covers if get(a).kind == "anatomy"}
+    if len(covers) == 1:
+        anatomy = covers[0]
+    else:
+        anatomy = next(iter(groups_)) if len(groups_) == 1 and None not in groups_ else "+".join(covers)
+    if kind == "anatomy":
+        codes = safe(lambda: dicom_seg_codes(key))
+        if len(covers) > 1 and codes:
+            codes = dict(codes, type_modifier=_BILATERAL_CODE)
+        if laterality is None and len(covers) == 1:
+            laterality = get(key).side
+        term = safe(lambda: slicer_terminology_string(key))
+    else:
+        lat = laterality if laterality in ("left", "right", "bilateral") else None
+        codes = safe(lambda: dicom_seg_codes(key, lat))
+        term = safe(lambda: slicer_terminology_string(key, lat))
+    return {"anatomy": anatomy, "laterality": laterality, "color": tuple(int(c) for c in color(key)),
+            "codes": codes, "terminology": term}

@@ -57,6 +57,17 @@ class CTVolume:
         """3x3 matrix whose columns are the unit RAS directions of the i, j, k axes."""
         return self.ijk_to_ras[:3, :3] / self.spacing
 
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(abs(np.linalg.det(self.ijk_to_ras[:3, :3]))) / 1000.0
+
+    @classmethod
+    def grid_only(cls, shape, ijk_to_ras: np.ndarray) -> "CTVolume":
+        """A volume that only carries a grid (a read-only broadcast view: no voxel memory), for
+        mapping masks onto a grid whose voxels are not at hand."""
+        return cls(np.broadcast_to(np.float32(-1000.0), tuple(int(s) for s in shape)),
+                   np.asarray(ijk_to_ras, dtype=np.float64))
+
     def ijk_to_ras_points(self, ijk: np.ndarray) -> np.ndarray:
         """(N, 3) voxel indices (i, j, k) -> (N, 3) RAS mm."""
         ijk = np.asarray(ijk, dtype=np.float64).reshape(-1, 3)
@@ -96,11 +107,16 @@ class CTVolume:
             raise InputError(f"the voxel-to-RAS matrix{name} is not invertible or not finite")
         if np.any(self.spacing < 1e-3):
             raise InputError(f"the voxel spacing{name} is degenerate: {self.spacing}")
+        shear = shear_description(self.ijk_to_ras)
+        if shear:
+            raise InputError(
+                f"the voxel grid{name} is sheared ({shear}); only grids with perpendicular axes are "
+                "supported (exports could not lie on it exactly): resample the image onto an "
+                "orthogonal grid first")
         # min/max propagate NaN; checked separately for a precise message
         lo, hi = float(np.min(a)), float(np.max(a))
         if not (np.isfinite(lo) and np.isfinite(hi)):
-            n_bad = int(np.count_nonzero(~np.isfinite(a)))
-            raise InputError(f"the CT volume{name} contains {n_bad} NaN or infinite voxel values")
+            raise nonfinite_error(int(np.count_nonzero(~np.isfinite(a))), self.source)
         if lo > -500.0:
             raise InputError(
                 f"the values{name} do not look like CT Hounsfield units: the minimum is {lo:g} "
@@ -138,6 +154,29 @@ class CTVolume:
         return cls(arr, sitk_ijk_to_ras(image), **provenance)
 
 
+# cosine of the angle between two voxel axes still taken as perpendicular: header rounding
+# (6 decimals) gives ~1e-6; ITK's NIfTI writer straightens anything above ~1e-5 (0.05 mm at 500 mm)
+SHEAR_TOL = 1e-4
+
+
+def shear_description(ijk_to_ras: np.ndarray) -> str | None:
+    """None for perpendicular voxel axes, else which axes meet at which angle."""
+    m = np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]
+    d = m / np.linalg.norm(m, axis=0)
+    cos = d.T @ d
+    worst = max(((a, b) for a in range(3) for b in range(a + 1, 3)), key=lambda ab: abs(cos[ab]))
+    if abs(cos[worst]) <= SHEAR_TOL:
+        return None
+    angle = float(np.degrees(np.arccos(np.clip(cos[worst], -1.0, 1.0))))
+    return f"its {'ijk'[worst[0]]} and {'ijk'[worst[1]]} axes meet at {angle:.2f} degrees, not 90"
+
+
+def nonfinite_error(n_bad: int, source: str | None) -> InputError:
+    """The refusal for NaN/Inf voxels (one wording for every format)."""
+    name = f" in {source}" if source else ""
+    return InputError(f"the CT volume{name} contains {n_bad} NaN or infinite voxel values")
+
+
 def sitk_ijk_to_ras(image) -> np.ndarray:
     """4x4 voxel->RAS matrix of a 3D SimpleITK image."""
     d = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
@@ -147,10 +186,18 @@ def sitk_ijk_to_ras(image) -> np.ndarray:
     return LPS_TO_RAS @ m
 
 
-def set_sitk_geometry(image, ijk_to_ras: np.ndarray) -> None:
-    """Give a 3D SimpleITK image the grid described by a voxel->RAS matrix."""
+def sitk_geometry(ijk_to_ras: np.ndarray) -> tuple:
+    """(spacing, LPS origin, row-major LPS direction) tuples of a voxel->RAS matrix, as
+    SimpleITK takes them."""
     lps = LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=np.float64)
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
-    image.SetOrigin([float(v) for v in lps[:3, 3]])
+    return (tuple(float(s) for s in spacing), tuple(float(v) for v in lps[:3, 3]),
+            tuple(float(v) for v in (lps[:3, :3] / spacing).ravel()))
+
+
+def set_sitk_geometry(image, ijk_to_ras: np.ndarray) -> None:
+    """Give a 3D SimpleITK image the grid described by a voxel->RAS matrix."""
+    spacing, origin, direction = sitk_geometry(ijk_to_ras)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    image.SetOrigin(origin)

@@ -109,58 +109,16 @@ def _bytes_bar(console, description):
 @dataclass
 class LoadedModel:
     engine: Any
-    info: dict                     # {"id", "version", "sha256"} for findings.json
+    info: dict                     # Engine.describe(): id, version, sha256, ... for findings.json
     path: Path | None = None
 
 
-def model_info(engine: Any, path: Path | None, entry: Any) -> dict:
-    """{"id", "version", "sha256"} of the loaded model (engine attributes, else catalog/config)."""
-    info: dict = {}
-    described = engine.describe() if callable(getattr(engine, "describe", None)) else None
-    for src in (described, getattr(engine, "model_info", None), getattr(engine, "info", None)):
-        if isinstance(src, dict):
-            info.update({k: src[k] for k in ("id", "version", "sha256") if src.get(k)})
-    for key, names in (("id", ("model_id", "id")), ("version", ("model_version", "version")),
-                       ("sha256", ("model_sha256", "sha256", "weights_sha256"))):
-        if key not in info:
-            for n in names:
-                v = getattr(engine, n, None)
-                if isinstance(v, str) and v:
-                    info[key] = v
-                    break
-    if entry is not None:
-        info.setdefault("id", entry.id)
-        info.setdefault("version", entry.version)
-    if path is not None:
-        cfg = {}
-        with contextlib.suppress(OSError, ValueError):
-            cfg = json.loads((path / "config.json").read_text())
-        info.setdefault("id", cfg.get("model_id") or cfg.get("id") or cfg.get("name") or path.name)
-        info.setdefault("version", str(cfg.get("version", "unknown")))
-        if "sha256" not in info and (path / "model.safetensors").is_file():
-            from ..catalog import sha256_file
-
-            info["sha256"] = sha256_file(path / "model.safetensors")
-    info.setdefault("id", "unknown")
-    info.setdefault("version", "unknown")
-    info.setdefault("sha256", None)
-    info["path"] = str(path) if path is not None else None
-    return info
-
-
 def load_model(spec: str | None, device: str | None, reporter: Reporter) -> LoadedModel:
-    from .. import catalog
     from ..engine import Engine
 
-    path, entry = catalog.resolve_model(spec or "default")
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise CTLanguageError("--device cuda was requested, but no CUDA GPU is available")
-    with reporter.step(f"loading model {entry.id if entry else path.name}") as cb:
-        engine = Engine.load(model=str(path), device=device, progress=cb)
-    return LoadedModel(engine=engine, info=model_info(engine, path, entry), path=path)
+    with reporter.step(f"loading model {spec or 'default'}") as cb:
+        engine = Engine.load(model=spec or "default", device=device, progress=cb)
+    return LoadedModel(engine=engine, info=engine.describe(), path=engine.model_dir)
 
 
 def read_image(path: str | Path, reporter: Reporter):

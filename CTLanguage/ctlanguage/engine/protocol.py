@@ -66,6 +66,7 @@ class ModelInfo:
     license: str = ""
     path: Optional[str] = None
     calibration: Optional[str] = None   # e.g. "held-out phantoms (n=64)"; None: uncalibrated
+    notice: str = ""                    # what a user must know (e.g. a demo model's measured limits)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items()}
@@ -120,14 +121,36 @@ class Backend(Protocol):
 
     def encode(self, volume, progress: Optional[ProgressFn] = None,
                cancel: Optional[CancelFn] = None, anatomy: Any = None) -> BackendState:
-        """Encode ``volume`` (a CTVolume) once. ``anatomy`` is the state of the pipeline's
-        anatomy backend when another backend provides anatomy (e.g. to pool features in it)."""
+        """Encode ``volume`` (a CTVolume) once. ``anatomy`` (:class:`AnatomyMasks`) is given when
+        another backend of the pipeline provides anatomy (e.g. to pool features in its masks)."""
 
     def answer(self, state: BackendState, request: Request) -> Answer:
         """Answer one request on a state from :meth:`encode` (no image network pass)."""
 
     def restore(self, metadata: dict, tensors: Mapping[str, Any]) -> BackendState:
         """The state from what :meth:`BackendState.tensors`/``metadata`` saved."""
+
+
+class AnatomyMasks:
+    """The pipeline's anatomy backend on one encoded volume, as another backend sees it during
+    its own ``encode`` (e.g. to pool features inside these masks: the fVLM recipe)."""
+
+    def __init__(self, backend: "Backend", state: BackendState, volume):
+        self.backend, self.state, self.volume = backend, state, volume
+
+    @property
+    def keys(self) -> tuple:
+        return tuple(self.backend.capabilities.anatomy)
+
+    def mask(self, keys: tuple) -> np.ndarray:
+        """uint8 union mask of ``keys`` exactly on the source grid."""
+        ans = self.backend.answer(self.state, Request(text=" ".join(keys), kind="anatomy",
+                                                      anatomies=tuple(keys), want_scores=False))
+        if ans.mask is not None:
+            return ans.mask
+        from ..resample import SourceMapper
+
+        return SourceMapper().mask(ans.logit, ans.grid, self.volume, 0.5)
 
 
 @runtime_checkable

@@ -56,6 +56,7 @@ class ExportResult:
     masks: list[Path] = field(default_factory=list)
     slugs: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds, filled by callers
+    warnings: list[str] = field(default_factory=list)     # exports written with caveats / skipped
 
 
 # --------------------------------------------------------------------------------------------

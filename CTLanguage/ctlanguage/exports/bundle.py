@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,6 +13,7 @@ from .. import __version__
 from . import ExportResult, check_masks, unique_slugs
 from .atomic import atomic_output_dir
 
+log = logging.getLogger(__name__)
 ALL_FORMATS = ("masks", "json", "csv", "seg_nrrd", "html", "dicom_seg")
 
 
@@ -34,8 +36,34 @@ def input_record(volume: Any, path: str | Path | None = None) -> dict:
 
 
 def is_dicom_volume(volume: Any) -> bool:
+    """Read from a DICOM folder: by its series UID, or by the files it lists (a series whose
+    UIDs an anonymiser removed)."""
     src = getattr(volume, "source", None)
-    return bool(getattr(volume, "series_uid", None)) and src is not None and Path(src).is_dir()
+    listed = bool((getattr(volume, "metadata", None) or {}).get("files"))
+    return (bool(getattr(volume, "series_uid", None)) or listed) and src is not None and Path(src).is_dir()
+
+
+def _dicom_seg(path: Path, volume: Any, findings: Sequence[Any], dicom_source: Any, model: dict,
+               warnings: list[str]) -> bool:
+    """Write the DICOM SEG; when the source cannot carry one, log and record why and return False
+    (every other export is still written). Disk errors still fail the whole export."""
+    from ..errors import ExportError, InputError
+    from .dicom_seg import write_dicom_seg
+    from .seg_source import seg_source_datasets
+
+    try:
+        datasets, notes = seg_source_datasets(volume, dicom_source)
+        write_dicom_seg(path, volume, findings, datasets, model=model)
+    except (ExportError, InputError, ValueError, TypeError, AttributeError, KeyError) as exc:
+        reason = str(exc).rstrip(".") or type(exc).__name__
+        notes = [f"segmentation.dcm not written: {reason}; every other export was written"]
+        ok = False
+    else:
+        ok = True
+    for note in notes:
+        log.warning("%s", note)
+    warnings.extend(notes)
+    return ok
 
 
 def export_all(volume: Any, findings: Sequence[Any], out_dir: str | Path, *, model: dict,
@@ -44,6 +72,8 @@ def export_all(volume: Any, findings: Sequence[Any], out_dir: str | Path, *, mod
                extra: dict | None = None, progress=None) -> ExportResult:
     """Write findings.json/.csv, masks/<slug>.nii.gz, segmentation.seg.nrrd, report.html and —
     when the volume came from a DICOM series (or ``dicom_source`` is given) — segmentation.dcm.
+    A source that cannot carry a SEG (e.g. anonymised without UIDs) gives fresh UIDs or no SEG,
+    with a warning in ``ExportResult.warnings`` and findings.json "warnings"; never a failure.
 
     ``model``: {"id", "version", "sha256"}. ``progress(fraction, message)`` is optional.
     Nothing is left in ``out_dir`` when any part fails (ExportError)."""
@@ -75,8 +105,19 @@ def export_all(volume: Any, findings: Sequence[Any], out_dir: str | Path, *, mod
     }
     if extra:
         meta.update(extra)
+    read_notes = list((getattr(volume, "metadata", None) or {}).get("warnings") or [])  # e.g. tilt
+    if read_notes:
+        meta["warnings"] = read_notes + list(meta.get("warnings") or [])
     info = input_record(volume, input_path)
     with atomic_output_dir(out_dir) as tmp:
+        if want_dicom:  # first, so that findings.json records why it is missing (if it is)
+            warnings: list[str] = []
+            if _dicom_seg(tmp / "segmentation.dcm", volume, findings, dicom_source, model, warnings):
+                result.files["segmentation.dcm"] = out_dir / "segmentation.dcm"
+            if warnings:
+                meta["warnings"] = list(meta.get("warnings") or []) + warnings
+                result.warnings.extend(warnings)
+            step("segmentation.dcm")
         mask_rel: list[str | None] = [None] * len(findings)
         if "masks" in formats:
             paths = write_masks(tmp / "masks", findings, slugs, volume.ijk_to_ras)
@@ -101,10 +142,4 @@ def export_all(volume: Any, findings: Sequence[Any], out_dir: str | Path, *, mod
                          mask_paths=mask_rel, extra=meta)
             result.files["report.html"] = out_dir / "report.html"
             step("report.html")
-        if want_dicom:
-            from .dicom_seg import write_dicom_seg
-
-            write_dicom_seg(tmp / "segmentation.dcm", volume, findings, dicom_source, model=model)
-            result.files["segmentation.dcm"] = out_dir / "segmentation.dcm"
-            step("segmentation.dcm")
     return result

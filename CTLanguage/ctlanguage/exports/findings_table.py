@@ -12,9 +12,11 @@ from typing import Any, Sequence
 import numpy as np
 
 CSV_COLUMNS = [
-    "prompt", "anatomy", "finding", "laterality", "probability", "prompt_confidence",
-    "volume_ml", "mask", "snomed_code", "snomed_meaning",
+    "prompt", "understood", "kind", "anatomy", "finding", "laterality", "negated", "probability",
+    "score_label", "prompt_confidence", "volume_ml", "mask", "mask_suppressed", "mask_model",
+    "score_model", "calibration", "snomed_code", "snomed_meaning", "research_use_only",
 ]
+RESEARCH_NOTICE = "Research use only; not for diagnosis."
 
 
 def _num(v: Any, digits: int = 6) -> float | None:
@@ -53,12 +55,23 @@ def finding_record(f: Any, mask_rel: str | None) -> dict:
     """The JSON record of one finding (the contract of findings.json, see docs/exports.md)."""
     return {
         "prompt": getattr(f, "prompt", None),
+        "understood": bool(getattr(f, "understood", True)),
+        "suggestions": list(getattr(f, "suggestions", ()) or ()),
+        "kind": getattr(f, "kind", None),
         "anatomy": getattr(f, "anatomy", None),
         "finding": getattr(f, "finding", None),
         "laterality": getattr(f, "laterality", None),
+        "negated": bool(getattr(f, "negated", False)),
         "probability": _num(getattr(f, "probability", None)),
+        "probability_present": _num(getattr(f, "probability_present", None)),
+        "score_label": getattr(f, "score_label", None),
+        "calibrated": bool(getattr(f, "calibrated", False)),
+        "calibration": getattr(f, "calibration", None),
+        "score_model": getattr(f, "score_model", None),
         "prompt_confidence": _num(getattr(f, "prompt_confidence", None)),
         "mask": mask_rel,
+        "mask_model": getattr(f, "mask_model", None),
+        "mask_suppressed": bool(getattr(f, "mask_suppressed", False)),
         "volume_ml": _num(getattr(f, "volume_ml", None), 4),
         "codes": _jsonable(getattr(f, "codes", None)),
     }
@@ -88,6 +101,8 @@ def _primary_code(codes: Any) -> tuple[str, str]:
 def build_document(findings: Sequence[Any], mask_paths: Sequence[str | None], *, model: dict,
                    input_info: dict, extra: dict | None = None) -> dict:
     doc = {
+        "research_use_only": True,
+        "notice": RESEARCH_NOTICE,
         "model": _jsonable(model),
         "input": _jsonable(input_info),
         "findings": [finding_record(f, m) for f, m in zip(findings, mask_paths)],
@@ -115,6 +130,7 @@ def csv_text(document: dict) -> str:
         row = {k: ("" if v is None else v) for k, v in row.items()}
         row["snomed_code"] = code
         row["snomed_meaning"] = meaning
+        row["research_use_only"] = "true"
         w.writerow(row)
     return buf.getvalue()
 

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from . import finding_color, volume_spacing
 
 RESEARCH_NOTICE = (
-    "Research use only. Not a medical device; not for diagnosis or treatment decisions. "
-    "Probabilities are zero-shot model outputs calibrated on held-out data and can be wrong."
+    "Not a medical device; not for diagnosis or treatment decisions. Every number is a model "
+    "output and can be wrong; the table says which model produced it and how it was calibrated."
 )
 
 _LUNG_WORDS = ("lung", "emphysema", "nodule", "consolidation", "atelectasis", "pleural")
@@ -78,6 +78,23 @@ def render_overlay(ct2d: np.ndarray, mask2d: np.ndarray | None, color, row_mm: f
     return img.resize(new, Image.BILINEAR)
 
 
+def _label(img: Image.Image, left: str, right: str, top: str, bottom: str) -> Image.Image:
+    """Orientation letters at the edges and the window in the bottom-left corner."""
+    d = ImageDraw.Draw(img)
+    w, h = img.size
+
+    def text(xy, t):
+        x, y = xy
+        d.text((x + 1, y + 1), t, fill=(0, 0, 0))
+        d.text((x, y), t, fill=(255, 230, 0))
+
+    text((3, h // 2 - 5), left)
+    text((w - 10, h // 2 - 5), right)
+    text((w // 2 - 3, 2), top)
+    text((3, h - 13), bottom)
+    return img
+
+
 def _png_b64(img: Image.Image) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False)
@@ -103,10 +120,10 @@ def key_images(volume: Any, finding: Any, index: int = 0, size: int = 320) -> di
     # coronal: rows = S (superior up -> reverse), cols = R reversed
     co_ct = ct[::-1, a_idx, ::-1]
     co_m = mv[::-1, a_idx, ::-1] if mv is not None else None
-    return {
-        "axial": _png_b64(render_overlay(ax_ct, ax_m, color, da, dr, level, width, size)),
-        "coronal": _png_b64(render_overlay(co_ct, co_m, color, ds, dr, level, width, size)),
-    }
+    win = f"W {width:g} / L {level:g}"
+    axial = _label(render_overlay(ax_ct, ax_m, color, da, dr, level, width, size), "R", "L", "A", win)
+    coronal = _label(render_overlay(co_ct, co_m, color, ds, dr, level, width, size), "R", "L", "S", win)
+    return {"axial": _png_b64(axial), "coronal": _png_b64(coronal), "window": win}
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -144,14 +161,16 @@ def build_html(volume: Any, findings: Sequence[Any], *, model: dict, input_info:
         bar = f'<span class="bar" style="width:{int(round(float(p) * 80))}px"></span>' if p is not None else ""
         rows.append(
             "<tr>"
-            f"<td>{sw}{esc(str(f.prompt))}</td>"
+            f"<td>{sw}{esc(str(f.prompt))}{_prompt_note(f)}</td>"
             f"<td>{esc(str(getattr(f, 'anatomy', None) or '—'))}</td>"
             f"<td>{esc(str(getattr(f, 'finding', None) or '—'))}</td>"
             f"<td>{esc(str(getattr(f, 'laterality', None) or '—'))}</td>"
             f"<td class=num>{_fmt(p, '.3f')}{bar}</td>"
+            f"<td>{esc(getattr(f, 'score_label', None) or '—')}</td>"
             f"<td class=num>{_fmt(getattr(f, 'prompt_confidence', None), '.2f')}</td>"
             f"<td class=num>{_fmt(getattr(f, 'volume_ml', None), '.2f')}</td>"
             f"<td>{esc(mask_paths[idx]) if mask_paths and mask_paths[idx] else '—'}</td>"
+            f"<td>{esc(_models(f))}</td>"
             "</tr>"
         )
     sections = []
@@ -160,18 +179,21 @@ def build_html(volume: Any, findings: Sequence[Any], *, model: dict, input_info:
         for idx, f in enumerate(findings):
             mask = getattr(f, "mask", None)
             if mask is None or not mask.any():
+                why = ("the prompt was not understood" if not getattr(f, "understood", True) else
+                       "the finding was judged absent (no mask drawn)" if getattr(f, "mask_suppressed", False)
+                       else "no voxels above the mask threshold")
                 sections.append(
-                    f'<div class="finding"><h3>{esc(str(f.prompt))}</h3><p>No voxels above the mask '
-                    "threshold — nothing to show.</p></div>"
+                    f'<div class="finding"><h3>{esc(str(f.prompt))}</h3><p>Nothing to show: '
+                    f"{why}.</p></div>"
                 )
             else:
                 imgs = key_images(volume, f, idx)
                 sections.append(
                     f'<div class="finding"><h3>{esc(str(f.prompt))}</h3>'
                     f'<figure><img alt="axial key image: {esc(str(f.prompt))}" '
-                    f'src="data:image/png;base64,{imgs["axial"]}"><figcaption>axial</figcaption></figure>'
+                    f'src="data:image/png;base64,{imgs["axial"]}"><figcaption>axial, {imgs["window"]}</figcaption></figure>'
                     f'<figure><img alt="coronal key image: {esc(str(f.prompt))}" '
-                    f'src="data:image/png;base64,{imgs["coronal"]}"><figcaption>coronal</figcaption></figure>'
+                    f'src="data:image/png;base64,{imgs["coronal"]}"><figcaption>coronal, {imgs["window"]}</figcaption></figure>'
                     "</div>"
                 )
             if progress:
@@ -189,23 +211,46 @@ def build_html(volume: Any, findings: Sequence[Any], *, model: dict, input_info:
 <html lang="en"><head><meta charset="utf-8"><title>CTLanguage findings</title>
 <style>{_CSS}</style></head><body>
 <h1>CTLanguage findings</h1>
-<div class="notice"><strong>Research use only.</strong> {esc(RESEARCH_NOTICE)}</div>
+<div class="notice"><strong>Research use only.</strong> {esc(RESEARCH_NOTICE)}{_model_notice(model)}</div>
 <p class="meta">Model: {model_line}<br>
 Input: {inp}{' &middot; series ' + esc(str(series)) if series else ''}<br>
 Shape (k, j, i): {esc(str(shape))} &middot; spacing (k, j, i) mm: {esc(str(spacing))}<br>
 Mask threshold: {esc(str(thr)) if thr is not None else '—'} &middot; created {esc(str(created))}</p>
 <table><thead><tr><th>prompt</th><th>anatomy</th><th>finding</th><th>laterality</th>
-<th>probability</th><th>prompt confidence</th><th>volume (ml)</th><th>mask</th></tr></thead>
+<th>value</th><th>what the value is</th><th>prompt confidence</th><th>volume (ml)</th><th>mask</th>
+<th>models (mask / value)</th></tr></thead>
 <tbody>
 {chr(10).join(rows)}
 </tbody></table>
-<p class="meta">Probability: calibrated zero-shot probability that the finding is present in the
-anatomy it was judged in (— for pure anatomy prompts). Prompt confidence: how sure the model is that
-it understood the prompt (low values mean the text matched no known concept well).</p>
+<p class="meta">Value: for a finding, the probability that it is present in the anatomy it was
+judged in — or absent, for a negated prompt ("no pleural effusion") — when the model is calibrated
+(on which cohort is said), otherwise an uncalibrated score; — for anatomy prompts and for text that
+was not understood. A finding judged absent gets no mask. Prompt confidence: how sure the system is
+that it understood the prompt.</p>
 <h2>Key images</h2>
 {chr(10).join(sections)}
 </body></html>
 """
+
+
+def _prompt_note(f: Any) -> str:
+    esc = html.escape
+    if not getattr(f, "understood", True):
+        sug = ", ".join(getattr(f, "suggestions", ()) or ())
+        return f"<br><em>not understood{esc(' — did you mean: ' + sug + '?') if sug else ''}</em>"
+    if getattr(f, "negated", False):
+        return "<br><em>negated question</em>"
+    return ""
+
+
+def _models(f: Any) -> str:
+    m, s = getattr(f, "mask_model", None), getattr(f, "score_model", None)
+    return f"{m or '—'} / {s or '—'}"
+
+
+def _model_notice(model: dict) -> str:
+    n = (model or {}).get("notice")
+    return f"<br>{html.escape(str(n))}" if n else ""
 
 
 def write_report(path: str | Path, volume: Any, findings: Sequence[Any], **kwargs: Any) -> Path:

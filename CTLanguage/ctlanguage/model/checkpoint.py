@@ -61,6 +61,16 @@ def read_sha256sums(directory: Path) -> dict[str, str]:
     return sums
 
 
+def weights_sha256(directory: str | Path) -> str:
+    """sha256 of a model folder's weights (from SHA256SUMS when present, else hashed)."""
+    d = Path(directory)
+    if (d / SUMS).is_file():
+        sha = read_sha256sums(d).get(WEIGHTS)
+        if sha:
+            return sha
+    return sha256_file(d / WEIGHTS)
+
+
 def verify_checksums(directory: str | Path) -> None:
     d = Path(directory)
     if not (d / SUMS).is_file():

@@ -50,6 +50,18 @@ class DynamicMaskHead(nn.Module):
         out = torch.einsum("bkp,nk->bnp", emb, wgt) / math.sqrt(self.k) + bias.view(1, -1, 1)
         return out.view(B, -1, d, h, w)
 
+    # inference on one volume: the text-independent part once, then one [N,K]x[K,P] per prompt
+    def voxel_embedding(self, dense: torch.Tensor) -> torch.Tensor:
+        """phi of one volume's dense features [C,d,h,w] -> [K, P] (cache it per volume)."""
+        return self.phi(dense[None]).flatten(2)[0]
+
+    def logits_from_embedding(self, emb: torch.Tensor, text: torch.Tensor, spatial) -> torch.Tensor:
+        """``forward`` for one volume from its :meth:`voxel_embedding`: [N, *spatial] logits."""
+        p = self.generator(text.to(emb.dtype))                     # [N, K+1]
+        k = self.k
+        out = torch.addmm(p[:, k:k + 1], p[:, :k], emb, alpha=1.0 / math.sqrt(k))
+        return out.reshape((text.shape[0],) + tuple(spatial))
+
 
 class OrganAttentionPool(nn.Module):
     """Learned-query attention pooling of dense features inside each anatomy mask, followed by a

@@ -101,5 +101,11 @@ class FrozenTextEncoder:
                     self._cache[t] = e
             return torch.stack([self._cache[t] for t in texts], 0)
 
+    def remember(self, texts: list[str], embeddings: torch.Tensor) -> None:
+        """Seed the per-string cache with embeddings computed earlier (e.g. a disk cache)."""
+        with self._lock:
+            for t, e in zip(texts, embeddings):
+                self._cache.setdefault(t, e)
+
     def cache_size(self) -> int:
         return len(self._cache)

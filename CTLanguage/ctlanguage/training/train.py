@@ -25,6 +25,7 @@ from . import distributed as D
 from . import losses as L
 from . import phrases as PH
 from .dataset import ManifestDataset, collate
+from ..phrases import canonical_phrase
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +202,6 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if s == 0 else float(2.0 * np.logical_and(a, b).sum() / s)
 
 
-def canonical_phrase(key: str, laterality=None) -> str:
-    from .. import vocabulary as V
-
-    return V.display_name(key, laterality).lower()
 
 
 @torch.no_grad()
