@@ -13,13 +13,12 @@ import pytest
 import torch
 
 import _merlin_helpers as H
-from ctlanguage import vocabulary
+from ctlanguage import phrases, vocabulary
 from ctlanguage.backends.merlin import backend, text
 from ctlanguage.backends.merlin.network import MerlinNet
 from ctlanguage.backends.merlin.preprocess import to_merlin_input
+from ctlanguage.engine import protocol as P
 from test_merlin_preprocess import BASE, SHAPE, volume
-
-P = backend.P
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +61,10 @@ def test_encode_gives_a_normalised_embedding_and_feature_grid(merlin, state):
 
 
 def test_score_is_mean_positive_minus_mean_negated_similarity(merlin, state):
-    pos, neg = vocabulary.prompt_ensemble("pleural_effusion", "left")
+    pos, neg = phrases.ensemble("pleural_effusion", "left")
     assert len(pos) >= 3 and len(neg) >= 2
     e = state.embedding
-    tp, tn = merlin.text_embeddings(pos), merlin.text_embeddings(neg)
+    tp, tn = merlin.text_embeddings(list(pos)), merlin.text_embeddings(list(neg))
     np.testing.assert_allclose(np.linalg.norm(tp, axis=1), 1, atol=1e-5)
     want = float(np.mean(tp @ e) - np.mean(tn @ e))
     assert merlin.score(e, "pleural_effusion", "left") == pytest.approx(want, abs=1e-6)
@@ -108,7 +107,7 @@ def test_heatmap_is_the_rule_per_feature_voxel(merlin, state):
     assert hm[1, 0, 1] == pytest.approx(float((pos.mean(0) - neg.mean(0)) @ v), abs=1e-5)
 
 
-def test_text_embeddings_are_cached_per_phrase(merlin):
+def test_text_embeddings_are_cached_per_phrase_in_memory_and_on_disk(merlin, tmp_path):
     calls = []
     real = merlin.net.text.forward
 
@@ -116,10 +115,23 @@ def test_text_embeddings_are_cached_per_phrase(merlin):
         calls.append(list(texts))
         return real(texts)
 
+    cache = tmp_path / "text.npz"
+    b1 = backend.MerlinBackend(merlin.net, merlin.net.text.tokenizer, merlin.info, merlin.device,
+                               text_cache_file=cache)
     merlin.net.text.forward = counting
     try:
-        merlin.text_embeddings(["new phrase one", "new phrase two"])
-        merlin.text_embeddings(["new phrase two", "new phrase one", "new phrase three"])
+        first = b1.text_embeddings(["new phrase one", "new phrase two"])
+        b1.text_embeddings(["new phrase two", "new phrase one", "new phrase three"])
+        assert calls == [["new phrase one", "new phrase two"], ["new phrase three"]]
+        b2 = backend.MerlinBackend(merlin.net, merlin.net.text.tokenizer, merlin.info, merlin.device,
+                                   text_cache_file=cache)     # a later session: read from disk
+        again = b2.text_embeddings(["new phrase one", "new phrase two"])
+        assert len(calls) == 2
+        np.testing.assert_array_equal(again, first)
+        cache.write_bytes(b"damaged")                          # a damaged cache is recomputed
+        b3 = backend.MerlinBackend(merlin.net, merlin.net.text.tokenizer, merlin.info, merlin.device,
+                                   text_cache_file=cache)
+        np.testing.assert_allclose(b3.text_embeddings(["new phrase one"]), first[:1], atol=1e-6)
+        assert len(calls) == 3
     finally:
         del merlin.net.text.forward
-    assert calls == [["new phrase one", "new phrase two"], ["new phrase three"]]

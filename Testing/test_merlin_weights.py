@@ -21,7 +21,7 @@ from ctlanguage import catalog
 from ctlanguage.backends import backend_module
 from ctlanguage.backends.merlin import backend, text, weights
 from ctlanguage.cli import main
-from ctlanguage.errors import CheckpointError, CTLanguageError, InputError
+from ctlanguage.errors import CheckpointError, CTLanguageError
 from test_catalog import _Handler, env, server  # noqa: F401  (the shared local server)
 
 
@@ -54,8 +54,8 @@ def fake(longformer):
 
 def _entry(url, data, sha=None, size=None, version="t1"):
     return catalog.ModelEntry(id="merlin", version=version, url=url + "/merlin.pt", sha256=sha,
-                              size=len(data) if size is None else size, license="MIT",
-                              extra={"backend": "merlin", "tokenizer_url": url + "/tok"})
+                              size=len(data) if size is None else size, license="MIT", backend="merlin",
+                              extra={"tokenizer_url": url + "/tok"})
 
 
 def _serve(h, data, longformer):
@@ -163,7 +163,7 @@ def test_cli_downloads_lists_verifies_and_takes_a_local_copy(tmp_path, env, serv
 
 def test_missing_weights_give_the_download_command(env):
     entry = catalog.ModelEntry(id="merlin", version="t9", url="http://127.0.0.1:9/x.pt", license="MIT",
-                               extra={"backend": "merlin"})
+                               backend="merlin")
     caps = backend_module("merlin").describe(entry)
     assert caps.scores and not caps.calibrated and not caps.weights_present
     assert "ctlanguage models download merlin" in caps.weights_hint
@@ -173,6 +173,6 @@ def test_missing_weights_give_the_download_command(env):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_gpu_requested_without_one_is_a_clear_error():
-    with pytest.raises(InputError, match="no CUDA device"):
+    with pytest.raises(CTLanguageError, match="no CUDA GPU"):
         backend.pick_device("cuda")
     assert str(backend.pick_device(None)) == "cpu"

@@ -67,11 +67,17 @@ def cmd_verify(args) -> int:
     for spec in targets:
         try:
             path, entry = catalog.resolve_model(spec, catalog=entries)
+            if path is None:  # another family: its converted folder in the cache (Merlin), if any
+                path = catalog.cached_model_dir(entry)
+                if not (path / catalog.WEIGHTS).is_file():
+                    raise CTLanguageError(f"{entry.id} has no model folder in the cache; run "
+                                          f"`ctlanguage models download {entry.id}`")
             summary = catalog.verify_model_dir(path, entry)
             if args.deep:
                 from ..engine import Engine
 
-                Engine.load(model=str(path), device="cpu")
+                Engine.load(model=entry.id if entry is not None and entry.backend != "grounded"
+                            else str(path), device="cpu")
             name = f"{entry.id} {entry.version}" if entry else str(path)
             if not args.quiet:
                 print(f"ok      {name}: {summary['tensors']} tensors, "
@@ -94,7 +100,7 @@ def cmd_download(args) -> int:
     if entry is None:
         raise CTLanguageError(f"unknown model {args.model!r}; known: {', '.join(e.id for e in entries)}")
     reporter = Reporter(args.quiet)
-    kind = getattr(entry, "backend", None) or entry.extra.get("backend") or "grounded"
+    kind = entry.backend or "grounded"
     fetch = catalog.download
     if kind != "grounded":  # a backend with its own file format downloads and converts itself
         from ..backends import backend_module

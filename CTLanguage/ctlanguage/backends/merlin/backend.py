@@ -15,58 +15,31 @@ from typing import Optional
 
 import numpy as np
 
-from ... import catalog, vocabulary
+from ... import catalog, phrases, vocabulary
+from ...engine.progress import check_cancel, report
+from ...engine.protocol import Answer, Capabilities, ModelInfo
 from ...errors import CheckpointError, InputError
 from ...preprocess import ModelGrid
 from . import model as model_mod
 from . import weights as weights_mod
 from .preprocess import to_merlin_input
 
-
-def _protocol():
-    """engine.protocol, also while ``ctlanguage.engine`` is still the old single module."""
-    try:
-        from ...engine import protocol
-        return protocol
-    except ImportError:
-        import importlib.util
-        import sys
-
-        name = "ctlanguage._engine_protocol"
-        if name not in sys.modules:
-            path = Path(__file__).resolve().parents[2] / "engine" / "protocol.py"
-            spec = importlib.util.spec_from_file_location(name, path)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[name] = mod
-            spec.loader.exec_module(mod)
-        return sys.modules[name]
-
-
-P = _protocol()
-
 WEIGHTS_HINT = ("Merlin's weights are not downloaded: run `ctlanguage models download merlin` "
                 "(1.08 GB from Hugging Face, MIT licence; or add --from FILE for a copy you have).")
 
 
-def describe(entry) -> "P.Capabilities":
+def describe(entry) -> Capabilities:
     present = (catalog.cached_model_dir(entry) / catalog.WEIGHTS).is_file()
-    return P.Capabilities(scores=True, calibrated=False, heatmaps=True, device="cpu",
+    return Capabilities(scores=True, calibrated=False, heatmaps=True, device="cpu",
                           weights_present=present, weights_hint="" if present else WEIGHTS_HINT)
 
 
-def pick_device(device: Optional[str]):
+def pick_device(device=None):
     import torch
 
-    d = (device or "auto").lower()
-    if d == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if d in ("gpu", "cuda") or d.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise InputError("a GPU was requested but torch sees no CUDA device; use --device cpu.")
-        return torch.device("cuda" if d == "gpu" else d)
-    if d == "cpu":
-        return torch.device("cpu")
-    raise InputError(f"unknown device {device!r}; use cpu, cuda or auto.")
+    from ...engine.engine import resolve_device
+
+    return torch.device(resolve_device(device))
 
 
 @dataclass
@@ -104,27 +77,27 @@ def feature_grid(grid: ModelGrid, fmap_shape_sar) -> ModelGrid:
 class MerlinBackend:
     """Implements ``engine.protocol.Backend`` (and answers scores only; no masks)."""
 
-    def __init__(self, net, tokenizer, info, device, keep_feature_map: bool = True):
+    def __init__(self, net, tokenizer, info, device, keep_feature_map: bool = True,
+                 text_cache_file=None):
         net.text.tokenizer = tokenizer
         self.net = net.eval().to(device)
         self.device = device
         self.info = info
-        self.capabilities = P.Capabilities(scores=True, calibrated=False, heatmaps=True, device="cpu")
+        self.capabilities = Capabilities(scores=True, calibrated=False, heatmaps=True, device="cpu")
         self.keep_feature_map = keep_feature_map
-        self._text_cache: dict = {}
+        # Clinical-Longformer pads every text to 512 tokens: seconds per phrase on a CPU, so the
+        # embeddings are kept on disk per weights hash and computed once per phrase
+        self.text_cache_file = Path(text_cache_file) if text_cache_file else None
+        self._text_cache: dict = _read_text_cache(self.text_cache_file)
 
     # ---- image ------------------------------------------------------------------------------
     def encode(self, volume, progress=None, cancel=None, anatomy=None) -> MerlinState:
         import torch
 
-        if progress:
-            progress(0.0, "Merlin: resampling to 1.5 x 1.5 x 3 mm RAS")
+        report(progress, 0.0, "Merlin: resampling to 1.5 x 1.5 x 3 mm RAS")
         x = to_merlin_input(volume)
-        if cancel and cancel():
-            from ...errors import CancelledError
-            raise CancelledError("cancelled before the Merlin image pass")
-        if progress:
-            progress(0.2, "Merlin: image encoder (I3ResNet-152)")
+        check_cancel(cancel)
+        report(progress, 0.2, "Merlin: image encoder (I3ResNet-152)")
         with torch.inference_mode():
             out = self.net.image(x.network_input().to(self.device))
         emb = torch.nn.functional.normalize(out["embedding"][0].float(), dim=0)
@@ -132,8 +105,7 @@ class MerlinBackend:
         state = MerlinState(emb.cpu().numpy(), out["features"][0].float().cpu().numpy(),
                             fmap.float().cpu().numpy() if self.keep_feature_map else None,
                             x.grid, feature_grid(x.grid, fmap.shape[1:]))
-        if progress:
-            progress(1.0, "Merlin: encoded")
+        report(progress, 1.0, "Merlin: encoded")
         return state
 
     def restore(self, metadata: dict, tensors) -> MerlinState:
@@ -145,38 +117,47 @@ class MerlinBackend:
                            ModelGrid.from_dict(metadata["feature_grid"]))
 
     # ---- text -------------------------------------------------------------------------------
-    def text_embeddings(self, phrases) -> np.ndarray:
-        """(N, 512) L2-normalised text embeddings (cached per phrase)."""
+    def text_embeddings(self, texts) -> np.ndarray:
+        """(N, 512) L2-normalised text embeddings (cached per text)."""
         import torch
 
-        todo = [p for p in dict.fromkeys(phrases) if p not in self._text_cache]
+        todo = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
         if todo:
             with torch.inference_mode():
                 e = torch.nn.functional.normalize(self.net.text(todo).float(), dim=-1).cpu().numpy()
             self._text_cache.update(zip(todo, e))
-        return np.stack([self._text_cache[p] for p in phrases])
+            _write_text_cache(self.text_cache_file, self._text_cache)
+        return np.stack([self._text_cache[t] for t in texts])
 
-    def ensemble(self, finding: str, laterality: Optional[str]):
-        pos, neg = vocabulary.prompt_ensemble(finding, laterality)
+    def ensemble(self, finding: str, laterality: Optional[str], positives=None):
+        """Text embeddings of the positive and negated phrasings (``phrases.ensemble``, the
+        same prompts every backend scores with; ``positives`` replaces the positive ones)."""
+        pos, neg = phrases.ensemble(finding, laterality)
+        if positives is not None:
+            pos = tuple(positives)
         if not pos or not neg:
             raise InputError(f"the vocabulary has no positive/negated phrasings for {finding!r}")
-        return self.text_embeddings(pos), self.text_embeddings(neg)
+        return self.text_embeddings(list(pos)), self.text_embeddings(list(neg))
 
-    def score(self, embedding: np.ndarray, finding: str, laterality: Optional[str] = None) -> float:
-        pos, neg = self.ensemble(finding, laterality)
+    def score(self, embedding: np.ndarray, finding: str, laterality: Optional[str] = None,
+              positives=None) -> float:
+        pos, neg = self.ensemble(finding, laterality, positives)
         return float((pos @ embedding).mean() - (neg @ embedding).mean())
 
-    def answer(self, state: MerlinState, request) -> "P.Answer":
-        ans = P.Answer(model=self.info.id, calibrated=False)
+    def presence(self, state: MerlinState, finding: str, anatomy: str, side: Optional[str],
+                 positives=None) -> float:
+        """The (uncalibrated) score of ``finding``; Merlin judges the whole image, so
+        ``anatomy`` only selects the side of a sided finding."""
+        sided = vocabulary.get(finding).sided
+        return self.score(state.embedding, finding, side if sided else None, positives)
+
+    def answer(self, state: MerlinState, request) -> Answer:
+        ans = Answer(model=self.info.id, calibrated=False)
         if request.kind != "finding" or not request.finding or not request.want_scores:
             return ans
-        sided = vocabulary.get(request.finding).sided
-        for key in request.anatomies or (None,):
-            side = request.laterality
-            if sided and key is not None and vocabulary.get(key).kind == "anatomy":
-                side = vocabulary.get(key).side or side
-            ans.scores[key or "body"] = self.score(state.embedding, request.finding,
-                                                   side if sided else None)
+        for key in request.anatomies or ("body",):
+            side = vocabulary.get(key).side or request.laterality
+            ans.scores[key] = self.presence(state, request.finding, key, side)
         return ans
 
     def heatmap(self, state: MerlinState, finding: str, laterality: Optional[str] = None):
@@ -193,6 +174,40 @@ class MerlinBackend:
         pos, neg = self.ensemble(finding, laterality)
         direction = pos.mean(0) - neg.mean(0)
         return np.tensordot(direction, v, axes=1).astype(np.float32), state.feature_grid
+
+
+def _read_text_cache(path) -> dict:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            texts, emb = z["texts"], z["embeddings"]
+        if emb.ndim != 2 or len(texts) != len(emb):
+            return {}
+        return {str(t): e.astype(np.float32) for t, e in zip(texts, emb)}
+    except (OSError, ValueError, KeyError):
+        return {}   # a damaged cache is only recomputed
+
+
+def _write_text_cache(path, cache: dict) -> None:
+    if path is None or not cache:
+        return
+    import os
+    import tempfile
+
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".text-", suffix=".npz", dir=path.parent)
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, texts=np.array(list(cache)), embeddings=np.stack(list(cache.values())))
+        os.replace(tmp, path)
+        tmp = None
+    except OSError:
+        pass        # a read-only cache only costs time
+    finally:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -219,17 +234,17 @@ def load_folder(folder, device=None, entry=None) -> MerlinBackend:
     if left:
         raise CheckpointError(f"{folder / catalog.WEIGHTS} lacks {len(left)} tensors (e.g. {left[0]!r})")
     tok = load_tokenizer(folder / weights_mod.TOKENIZER_DIR)
-    info = P.ModelInfo(id=(entry.id if entry else cfg.get("id", "merlin")),
-                       version=(entry.version if entry else cfg.get("version", "")),
-                       sha256=summary["weights_sha256"], kind="merlin",
-                       license=(entry.license if entry else "MIT"), path=str(folder))
-    return MerlinBackend(net, tok, info, dev)
+    info = ModelInfo(id=(entry.id if entry else cfg.get("id", "merlin")),
+                     version=(entry.version if entry else cfg.get("version", "")),
+                     sha256=summary["weights_sha256"], kind="merlin",
+                     license=(entry.license if entry else "MIT"), path=str(folder))
+    cache = catalog.cache_dir() / "text-embeddings" / f"merlin-{summary['weights_sha256'][:16]}.npz"
+    return MerlinBackend(net, tok, info, dev, text_cache_file=cache)
 
 
 def load(entry, device=None, progress=None) -> MerlinBackend:
     folder = catalog.cached_model_dir(entry)
     if not (folder / catalog.WEIGHTS).is_file():
         raise CheckpointError(WEIGHTS_HINT.replace("merlin`", f"{entry.id}`"))
-    if progress:
-        progress(0.0, f"loading {entry.id}")
+    report(progress, 0.0, f"loading {entry.id}")
     return load_folder(folder, device=device, entry=entry)

@@ -3,7 +3,7 @@
 
 merlin-vlm does this with MONAI (Orientation "RAS", Spacing bilinear with border padding,
 ScaleIntensityRange, SpatialPad symmetric, CenterSpatialCrop). Here the same grid is computed
-from the volume's voxel->RAS matrix and sampled with :mod:`ctlanguage.preprocess`'s separable
+from the volume's voxel->RAS matrix and sampled with :mod:`ctlanguage.resample`'s separable
 interpolation, so any axis order/flip of the same scan lands on the same grid and the result is a
 :class:`~ctlanguage.preprocess.ModelGrid` that maps back to the source voxels exactly.
 
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...preprocess import ModelGrid, _axis_map, _interp_axis, _resample, _sitk_image
+from ...preprocess import ModelGrid
+from ...resample import _resample_aligned, aligned_axes, sitk_image, sitk_resample
 from ...volume import CTVolume
 
 SPACING_RAS = (1.5, 1.5, 3.0)
@@ -74,14 +75,17 @@ def to_merlin_input(volume: CTVolume, validate: bool = True, shape_ras=SHAPE_RAS
     # inside the resampled extent (samples 0..n-1 of the spacing grid) per output axis (R, A, S)
     inside = [((start[a] + np.arange(grid.shape[2 - a])) >= 0)
               & ((start[a] + np.arange(grid.shape[2 - a])) <= n[a] - 1) for a in range(3)]
-    amap = _axis_map(volume.ijk_to_ras, grid.ijk_to_ras)
+    amap = aligned_axes(volume.ijk_to_ras, grid.ijk_to_ras)
     if amap is not None:
-        hu = _sample_aligned(volume.array, amap, grid.shape)
+        # separable trilinear sampling; positions past the source hull take the edge value
+        # (MONAI's border padding), so the validity mask is not used
+        hu, _ = _resample_aligned(np.asarray(volume.array, dtype=np.float32), amap, grid.shape, nearest=False)
+        hu = np.ascontiguousarray(hu, dtype=np.float32)
     else:
         import SimpleITK as sitk
 
-        hu = _resample(_sitk_image(volume.array, volume.ijk_to_ras), grid.shape, grid.ijk_to_ras,
-                       nearest=False, default=HU_MIN, pixel_type=sitk.sitkFloat32)
+        hu = sitk_resample(sitk_image(volume.array, volume.ijk_to_ras), grid.shape, grid.ijk_to_ras,
+                           nearest=False, default=HU_MIN, pixel_type=sitk.sitkFloat32)
     np.clip(hu, HU_MIN, HU_MAX, out=hu)
     hu -= HU_MIN
     hu *= 1.0 / (HU_MAX - HU_MIN)
@@ -89,14 +93,3 @@ def to_merlin_input(volume: CTVolume, validate: bool = True, shape_ras=SHAPE_RAS
     hu[~mask] = 0.0
     return MerlinInput(hu.astype(np.float32, copy=False), grid, n)
 
-
-def _sample_aligned(array: np.ndarray, amap, out_shape) -> np.ndarray:
-    """Trilinear sampling of an axis-aligned source at the grid's voxels, one axis at a time,
-    with positions clamped to the source (border padding)."""
-    # grid voxel axis g reads source voxel axis amap[g][0]; array axes are reversed (k, j, i)
-    t = np.asarray(array, dtype=np.float32).transpose([2 - amap[2 - ax][0] for ax in range(3)])
-    for ax in (2, 1, 0):
-        _, scale, offset = amap[2 - ax]
-        x = scale * np.arange(out_shape[ax], dtype=np.float64) + offset
-        t, _ = _interp_axis(t, ax, x, nearest=False)
-    return np.ascontiguousarray(t, dtype=np.float32)
