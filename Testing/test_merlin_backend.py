@@ -135,3 +135,20 @@ def test_text_embeddings_are_cached_per_phrase_in_memory_and_on_disk(merlin, tmp
         assert len(calls) == 3
     finally:
         del merlin.net.text.forward
+
+
+def test_engine_runs_merlin_as_its_scores_backend(merlin, monkeypatch):
+    from ctlanguage.engine import Engine
+
+    monkeypatch.setattr(backend, "to_merlin_input", functools.partial(to_merlin_input, shape_ras=(64, 64, 32)))
+    eng = Engine.load(merlin, device="cpu")
+    v = volume(SHAPE, BASE)
+    v.array[0, 0, 0] = -1024.0
+    enc = eng.encode(v)
+    (f,) = eng.query(enc, "left pleural effusion")
+    d = f.to_dict()
+    assert d["score_model"] == "merlin" and d["calibrated"] is False and d["calibration"] is None
+    assert "uncalibrated" in d["score_label"]
+    st = enc.parts["merlin"]
+    assert d["anatomy_probabilities"] == {
+        "pleural_space_left": pytest.approx(merlin.score(st.embedding, "pleural_effusion", "left"))}

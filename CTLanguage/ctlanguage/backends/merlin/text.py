@@ -21,6 +21,8 @@ from ...errors import CheckpointError
 
 MAX_TOKENS = 1024
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
+# copied with them when present (a full Clinical-Longformer folder also holds its weights: not copied)
+TOKENIZER_OPTIONAL = ("config.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 _WORDPUNCT = re.compile(r"\w+|[^\w\s]+")
 
 # Clinical-Longformer (yikuan8/Clinical-Longformer config.json, = longformer-base-4096's); the

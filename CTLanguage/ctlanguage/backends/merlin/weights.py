@@ -153,12 +153,18 @@ def convert(checkpoint: str | Path, tokenizer_dir: str | Path, dest: str | Path,
                    else v.detach().contiguous() for k, v in state.items()}
         save_file(tensors, str(tmp / catalog.WEIGHTS), metadata={"format": FORMAT})
         del tensors
-        shutil.copytree(tok, tmp / TOKENIZER_DIR)
+        (tmp / TOKENIZER_DIR).mkdir()
+        for name in text_mod.TOKENIZER_FILES + text_mod.TOKENIZER_OPTIONAL:
+            if (tok / name).is_file():
+                shutil.copyfile(tok / name, tmp / TOKENIZER_DIR / name)
         config = {"id": model_id, "version": version, "backend": "merlin", "format": FORMAT,
                   "text_config": cfg,
                   "source": {"file": Path(checkpoint).name, "url": url,
                              "size": Path(checkpoint).stat().st_size, "sha256": source_sha,
-                             "sha256_from": "catalog" if sha256 else "computed at conversion"}}
+                             "sha256_from": "catalog" if sha256 else "computed at conversion"},
+                  # no published hashes for these: recorded so that a later change is visible
+                  "tokenizer_sha256": {p.name: catalog.sha256_file(p)
+                                       for p in sorted((tmp / TOKENIZER_DIR).iterdir())}}
         (tmp / catalog.CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         sums = [f"{catalog.sha256_file(tmp / n)}  {n}" for n in (catalog.WEIGHTS, catalog.CONFIG)]
         (tmp / catalog.SUMS).write_text("\n".join(sums) + "\n", encoding="utf-8")
@@ -213,7 +219,6 @@ def download(entry, progress=None, force: bool = False, source: str | Path | Non
             os.replace(part, pt)
         fetched.append(pt)
     try:
-        read_size_and_hash = dict(size=entry.size, sha256=entry.sha256)
         if tokenizer is not None:
             tok = Path(tokenizer).expanduser()
         else:
@@ -230,7 +235,7 @@ def download(entry, progress=None, force: bool = False, source: str | Path | Non
                     os.replace(part, tok / name)
             fetched.append(tok)
         convert(pt, tok, target, model_id=entry.id, version=entry.version, url=entry.url,
-                **read_size_and_hash)
+                size=entry.size, sha256=entry.sha256)
     except CheckpointError:
         # a wrong or tampered download is removed so that the next try starts afresh
         for f in fetched:
