@@ -23,6 +23,8 @@ from ctlanguage.backends.merlin.preprocess import to_merlin_input
 from ctlanguage.errors import CheckpointError
 from ctlanguage.io import read_ct
 
+pytestmark = pytest.mark.slow   # builds merlin-vlm's full model in a subprocess (about a minute)
+
 # (shape i, j, k; voxel -> RAS affine): axis-aligned, flipped + permuted + anisotropic, larger
 # than the crop in-plane
 CASES = {
