@@ -1,7 +1,7 @@
 """The Merlin backend: one image pass per volume, zero-shot finding scores from prompt ensembles.
 
 score(finding) = mean cosine(image, positive phrasings) - mean cosine(image, negated phrasings),
-with the phrasings from our vocabulary (:func:`ctlanguage.vocabulary.prompt_ensemble`). The
+with the phrasings every backend scores with (:func:`ctlanguage.phrases.ensemble`). The
 score is in [-2, 2] and *uncalibrated*: Merlin publishes no temperature or threshold for it.
 A heat map applies the same rule to each voxel of the last feature map (the contrastive head is
 linear, so the voxels' mean is the image embedding).
@@ -9,7 +9,7 @@ linear, so the voxels' mean is the image embedding).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -31,7 +31,7 @@ WEIGHTS_HINT = ("Merlin's weights are not downloaded: run `ctlanguage models dow
 def describe(entry) -> Capabilities:
     present = (catalog.cached_model_dir(entry) / catalog.WEIGHTS).is_file()
     return Capabilities(scores=True, calibrated=False, heatmaps=True, device="cpu",
-                          weights_present=present, weights_hint="" if present else WEIGHTS_HINT)
+                        weights_present=present, weights_hint="" if present else WEIGHTS_HINT)
 
 
 def pick_device(device=None):
@@ -49,7 +49,6 @@ class MerlinState:
     feature_map: Optional[np.ndarray]  # (2048, S', A', R') or None
     grid: ModelGrid                # the 224 x 224 x 160 input grid
     feature_grid: ModelGrid        # grid of feature_map's voxels
-    extra: dict = field(default_factory=dict)
 
     def tensors(self) -> dict:
         out = {"embedding": self.embedding, "features": self.features}

@@ -231,7 +231,7 @@ def download(entry, progress=None, force: bool = False, source: str | Path | Non
             for name in text_mod.TOKENIZER_FILES + ("config.json",):
                 if not (tok / name).is_file():
                     part = tok / (name + ".part")
-                    catalog._fetch(base.rstrip("/") + "/" + name, part, None, progress, timeout, 1 << 16)
+                    catalog._fetch(base.rstrip("/") + "/" + name, part, None, None, timeout, 1 << 16)
                     os.replace(part, tok / name)
             fetched.append(tok)
         convert(pt, tok, target, model_id=entry.id, version=entry.version, url=entry.url,
