@@ -13,3 +13,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    """A tiny randomly initialised grounded model saved as a model folder (id "random-tiny"),
+    one per test module: the real engine path without training cost."""
+    import torch
+
+    from ctlanguage.model import GroundedCTModel, ModelConfig
+
+    torch.manual_seed(1)
+    cfg = ModelConfig(model_id="random-tiny", encoder_channels=[8, 16], dense_channels=8,
+                      spec_params={"spacing_mm": 6.0})
+    d = tmp_path_factory.mktemp("model") / "random"
+    GroundedCTModel(cfg).save_pretrained(d)
+    return d

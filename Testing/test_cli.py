@@ -75,7 +75,7 @@ def test_query_nifti_writes_every_output(tmp_path, fake, nifti, capsys):
                         "liver lesion; fluid around the left lung", "--out", str(out),
                         "--model", str(fake), "--mask-threshold", "0.4"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert sorted(p.name for p in out.iterdir()) == [".ctlanguage-files.json",
         "findings.csv", "findings.json", "masks", "report.html", "segmentation.seg.nrrd"]
     doc = json.loads((out / "findings.json").read_text())
     assert doc["model"]["id"] == "fake-model" and len(doc["model"]["sha256"]) == 64

@@ -1,69 +1,17 @@
-"""Evaluation harness: metric definitions, label helpers, the `ctlanguage evaluate` command
+"""Evaluation harness: label helpers, the `ctlanguage evaluate` command
 (single model and comparison table) on a tiny phantom manifest."""
 
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from ctlanguage import evaluation as E
 
 
-# ------------------------------------------------------------------------------ metrics
-def test_auc_known_values():
-    assert E.roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
-    assert E.roc_auc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
-    assert E.roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5       # ties count half
-    assert E.roc_auc([0, 0, 1], [0.1, 0.4, 0.35]) == 0.5
-    assert math.isnan(E.roc_auc([1, 1, 1], [0.1, 0.2, 0.3]))          # one class: undefined
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.floats(0, 1, allow_nan=False)), min_size=2, max_size=40))
-def test_auc_matches_sklearn(rows):
-    from sklearn.metrics import roc_auc_score
-
-    y = [int(a) for a, _ in rows]
-    s = [round(b, 2) for _, b in rows]   # force ties
-    if len(set(y)) < 2:
-        assert math.isnan(E.roc_auc(y, s))
-    else:
-        assert E.roc_auc(y, s) == pytest.approx(roc_auc_score(y, s))
-
-
-def test_dice():
-    a = np.zeros((4, 4, 4), np.uint8)
-    b = np.zeros((4, 4, 4), bool)
-    assert math.isnan(E.dice(a, b))
-    a[0, 0, :2] = 1
-    b[0, 0, 1:3] = True
-    assert E.dice(a, b) == pytest.approx(0.5)
-    assert E.dice(a, a) == 1.0
-    with pytest.raises(ValueError):
-        E.dice(a, np.zeros((4, 4, 5)))
-
-
-def test_ece_known_values():
-    # perfectly calibrated within bins
-    p = [0.25] * 4 + [0.75] * 4
-    y = [1, 0, 0, 0, 1, 1, 1, 0]
-    assert E.expected_calibration_error(p, y) == pytest.approx(0.0)
-    # always 0.9 but never positive -> 0.9
-    assert E.expected_calibration_error([0.9] * 10, [0] * 10) == pytest.approx(0.9)
-    # p = 1.0 lands in the last bin
-    assert E.expected_calibration_error([1.0, 1.0], [1, 1]) == pytest.approx(0.0)
-    # two bins, weights by count
-    assert E.expected_calibration_error([0.05, 0.05, 0.95, 0.95], [0, 1, 1, 1]) == pytest.approx(
-        0.5 * abs(0.5 - 0.05) + 0.5 * abs(1 - 0.95))
-    rows = E.reliability_table([0.05, 0.95], [0, 1])
-    assert len(rows) == 10 and rows[0]["n"] == 1 and rows[-1]["n"] == 1 and rows[5]["n"] == 0
-
-
+# ------------------------------------------------------------------------------ label helpers
 def test_structure_masks_merge_lobes_and_body():
     lab = np.zeros((3, 3, 3), np.int32)
     lab[0, 0, 0] = 1
@@ -110,20 +58,6 @@ def tiny_manifest(tmp_path_factory):
     out = tmp_path_factory.mktemp("heldout")
     write_corpus(str(out), 1, seed=9500, montage=False)
     return out / "manifest.jsonl"
-
-
-@pytest.fixture(scope="module")
-def random_model(tmp_path_factory):
-    import torch
-
-    from ctlanguage.model import GroundedCTModel, ModelConfig
-
-    torch.manual_seed(1)
-    cfg = ModelConfig(model_id="eval-random", encoder_channels=[8, 16], dense_channels=8,
-                      spec_params={"spacing_mm": 6.0})
-    d = tmp_path_factory.mktemp("m") / "random"
-    GroundedCTModel(cfg).save_pretrained(d)
-    return d
 
 
 def test_evaluate_cli_single_model(tiny_manifest, random_model, tmp_path):
@@ -198,3 +132,52 @@ def test_global_clip_baseline_scores_from_the_global_embedding():
     (g,) = engine.query(scrambled, "liver lesion")
     assert f.probability == pytest.approx(g.probability)
     assert engine.roles["scores"].presence_source == "global"
+
+
+# ------------------------------------------------------------------------------ pictures
+def test_evaluate_pictures_show_the_numbers_of_the_tables(tmp_path_factory, random_model):
+    """ROC per finding, reliability diagram and Dice per structure: valid PNGs linked from
+    metrics.md and embedded in metrics.html, each carrying exactly the numbers of the tables
+    (recomputed here with ctlanguage.metrics from the stored probability/label pairs)."""
+    from PIL import Image
+
+    from ctlanguage import evaluation_figures as FIG
+    from ctlanguage import metrics as M
+    from ctlanguage.cli import main
+    from ctlanguage.phantom.corpus import write_corpus
+
+    data = tmp_path_factory.mktemp("pictures")
+    write_corpus(str(data), 4, seed=9600, spacing=4.0, montage=False)
+    out = data / "eval"
+    assert main(["--quiet", "evaluate", "--model", str(random_model), "--data", str(data / "manifest.jsonl"),
+                 "--out", str(out), "--no-paraphrases"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    md = (out / "metrics.md").read_text()
+    html = (out / "metrics.html").read_text()
+    shown = {}
+    for kind in ("roc", "reliability", "dice"):
+        png = out / "figures" / f"{kind}.png"
+        assert f"](figures/{kind}.png)" in md
+        with Image.open(png) as im:
+            im.verify()
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.size[0] >= 400
+            shown[kind] = json.loads(im.info[FIG.DATA_KEY])
+    assert html.count('src="data:image/png;base64,') == 3 and "<table>" in html
+
+    pairs = m["presence_pairs"]
+    assert shown["roc"], "some finding has both classes in 4 phantom cases"
+    for f, curve in shown["roc"].items():
+        auc = M.roc_auc(pairs[f]["y"], pairs[f]["p"])
+        assert curve["auc"] == pytest.approx(auc) == pytest.approx(m["findings"][f]["auc"])
+        assert np.trapezoid(curve["tpr"], curve["fpr"]) == pytest.approx(auc)
+        assert f"| {f} | {E._f(auc)} |" in md
+    all_p = [p for v in pairs.values() for p in v["p"]]
+    all_y = [y for v in pairs.values() for y in v["y"]]
+    ece = M.expected_calibration_error(all_p, all_y)
+    assert shown["reliability"]["ece"] == pytest.approx(ece) == pytest.approx(m["ece"])
+    assert shown["reliability"]["bins"] == [r for r in M.reliability_table(all_p, all_y) if r["n"]]
+    assert f"| {E._f(ece)} |" in md
+    assert shown["dice"] == {k: v["dice"] for k, v in m["structures"].items() if v["dice"] is not None}
+    for k, d in shown["dice"].items():
+        assert f"| {k} | {E._f(d)} |" in md

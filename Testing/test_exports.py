@@ -181,7 +181,7 @@ def test_dicom_seg_not_written_for_file_input(tmp_path):
     vol = synthetic_volume(SHAPE, source=str(tmp_path / "ct.nii.gz"))
     res = export_all(vol, synthetic_findings(SHAPE), tmp_path / "out", model=MODEL_INFO)
     assert "segmentation.dcm" not in res.files
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".ctlanguage-files.json",
         "findings.csv", "findings.json", "masks", "report.html", "segmentation.seg.nrrd"]
 
 
@@ -316,7 +316,9 @@ def test_reexport_replaces_previous_results(tmp_path):
     export_all(vol, fs, tmp_path / "out", model=MODEL_INFO)
     export_all(vol, fs[:1], tmp_path / "out", model=MODEL_INFO)
     assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["liver.nii.gz"]
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    # only the list of what we wrote (no staging folder or backup left)
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == [
+        ".ctlanguage-files.json"]
 
 
 def test_mask_shape_mismatch_is_refused(tmp_path):

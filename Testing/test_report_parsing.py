@@ -7,7 +7,7 @@ import pytest
 
 from ctlanguage import vocabulary as v
 from ctlanguage.errors import InputError
-from ctlanguage.report_parsing import analyse_sentence, parse_report, split_sentences
+from ctlanguage.training.report_parsing import analyse_sentence, parse_report, split_sentences
 
 P, A, U = "present", "absent", "uncertain"
 

@@ -16,8 +16,8 @@ from _tiny_corpus import make_tiny_corpus  # noqa: E402
 from ctlanguage.model import GroundedCTModel  # noqa: E402
 from ctlanguage.training import losses as L  # noqa: E402
 from ctlanguage.training import phrases as PH  # noqa: E402
-from ctlanguage.training.train import (expected_calibration_error, fit_temperature,  # noqa: E402
-                                       run_training)
+from ctlanguage.metrics import expected_calibration_error  # noqa: E402
+from ctlanguage.training.train import fit_temperature, run_training  # noqa: E402
 
 TINY_MODEL = {"spec_params": {"spacing_mm": 5.0}, "encoder_channels": [8, 16], "dense_channels": 8,
               "embed_dim": 16, "pool_dim": 8, "mask_head_hidden": 4}

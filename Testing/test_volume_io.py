@@ -194,6 +194,14 @@ def test_write_labelmap_dtype_and_values(tmp_path):
         ctio.write_labelmap(labels - 10, like, tmp_path / "neg.nrrd")
 
 
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def test_write_errors_leave_nothing_behind(tmp_path, monkeypatch):
     like = CTVolume(ct_array(), np.eye(4))
     mask = np.zeros(like.shape, np.uint8)
@@ -219,6 +227,7 @@ def test_write_errors_leave_nothing_behind(tmp_path, monkeypatch):
         Path(path).write_bytes(Path(path).read_bytes()[:100])  # half-written ...
         raise RuntimeError("ITK ERROR: disk full")  # ... then the disk fills up
 
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_umask()     # not the temp file's 0600
     monkeypatch.setattr(sitk, "WriteImage", failing_write)
     with pytest.raises(ExportError, match="disk full"):
         ctio.write_mask(mask + 1, like, target)

@@ -1,8 +1,11 @@
 """Browser end-to-end test of the web demo, as a person would use it.
 
-Starts `ctlanguage web` on a free localhost port, drives Debian's Chromium (headless, through
-Playwright with an explicit executable path; no browser is downloaded), and checks:
+Starts `ctlanguage web` on a free port bound to 0.0.0.0 (so it requires an access token), drives
+Debian's Chromium (headless, through Playwright with an explicit executable path; no browser is
+downloaded), and checks:
 
+* without the token the start page answers 401; with ``?token=`` it hands out a session, and the
+  session page itself answers 401 to a browser that lacks the token's cookie;
 * the start page hands out a session; the bundled synthetic case loads; Encode shows progress;
 * a prompt for a finding the case contains shows its probability in the results table, and
   after clicking its row the *server-rendered axial view* (the PNG the page shows) has pixels in
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import time
 from pathlib import Path
 
@@ -96,7 +100,8 @@ def test_web_demo_end_to_end(tmp_path):
     shots = _shots_dir(tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     server_tmp = tmp_path / "server_tmp"
-    server = WebServer(server_tmp, model, extra_args=["--max-upload-mb", "2", "--idle-timeout", "30"])
+    server = WebServer(server_tmp, model, extra_args=["--max-upload-mb", "2", "--idle-timeout", "30"],
+                       host="0.0.0.0", token=secrets.token_urlsafe(12))
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -120,11 +125,16 @@ def _drive(browser, server, shots: Path, tmp_path: Path):
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
 
-    # --- tab 1: start page -> own session --------------------------------------------------------
-    page.goto(server.url)
+    # --- tab 1: the token, then start page -> own session -----------------------------------------
+    assert page.goto(server.url).status == 401  # bound beyond loopback: no token, no page
+    page.goto(server.url + "?token=" + server.token)
     page.wait_for_selector("#load-case", timeout=120_000)
     session_url = page.url
     assert not session_url.startswith(server.url), "the start page should hand out a session URL"
+    assert "token" not in session_url
+    stranger = browser.new_context()  # no cookie: the session process refuses it too
+    assert stranger.new_page().goto(session_url).status == 401
+    stranger.close()
 
     # --- load the bundled synthetic case ----------------------------------------------------------
     page.click("#load-case")

@@ -35,19 +35,26 @@ def offscreen_gl_available() -> bool:
 
 class WebServer:
     """`python -m ctlanguage.cli web` in its own process group, with TMPDIR set to ``tmp`` so that
-    every temporary file of the launcher and its sessions can be checked afterwards."""
+    every temporary file of the launcher and its sessions can be checked afterwards. With
+    ``token`` it requires that access token (as when bound beyond loopback); ``url`` is reached
+    over loopback either way."""
 
-    def __init__(self, tmp: Path, model: str, extra_args=(), timeout: float = 60.0):
+    def __init__(self, tmp: Path, model: str, extra_args=(), timeout: float = 60.0,
+                 host: str = "127.0.0.1", token: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
+        self.token = token
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, TMPDIR=str(self.tmp), PYTHONUNBUFFERED="1",
                    HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        env.pop("CTLANGUAGE_WEB_TOKEN", None)
+        if token:
+            env["CTLANGUAGE_WEB_TOKEN"] = token
         self.log_path = self.tmp.parent / f"web_{self.port}.log"
         self._log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "ctlanguage.cli", "web", "--port", str(self.port), "--model", model,
-               *extra_args]
+        cmd = [sys.executable, "-m", "ctlanguage.cli", "web", "--host", host, "--port", str(self.port),
+               "--model", model, *extra_args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         t0 = time.monotonic()
@@ -55,7 +62,9 @@ class WebServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ctlanguage web exited ({self.proc.returncode}): {self.log()[-2000:]}")
             try:
-                with urllib.request.urlopen(self.url + "healthz", timeout=2) as r:
+                req = urllib.request.Request(
+                    self.url + "healthz", headers={"Authorization": f"Bearer {token}"} if token else {})
+                with urllib.request.urlopen(req, timeout=2) as r:
                     if r.status == 200:
                         break
             except OSError:

@@ -480,13 +480,22 @@ def heatmap_to_volume(scene, heatmap: np.ndarray, reference_volume_node, name: s
 # .seg.nrrd through the segmentation storage node
 # --------------------------------------------------------------------------------------------
 
+def check_output_folder(path: str) -> None:
+    """ValueError (the panel's error type) unless the folder of ``path`` exists and accepts files."""
+    from ctlanguage.errors import ExportError
+    from ctlanguage.exports.atomic import check_writable_dir
+
+    try:
+        check_writable_dir(os.path.dirname(os.path.abspath(path)), create=False)
+    except ExportError as exc:
+        raise ValueError(f"{str(exc)[0].upper()}{str(exc)[1:]}.") from None
+
+
 def save_segmentation(segmentation_node, path: str) -> str:
     """Write a .seg.nrrd through vtkMRMLSegmentationStorageNode (names, colours, terminology and
     the binary labelmaps on the reference grid are kept)."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise ValueError(f"Output folder '{folder}' does not exist or is not writable.")
+    check_output_folder(path)
     storage = slicer.vtkMRMLSegmentationStorageNode()
     storage.SetFileName(path)
     if hasattr(storage, "SetCropToMinimumExtent"):

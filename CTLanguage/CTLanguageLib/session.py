@@ -13,7 +13,6 @@ with one specific sentence.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from . import mrml_glue
@@ -359,9 +358,7 @@ class CTLanguageSession:
 
     @staticmethod
     def _check_folder(path: str) -> None:
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise ValueError(f"Output folder '{folder}' does not exist or is not writable.")
+        mrml_glue.check_output_folder(path)
 
     def export_findings(self, volume_node, path: str) -> str:
         """Findings table as CSV or JSON (by extension), stamped with model id, prompts and

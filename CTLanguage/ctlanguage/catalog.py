@@ -156,9 +156,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 # ----------------------------------------------------------------------------- verification
 
 def verify_model_dir(path: str | Path, entry: ModelEntry | None = None) -> dict:
-    """Check a model folder without loading the network: files present, no pickles, config is
-    JSON, safetensors header readable, SHA256SUMS and catalog hash match. Returns a summary.
+    """Check a model folder without loading the network: files present, no pickles, and what
+    loading checks before it builds the network (config.json a valid ModelConfig, SHA256SUMS
+    present and matching), safetensors header readable, catalog hash match. Returns a summary.
     Raises CheckpointError with a specific message otherwise."""
+    from .model.checkpoint import verify_checksums
+    from .model.config import ModelConfig
+
     d = Path(path)
     if not d.is_dir():
         raise CheckpointError(f"model folder {d} does not exist")
@@ -178,20 +182,9 @@ def verify_model_dir(path: str | Path, entry: ModelEntry | None = None) -> dict:
     if not isinstance(config, dict):
         raise CheckpointError(f"{c} does not hold a JSON object")
     n_tensors = _check_safetensors_header(w)
+    verify_checksums(d)          # the same checks as loading (model/checkpoint.py)
+    ModelConfig.from_dict(config)
     weights_sha = sha256_file(w)
-    if (d / SUMS).is_file():
-        sums = {}
-        for line in (d / SUMS).read_text().splitlines():
-            parts = line.split()
-            if len(parts) == 2:
-                sums[parts[1].lstrip("*")] = parts[0].lower()
-        for name in (CONFIG, WEIGHTS):
-            if name in sums:
-                actual = weights_sha if name == WEIGHTS else sha256_file(d / name)
-                if actual != sums[name]:
-                    raise CheckpointError(
-                        f"{name} in {d} does not match its sha256 in {SUMS} (expected "
-                        f"{sums[name][:12]}…, got {actual[:12]}…): the file is corrupt or was modified")
     expected = entry.weights_sha256 if entry is not None else None
     if expected and expected.lower() != weights_sha:
         raise CheckpointError(

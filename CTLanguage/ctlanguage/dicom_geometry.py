@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GeometryError
-from .volume import LPS_TO_RAS
+from .volume import flip_lps_ras
 
 ORIENTATION_TOL = 1e-4   # direction cosines
 TILT_TOL_MM = 0.05       # total sideways drift of the slice positions still taken as untilted
@@ -112,9 +112,7 @@ def stack_grid(what: str, planes: list[Plane]) -> StackGrid:
     lps[:3, 1] = col_dir * spacing[0]
     lps[:3, 2] = k_vec
     lps[:3, 3] = positions[0]
-    affine = np.eye(4)
-    affine[:3] = LPS_TO_RAS[:3, :3] @ lps[:3]
-    return StackGrid(planes, affine, tilt)
+    return StackGrid(planes, flip_lps_ras(lps), tilt)
 
 
 def resample_orthogonal(array: np.ndarray, ijk_to_ras: np.ndarray, fill: float):

@@ -22,7 +22,8 @@ import numpy as np
 from .dicom_geometry import Plane, resample_orthogonal, stack_grid
 from .errors import ExportError, GeometryError, InputError
 from .preprocess import AIR_HU
-from .volume import LPS_TO_RAS, CTVolume
+from .exports.atomic import check_writable_dir
+from .volume import CTVolume, flip_lps_ras
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +406,7 @@ def write_dicom_series(volume: CTVolume, folder, patient_name: str = "Phantom^CT
     if arr.ndim != 3 or arr.size == 0 or not np.all(np.isfinite(arr)):
         raise ExportError(f"Cannot write a DICOM series from an array of shape {arr.shape} (3D and finite needed).")
     affine = volume.ijk_to_ras
-    lps = LPS_TO_RAS[:3, :3] @ affine[:3, :3]
+    lps = flip_lps_ras(affine)[:3, :3]
     spacing = np.linalg.norm(lps, axis=0)
     row_dir, col_dir, k_dir = (lps / spacing).T
     normal = np.cross(row_dir, col_dir)
@@ -420,19 +421,14 @@ def write_dicom_series(volume: CTVolume, folder, patient_name: str = "Phantom^CT
     slope, intercept = (float(v) for v in _ds(_rescale_for(arr)))
 
     folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"Cannot create the folder {folder}: {exc.strerror or exc}.") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ExportError(f"Cannot write into {folder}: the folder is not writable.")
+    check_writable_dir(folder)
 
     study_uid = study_uid or volume.study_uid or generate_uid()
     series_uid = generate_uid()
     for_uid = frame_of_reference_uid or generate_uid()
     now = _dt.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    origin_lps = LPS_TO_RAS[:3, :3] @ affine[:3, 3]
+    origin_lps = flip_lps_ras(affine[:3, 3])
 
     written: list[Path] = []
     try:

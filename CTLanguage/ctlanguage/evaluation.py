@@ -20,11 +20,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from .manifest import read_manifest, read_structures, sided_label
+from .metrics import dice, expected_calibration_error, nanmean, reliability_table, roc_auc
 from .phrases import canonical_phrase as canonical_prompt
 
 log = logging.getLogger(__name__)
@@ -33,113 +34,8 @@ ProgressFn = Callable[[float, str], None]
 
 
 # ------------------------------------------------------------------------------------------------
-# metrics (pure numpy)
-# ------------------------------------------------------------------------------------------------
-def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
-    """Area under the ROC curve (Mann-Whitney U with mid-ranks for ties).
-
-    Returns NaN when only one class is present (AUC undefined)."""
-    y = np.asarray(labels, dtype=bool).ravel()
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    if y.shape != s.shape:
-        raise ValueError("labels and scores must have the same length")
-    n_pos = int(y.sum())
-    n_neg = int(y.size - n_pos)
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(s.size, dtype=np.float64)
-    sorted_s = s[order]
-    # mid-ranks for ties
-    i = 0
-    n = s.size
-    while i < n:
-        j = i
-        while j + 1 < n and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0
-        i = j + 1
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice coefficient of two binary masks of the same shape (NaN if both are empty)."""
-    p = np.asarray(pred).astype(bool, copy=False)
-    t = np.asarray(truth).astype(bool, copy=False)
-    if p.shape != t.shape:
-        raise ValueError(f"mask shapes differ: {p.shape} vs {t.shape}")
-    sp = int(np.count_nonzero(p))
-    st = int(np.count_nonzero(t))
-    if sp + st == 0:
-        return float("nan")
-    inter = int(np.count_nonzero(p & t))
-    return 2.0 * inter / (sp + st)
-
-
-def expected_calibration_error(probs: Sequence[float], labels: Sequence[int], n_bins: int = 10) -> float:
-    """ECE with ``n_bins`` equal-width confidence bins on [0, 1] (the last bin includes 1.0):
-    sum over bins of |mean label - mean probability| weighted by the bin's share of samples."""
-    p = np.asarray(probs, dtype=np.float64).ravel()
-    y = np.asarray(labels, dtype=np.float64).ravel()
-    if p.size == 0:
-        return float("nan")
-    if p.shape != y.shape:
-        raise ValueError("probs and labels must have the same length")
-    idx = np.clip(np.floor(p * n_bins).astype(int), 0, n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        sel = idx == b
-        nb = int(sel.sum())
-        if nb:
-            ece += nb / p.size * abs(float(y[sel].mean()) - float(p[sel].mean()))
-    return float(ece)
-
-
-def reliability_table(probs: Sequence[float], labels: Sequence[int], n_bins: int = 10) -> list[dict]:
-    """Per-bin counts, mean probability and observed frequency (for the Markdown report)."""
-    p = np.asarray(probs, dtype=np.float64).ravel()
-    y = np.asarray(labels, dtype=np.float64).ravel()
-    idx = np.clip(np.floor(p * n_bins).astype(int), 0, n_bins - 1)
-    rows = []
-    for b in range(n_bins):
-        sel = idx == b
-        nb = int(sel.sum())
-        rows.append({
-            "bin": f"[{b / n_bins:.1f}, {(b + 1) / n_bins:.1f}{']' if b == n_bins - 1 else ')'}",
-            "n": nb,
-            "mean_probability": float(p[sel].mean()) if nb else None,
-            "observed_frequency": float(y[sel].mean()) if nb else None,
-        })
-    return rows
-
-
-def _nanmean(values: Iterable[float]) -> float:
-    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return float(np.mean(vals)) if vals else float("nan")
-
-
-# ------------------------------------------------------------------------------------------------
 # data helpers
 # ------------------------------------------------------------------------------------------------
-def read_manifest(path: str | Path) -> list[dict]:
-    """Cases of a ``manifest.jsonl`` (one JSON object per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"The manifest {path} does not exist.")
-    cases = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            cases.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise InputError(f"Line {n} of {path} is not valid JSON ({exc.msg}).") from exc
-    if not cases:
-        raise InputError(f"The manifest {path} lists no cases.")
-    return cases
-
-
 def load_paraphrases(path: str | Path | None = None) -> list[dict]:
     """Held-out paraphrase items: {"text", "kind", "key", "laterality"}."""
     from .resources import package_data_dir
@@ -174,26 +70,6 @@ def structure_masks(labels: np.ndarray, names: dict, anatomies: Sequence[str]) -
         if m.any():
             out[a] = m
     return out
-
-
-def sided_label(case: dict, finding: str, laterality: Optional[str]):
-    """Presence label of (finding, side): 1/0, or None when the side of a present finding is
-    unknown. Unsided: the case-level label (or whether any finding entry names it)."""
-    entries = [f for f in (case.get("findings") or []) if f.get("name") == finding]
-    label = (case.get("labels") or {}).get(finding)
-    if laterality not in ("left", "right"):
-        if label is not None:
-            return int(label)
-        return int(bool(entries))
-    if any(e.get("laterality") in (laterality, "bilateral") for e in entries):
-        return 1
-    if label == 0 or (label is None and not entries):
-        return 0
-    if entries and all(e.get("laterality") in ("left", "right") for e in entries):
-        return 0  # present, but only on the other side
-    return None
-
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,13 +135,10 @@ def evaluate_model(model: Any, manifest: str | Path, *, device: Optional[str] = 
 
         # --- structures (Dice on the source grid)
         gt_struct = {}
-        if case.get("structures"):
-            lab_vol = read_ct(root / case["structures"], validate=False)
-            labels = np.rint(lab_vol.array).astype(np.int32)
-            if labels.shape != volume.array.shape:
-                raise InputError(f"The structure map of {cid} does not match its image grid.")
-            gt_struct = structure_masks(labels, case.get("structure_labels") or {}, engine.anatomies)
-            del labels, lab_vol
+        labels, names = read_structures(case, root, volume.array.shape)
+        if labels is not None:
+            gt_struct = structure_masks(labels, names, engine.anatomies)
+            del labels
             for key, gt in gt_struct.items():
                 f = ask(canonical_prompt(key))
                 c.structure_dice.setdefault(key, []).append(dice(f.mask, gt))
@@ -347,13 +220,13 @@ def _clean(x):
 
 
 def _summarise(engine, manifest, n_cases, c: _Collect, seconds, mask_threshold) -> dict:
-    structures = {k: {"dice": _nanmean(v), "n": len(v)} for k, v in sorted(c.structure_dice.items())}
+    structures = {k: {"dice": nanmean(v), "n": len(v)} for k, v in sorted(c.structure_dice.items())}
     auc = _auc_table(c.probs)
     findings = {}
     for key in sorted(set(auc) | set(c.finding_dice)):
         row = dict(auc.get(key, {"auc": float("nan"), "n_pos": 0, "n_neg": 0}))
         d = c.finding_dice.get(key, [])
-        row.update({"dice": _nanmean(d), "n_dice": len(d)})
+        row.update({"dice": nanmean(d), "n_dice": len(d)})
         findings[key] = row
     all_p = [p for rows in c.probs.values() for p, _ in rows]
     all_y = [y for rows in c.probs.values() for _, y in rows]
@@ -361,8 +234,8 @@ def _summarise(engine, manifest, n_cases, c: _Collect, seconds, mask_threshold) 
     para_canon_auc = _auc_table(c.para_canon)
     common = [k for k in para_auc if not math.isnan(para_auc[k]["auc"])
               and not math.isnan(para_canon_auc.get(k, {"auc": float("nan")})["auc"])]
-    para_mean = _nanmean(para_auc[k]["auc"] for k in common)
-    canon_mean = _nanmean(para_canon_auc[k]["auc"] for k in common)
+    para_mean = nanmean(para_auc[k]["auc"] for k in common)
+    canon_mean = nanmean(para_canon_auc[k]["auc"] for k in common)
     para = {
         "n_items_scored": int(sum(len(v) for v in c.para_probs.values())),
         "per_finding": {k: {"auc": para_auc[k]["auc"], "auc_canonical": para_canon_auc[k]["auc"],
@@ -371,15 +244,15 @@ def _summarise(engine, manifest, n_cases, c: _Collect, seconds, mask_threshold) 
         "mean_auc": para_mean,
         "mean_auc_canonical": canon_mean,
         "auc_drop": (canon_mean - para_mean) if common else float("nan"),
-        "parser_accuracy": _nanmean([float(x) for x in c.para_parsed_ok]),
-        "anatomy_dice": _nanmean(c.para_anat_dice),
-        "anatomy_dice_canonical": _nanmean(c.para_anat_dice_canon),
+        "parser_accuracy": nanmean([float(x) for x in c.para_parsed_ok]),
+        "anatomy_dice": nanmean(c.para_anat_dice),
+        "anatomy_dice_canonical": nanmean(c.para_anat_dice_canon),
     }
     t_auc, t_canon = _auc_table(c.text_probs), _auc_table(c.text_canon)
     t_common = [k for k in t_auc if not math.isnan(t_auc[k]["auc"])
                 and not math.isnan(t_canon.get(k, {"auc": float("nan")})["auc"])]
-    t_mean = _nanmean(t_auc[k]["auc"] for k in t_common)
-    t_canon_mean = _nanmean(t_canon[k]["auc"] for k in t_common)
+    t_mean = nanmean(t_auc[k]["auc"] for k in t_common)
+    t_canon_mean = nanmean(t_canon[k]["auc"] for k in t_common)
     para["model_level"] = {
         "description": "presence score with the paraphrase itself as the only positive phrasing "
                        "(no parser), against the standard ensemble on the same items",
@@ -391,20 +264,23 @@ def _summarise(engine, manifest, n_cases, c: _Collect, seconds, mask_threshold) 
     para_y = [y for rows in c.para_probs.values() for _, y in rows]
     para["ece"] = expected_calibration_error(para_p, para_y) if para_p else float("nan")
     result = {
-        "model": engine.describe(),
+        "model": {**engine.describe(),
+                  "presence_source": getattr(engine.roles["scores"], "presence_source", None)},
         "data": {"manifest": str(manifest), "n_cases": n_cases},
         "mask_threshold": mask_threshold,
-        "mean_structure_dice": _nanmean(v["dice"] for v in structures.values()),
-        "mean_finding_dice": _nanmean(v["dice"] for v in findings.values() if v["n_dice"]),
-        "mean_finding_auc": _nanmean(v["auc"] for v in findings.values()),
+        "mean_structure_dice": nanmean(v["dice"] for v in structures.values()),
+        "mean_finding_dice": nanmean(v["dice"] for v in findings.values() if v["n_dice"]),
+        "mean_finding_auc": nanmean(v["auc"] for v in findings.values()),
         "ece": expected_calibration_error(all_p, all_y) if all_p else float("nan"),
         "n_presence_pairs": len(all_p),
         "reliability": reliability_table(all_p, all_y) if all_p else [],
+        "presence_pairs": {k: {"p": [r[0] for r in rows], "y": [r[1] for r in rows]}
+                           for k, rows in sorted(c.probs.items())},
         "structures": structures,
         "findings": findings,
         "paraphrases": para,
-        "timing": {"seconds": seconds, "encode_mean_s": _nanmean(c.encode_s),
-                   "query_mean_ms": _nanmean(c.query_ms), "n_queries": len(c.query_ms)},
+        "timing": {"seconds": seconds, "encode_mean_s": nanmean(c.encode_s),
+                   "query_mean_ms": nanmean(c.query_ms), "n_queries": len(c.query_ms)},
     }
     return _clean(result)
 
@@ -420,14 +296,14 @@ def _f(x, digits=3) -> str:
     return f"{x:.{digits}f}"
 
 
-def metrics_markdown(m: dict, title: Optional[str] = None) -> str:
-    """One model's metrics as Markdown tables."""
+def metrics_markdown(m: dict, title: Optional[str] = None, figures: Optional[dict] = None) -> str:
+    """One model's metrics as Markdown tables; ``figures`` {kind: link} adds the pictures."""
     model = m.get("model", {})
     lines = [f"# {title or 'Evaluation: ' + str(model.get('id'))}", ""]
     lines += [
         f"Model `{model.get('id')}` {model.get('version', '')} (weights sha256 "
-        f"`{str(model.get('sha256'))[:12]}…`, presence from {model.get('presence_source')} "
-        f"embeddings, calibration T = {_f(model.get('calibration_temperature'))}); "
+        f"`{str(model.get('sha256'))[:12]}…`, presence from {model.get('presence_source') or 'its'} "
+        f"embeddings, {model.get('calibration') or 'uncalibrated'}); "
         f"data `{m['data']['manifest']}` ({m['data']['n_cases']} cases); mask threshold "
         f"{m.get('mask_threshold')}. Dice is computed on the source voxel grid.", "",
         "| metric | value |", "|---|---|",
@@ -446,6 +322,12 @@ def metrics_markdown(m: dict, title: Optional[str] = None) -> str:
         f"| encode time per case (s) | {_f(m['timing'].get('encode_mean_s'), 2)} |",
         f"| query time per prompt with mask (ms) | {_f(m['timing'].get('query_mean_ms'), 1)} |",
         "",
+    ]
+    if figures:
+        names = {"roc": "ROC curves per finding", "reliability": "Reliability diagram",
+                 "dice": "Dice per structure"}
+        lines += ["## Figures", ""] + [f"![{names[k]}]({v})" for k, v in figures.items()] + [""]
+    lines += [
         "## Findings", "",
         "| finding | AUC | positives | negatives | Dice | cases with mask |",
         "|---|---|---|---|---|---|",
@@ -527,38 +409,62 @@ def comparison_markdown(results: dict, title: str = "Model comparison") -> str:
 
 
 def write_results(results: dict, out_dir: str | Path, doc: str | Path | None = None) -> dict:
-    """Write metrics.json + metrics.md (and per-model files when several) into ``out_dir``;
-    with ``doc`` also write the comparison table there (e.g. docs/model_comparison.md).
+    """Write metrics.json, metrics.md and metrics.html (tables and pictures: figures/*.png) into
+    ``out_dir``; with several models one comparison table comes first, then each model's details.
+    With ``doc`` also write the tables (no pictures) there (e.g. docs/model_comparison.md).
 
     Written atomically (temporary file + rename). Returns {name: path}."""
-    from .errors import ExportError
+    import base64
+
+    from markdown_it import MarkdownIt
+
+    from . import evaluation_figures as FIG
+    from .exports import slugify
+    from .exports.atomic import check_writable_dir
     from .io import atomic_write
 
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"The output folder {out} cannot be created ({exc.strerror or exc}).") from exc
+    check_writable_dir(out)
     files = {}
 
     def put(path: Path, text: str):
-        files[path.name] = atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        files[path.name] = atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
-    if len(results) == 1:
-        (label, m), = results.items()
-        put(out / "metrics.json", json.dumps(m, indent=2, sort_keys=False) + "\n")
-        put(out / "metrics.md", metrics_markdown(m))
-        md = metrics_markdown(m)
-    else:
-        payload = {"models": results, "comparison": comparison_rows(results)}
-        put(out / "metrics.json", json.dumps(_clean(payload), indent=2) + "\n")
+    single = len(results) == 1
+    figures = {label: FIG.write_figures(m, out / "figures", prefix="" if single else f"{slugify(label)}-")
+               for label, m in results.items()}
+    for made in figures.values():
+        files.update({f"figures/{p.name}": p for p in made.values()})
+
+    def document(links) -> str:
+        if single:
+            (label, m), = results.items()
+            return metrics_markdown(m, figures=links(label))
         md = comparison_markdown(results)
         for label, m in results.items():
-            md += "\n---\n\n" + metrics_markdown(m, title=f"Details: {label}").replace("\n## ", "\n### ")
-        put(out / "metrics.md", md)
+            md += "\n---\n\n" + metrics_markdown(m, title=f"Details: {label}", figures=links(label)
+                                                  ).replace("\n## ", "\n### ")
+        return md
+
+    def relative(label):
+        return {k: p.relative_to(out).as_posix() for k, p in figures[label].items()}
+
+    def inline(label):   # metrics.html is one self-contained file
+        return {k: "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()
+                for k, p in figures[label].items()}
+
+    payload = next(iter(results.values())) if single else \
+        _clean({"models": results, "comparison": comparison_rows(results)})
+    put(out / "metrics.json", json.dumps(payload, indent=2) + "\n")
+    put(out / "metrics.md", document(relative))
+    body = MarkdownIt("commonmark").enable("table").render(document(inline))
+    put(out / "metrics.html", "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>CTLanguage "
+        "evaluation</title><style>body{font-family:sans-serif;max-width:60em;margin:auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+        "img{max-width:100%}</style></head><body>\n" + body + "</body></html>\n")
     if doc:
         doc = Path(doc)
         doc.parent.mkdir(parents=True, exist_ok=True)
-        put(doc, md if len(results) > 1 else metrics_markdown(next(iter(results.values()))))
+        put(doc, document(lambda label: None))
         files["doc"] = doc
     return files

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ExportError, InputError
+from .files import make_shared
+from .exports.atomic import check_writable_dir
 from .volume import CTVolume, nonfinite_error, set_sitk_geometry
 
 log = logging.getLogger(__name__)
@@ -202,11 +204,10 @@ def _check_destination(path: Path) -> str:
     suffix = _suffix(path, WRITE_SUFFIXES)
     if suffix is None:
         raise ExportError(f"Cannot write {path.name!r}: use one of {', '.join(WRITE_SUFFIXES)}.")
-    folder = path.parent
-    if not folder.is_dir():
-        raise ExportError(f"Cannot write {path}: the folder {folder} does not exist.")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ExportError(f"Cannot write {path}: the folder {folder} is not writable.")
+    try:
+        check_writable_dir(path.parent, create=False)
+    except ExportError as exc:
+        raise ExportError(f"Cannot write {path}: {exc}.") from None
     if path.is_dir():
         raise ExportError(f"Cannot write {path}: a folder with that name exists.")
     return suffix
@@ -216,7 +217,9 @@ def atomic_write(path, write_fn, suffix: str | None = None) -> Path:
     """Call ``write_fn(tmp_path)`` for a temp file next to ``path``, then rename it into place.
 
     ``suffix`` keeps the file extension on the temp name (ITK picks the format from it).
+    The file gets the permissions a plain ``open`` would give (the temp file is private).
     On any failure the temp file is removed and ExportError is raised.
+    The project's one single-file atomic writer.
     """
     path = Path(path)
     suffix = suffix if suffix is not None else "".join(path.suffixes)
@@ -226,6 +229,7 @@ def atomic_write(path, write_fn, suffix: str | None = None) -> Path:
         raise ExportError(f"Cannot write {path}: {exc.strerror or exc}.") from None
     os.close(fd)
     try:
+        make_shared(tmp)
         write_fn(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
@@ -245,8 +249,11 @@ def _write_array(array: np.ndarray, ijk_to_ras: np.ndarray, path: Path, compress
     import SimpleITK as sitk
 
     suffix = _check_destination(path)
-    image = sitk.GetImageFromArray(array)
-    set_sitk_geometry(image, ijk_to_ras)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    try:
+        set_sitk_geometry(image, ijk_to_ras)
+    except ValueError as exc:
+        raise ExportError(f"Cannot write {path.name}: {exc}.") from None
     itk_suffix = ".nrrd" if suffix == ".seg.nrrd" else suffix
 
     def write(tmp):
@@ -265,8 +272,9 @@ def write_volume(volume: CTVolume, path) -> Path:
 
 def _check_like(array: np.ndarray, like: CTVolume, what: str) -> np.ndarray:
     array = np.asarray(array)
-    if tuple(array.shape) != like.shape:
-        raise ExportError(f"The {what} has shape {array.shape} but the volume has shape {like.shape}.")
+    shape = tuple(np.shape(like.array))
+    if tuple(array.shape) != shape:
+        raise ExportError(f"The {what} has shape {array.shape} but the volume has shape {shape}.")
     if array.dtype == bool:
         return array.astype(np.uint8)
     if not np.issubdtype(array.dtype, np.integer):
@@ -275,7 +283,8 @@ def _check_like(array: np.ndarray, like: CTVolume, what: str) -> np.ndarray:
 
 
 def write_mask(mask: np.ndarray, like: CTVolume, path) -> Path:
-    """Write a binary mask (uint8, 0/1) on the exact voxel grid of ``like`` (NIfTI or NRRD)."""
+    """Write a binary mask (uint8, 0/1) on the exact voxel grid of ``like`` (NIfTI or NRRD; any
+    object with ``array`` and ``ijk_to_ras`` will do). The project's one mask writer."""
     mask = _check_like(mask, like, "mask")
     if mask.size and (mask.min() < 0 or mask.max() > 1):
         raise ExportError(f"A mask must contain only 0 and 1, found values {mask.min()}..{mask.max()}.")

@@ -170,10 +170,39 @@ def _truncate(text: str) -> str:
     return cut[:space] if space > MAX_CHARS // 2 else cut
 
 
+def check_text(text: str) -> None:
+    """Refuse text that is not valid Unicode: a lone surrogate, e.g. a non-UTF-8 byte from argv
+    (Python keeps those as U+DC80..U+DCFF), which the tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        what = (f"a byte that is not UTF-8 (0x{code - 0xDC00:02X})" if 0xDC80 <= code <= 0xDCFF
+                else f"a lone surrogate (U+{code:04X})")
+        raise PromptError(f"The prompt has {what} at character {exc.start + 1}, after "
+                          f"{text[:exc.start][-30:]!r}; give prompts as UTF-8 text.") from None
+
+
+def _claim(words: list, covered: list, table: dict, lengths) -> list:
+    """(start, length, table value) for each run of ``lengths`` words (tried in that order) that
+    ``table`` knows and that no earlier hit covers; marks the runs in ``covered``."""
+    hits = []
+    for length in lengths:
+        for start in range(0, len(words) - length + 1):
+            if any(covered[start:start + length]):
+                continue
+            value = table.get(tuple(words[start:start + length]))
+            if value:
+                hits.append((start, length, value))
+                covered[start:start + length] = [True] * length
+    return hits
+
+
 def parse_prompt(text: str) -> ParsedPrompt:
     """Parse one prompt. Raises PromptError for empty or punctuation-only text."""
     if not isinstance(text, str):
         raise PromptError(f"A prompt must be text, not {type(text).__name__}.")
+    check_text(text)
     raw = _truncate(text.strip())
     if not any(ch.isalnum() for ch in raw):
         raise PromptError("The prompt is empty; type an anatomy or a finding, e.g. 'liver lesion'.")
@@ -205,26 +234,10 @@ def parse_prompt(text: str) -> ParsedPrompt:
             corrections.append((w, fixed))
             content[i] = fixed
 
-    # longest-first phrase matching over the content tokens
+    # longest-first phrase matching over the content tokens, then head words in what is left
     covered = [False] * len(content)
-    matches = []  # (start, length, entry)
-    for length in range(min(len(content), 8), 0, -1):
-        for start in range(0, len(content) - length + 1):
-            if any(covered[start:start + length]):
-                continue
-            entry = phrases.get(tuple(content[start:start + length]))
-            if entry:
-                matches.append((start, length, entry))
-                covered[start:start + length] = [True] * length
-    head_hits = []  # (start, length, {findings})
-    for length in (2, 1):
-        for start in range(0, len(content) - length + 1):
-            if any(covered[start:start + length]):
-                continue
-            cands = heads.get(tuple(content[start:start + length]))
-            if cands:
-                head_hits.append((start, length, cands))
-                covered[start:start + length] = [True] * length
+    matches = _claim(content, covered, phrases, range(min(len(content), 8), 0, -1))  # entry
+    head_hits = _claim(content, covered, heads, (2, 1))                             # {findings}
 
     unknown = tuple(w for w, c in zip(content, covered) if not c and w not in _QUALIFIERS)
     n_real = sum(1 for w, c in zip(content, covered) if c or w not in _QUALIFIERS) or 1
@@ -348,6 +361,7 @@ def split_prompts(text: str) -> list:
     '|' and new lines). Raises PromptError if nothing usable remains."""
     if not isinstance(text, str):
         raise PromptError(f"Prompts must be text, not {type(text).__name__}.")
+    check_text(text)
     parts = [p.strip() for p in re.split(r"[;|\n]+", text)]
     parts = [p for p in parts if any(ch.isalnum() for ch in p)]
     if not parts:

@@ -1,7 +1,8 @@
 """Locate the project's shared resources (embedded models, model catalog).
 
-Order: the CTLANGUAGE_RESOURCES environment variable, then the repository/extension layout
-(<root>/Resources next to the CTLanguage module folder).
+Order: the CTLANGUAGE_RESOURCES environment variable (the Slicer extension sets it), then the
+copy inside an installed wheel (``ctlanguage/_resources``, made by setup.py), then the repository
+layout (<root>/Resources next to the CTLanguage module folder; editable installs).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 def resources_dir() -> Path:
     env = os.environ.get("CTLANGUAGE_RESOURCES")
     candidates = [Path(env)] if env else []
+    candidates.append(_PACKAGE_DIR / "_resources")  # wheel
     # repository: <root>/CTLanguage/ctlanguage -> <root>/Resources
     candidates.append(_PACKAGE_DIR.parent.parent / "Resources")
     for c in candidates:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import InputError
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])   # its own inverse: also RAS -> LPS
 MIN_VOXELS_PER_AXIS = 8
 
 
@@ -45,7 +45,7 @@ class CTVolume:
     @property
     def spacing(self) -> np.ndarray:
         """Voxel size in mm along (i, j, k)."""
-        return np.linalg.norm(self.ijk_to_ras[:3, :3], axis=0)
+        return voxel_spacing(self.ijk_to_ras)
 
     @property
     def origin_ras(self) -> np.ndarray:
@@ -154,6 +154,33 @@ class CTVolume:
         return cls(arr, sitk_ijk_to_ras(image), **provenance)
 
 
+def voxel_spacing(ijk_to_ras: np.ndarray) -> np.ndarray:
+    """Voxel size in mm along (i, j, k): the lengths of the matrix's first three columns."""
+    return np.linalg.norm(np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3], axis=0)
+
+
+def flip_lps_ras(a: np.ndarray) -> np.ndarray:
+    """RAS <-> LPS (the flip is its own inverse) of a 4x4 voxel-to-world matrix, or of points or
+    vectors (..., 3). ITK, DICOM and NRRD use LPS; CTVolume and Slicer use RAS."""
+    a = np.asarray(a, dtype=np.float64)
+    if a.shape == (4, 4):
+        return LPS_TO_RAS @ a
+    if a.shape[-1:] != (3,):
+        raise ValueError(f"expected a 4x4 matrix or (..., 3) points, got shape {a.shape}")
+    return a * LPS_TO_RAS.diagonal()[:3]
+
+
+def sitk_geometry(ijk_to_ras: np.ndarray) -> tuple[tuple, tuple, tuple]:
+    """(spacing, LPS origin, row-major LPS direction) of a voxel->RAS matrix, as SimpleITK wants.
+    ValueError when an axis has zero length."""
+    lps = flip_lps_ras(ijk_to_ras)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    if np.any(spacing <= 0):
+        raise ValueError("the voxel-to-world matrix has a zero-length axis")
+    direction = lps[:3, :3] / spacing
+    return tuple(spacing.tolist()), tuple(lps[:3, 3].tolist()), tuple(direction.ravel().tolist())
+
+
 # cosine of the angle between two voxel axes still taken as perpendicular: header rounding
 # (6 decimals) gives ~1e-6; ITK's NIfTI writer straightens anything above ~1e-5 (0.05 mm at 500 mm)
 SHEAR_TOL = 1e-4
@@ -183,21 +210,17 @@ def sitk_ijk_to_ras(image) -> np.ndarray:
     m = np.eye(4)
     m[:3, :3] = d * np.array(image.GetSpacing(), dtype=np.float64)
     m[:3, 3] = image.GetOrigin()
-    return LPS_TO_RAS @ m
-
-
-def sitk_geometry(ijk_to_ras: np.ndarray) -> tuple:
-    """(spacing, LPS origin, row-major LPS direction) tuples of a voxel->RAS matrix, as
-    SimpleITK takes them."""
-    lps = LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=np.float64)
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    return (tuple(float(s) for s in spacing), tuple(float(v) for v in lps[:3, 3]),
-            tuple(float(v) for v in (lps[:3, :3] / spacing).ravel()))
+    return flip_lps_ras(m)
 
 
 def set_sitk_geometry(image, ijk_to_ras: np.ndarray) -> None:
-    """Give a 3D SimpleITK image the grid described by a voxel->RAS matrix."""
+    """Give a 3D SimpleITK image the grid described by a voxel->RAS matrix (ValueError when an
+    axis has zero length or two axes are parallel: ITK refuses a singular direction)."""
     spacing, origin, direction = sitk_geometry(ijk_to_ras)
     image.SetSpacing(spacing)
-    image.SetDirection(direction)
     image.SetOrigin(origin)
+    try:
+        image.SetDirection(direction)
+    except RuntimeError:
+        raise ValueError("the voxel axes are degenerate (parallel); this grid cannot be stored as "
+                         "an ITK image (NIfTI/NRRD)") from None

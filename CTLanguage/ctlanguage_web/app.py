@@ -47,7 +47,7 @@ def configure_offscreen_gl() -> str:
 class CTLanguageWebApp:
     def __init__(self, server=None, work_dir: str | Path | None = None, model: str = "default",
                  device: str | None = "cpu", max_upload_mb: float | None = None,
-                 image_encoder: str = "png", engine_loader=None):
+                 image_encoder: str = "png", engine_loader=None, access_token: str | None = None):
         from trame.app import get_server
         from trame_slicer import module as trame_slicer_module
         from trame_slicer.core import LayoutManager, SlicerApp
@@ -60,6 +60,7 @@ class CTLanguageWebApp:
         self.state, self.ctrl = self.server.state, self.server.controller
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="ctlanguage-web-"))
         self.token = secrets.token_urlsafe(16)
+        self.access_token = access_token  # required on every request when set (access.py)
         self.slicer_app = SlicerApp()
         register_rca_factories(self.slicer_app.view_manager, self.server, rca_encoder=image_encoder,
                                slice_view_ui_f=_no_gutter, three_d_view_ui_f=_no_gutter)
@@ -289,6 +290,11 @@ class CTLanguageWebApp:
     def _add_routes(self, wslink_server):
         from aiohttp import web
 
+        if self.access_token:
+            from .access import middleware
+
+            wslink_server.app.middlewares.append(middleware(self.access_token))
+
         async def download(request):
             if request.match_info["token"] != self.token:
                 raise web.HTTPNotFound()
@@ -400,7 +406,8 @@ class CTLanguageWebApp:
             with v.VTable(density="compact", id="results-table", hover=True):
                 with html.Thead():
                     with html.Tr():
-                        for title in ("", "prompt", "anatomy", "probability", "confidence", "ml", ""):
+                        # the names of findings.csv and the other tables ("prompt confidence")
+                        for title in ("", "prompt", "anatomy", "probability", "prompt confidence", "ml", ""):
                             html.Th(title, style="padding: 0 4px;")
                 with html.Tbody():
                     with html.Tr(v_for="r in results", key="r.row", classes="result-row",
@@ -479,8 +486,11 @@ def main(argv=None) -> int:
 
     atexit.register(_cleanup)
     device = None if args.device == "auto" else args.device
+    from .access import ENV
+
     app = CTLanguageWebApp(work_dir=work_dir, model=args.model, device=device,
-                           max_upload_mb=args.max_upload_mb, image_encoder=args.image_encoder)
+                           max_upload_mb=args.max_upload_mb, image_encoder=args.image_encoder,
+                           access_token=os.environ.pop(ENV, None))
 
     @app.ctrl.add("on_server_ready")
     def _ready(**_):

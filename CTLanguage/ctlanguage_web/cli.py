@@ -20,6 +20,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--max-sessions", type=int, default=4, help="browser sessions at once (default 4)")
     p.add_argument("--max-upload-mb", type=float, default=None, help="upload size limit (default 512 MB)")
+    p.add_argument("--token", default=None,
+                   help="access token to require (default: $CTLANGUAGE_WEB_TOKEN; when --host is not "
+                        "loopback and neither is set, a random token is made and printed)")
     p.add_argument("--idle-timeout", type=int, default=120,
                    help="seconds a session lives on after its tab is closed (default 120)")
     p.set_defaults(func=_run)
@@ -27,6 +30,8 @@ def register(subparsers) -> None:
 
 def _run(args) -> int:
     from ctlanguage.errors import InputError
+
+    from .access import resolve_token
 
     try:
         from .launcher import Launcher
@@ -37,5 +42,5 @@ def _run(args) -> int:
         raise InputError(f"Port {args.port} is out of range.")
     Launcher(host=args.host, port=args.port, model=args.model, device=args.device,
              max_sessions=args.max_sessions, max_upload_mb=args.max_upload_mb,
-             idle_timeout=args.idle_timeout).run()
+             idle_timeout=args.idle_timeout, token=resolve_token(args.host, args.token)).run()
     return 0

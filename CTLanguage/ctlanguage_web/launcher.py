@@ -5,6 +5,8 @@ CT and results. The launcher serves ``/`` (a "starting your session" page); the 
 ``POST /session``, the launcher starts ``python -m ctlanguage_web.app`` on a free localhost port
 with a private work folder and answers with that session's URL, and the page moves there.
 
+Bound beyond loopback, the launcher and every session require an access token (see access.py).
+
 A session process exits on its own ``--idle-timeout`` after its tab is closed, or when the
 launcher is gone; the launcher removes each finished session's folder, and on exit stops every
 session it started and removes its whole temporary folder.
@@ -23,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from . import access
 
 log = logging.getLogger("ctlanguage_web.launcher")
 
@@ -54,8 +58,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 class Launcher:
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, model: str = "default",
                  device: str = "cpu", max_sessions: int = 4, max_upload_mb: float | None = None,
-                 idle_timeout: int = 120, start_timeout: float = 180.0, image_encoder: str = "png"):
+                 idle_timeout: int = 120, start_timeout: float = 180.0, image_encoder: str = "png",
+                 token: str | None = None):
         self.host, self.port = host, port
+        self.token = token  # None: no access token (loopback only; see access.resolve_token)
         self.model, self.device = model, device
         self.max_sessions = max_sessions
         self.max_upload_mb = max_upload_mb
@@ -95,6 +101,9 @@ class Launcher:
         logf = open(folder / "session.log", "wb")
         # torch's compile cache would otherwise land in $TMPDIR and outlive the demo
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(self.base_dir / "torch_cache"))
+        env.pop(access.ENV, None)
+        if self.token:
+            env[access.ENV] = self.token  # the session requires the same token
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=str(folder), start_new_session=True, env=env)
         logf.close()
@@ -136,7 +145,10 @@ class Launcher:
     def make_app(self):
         from aiohttp import web
 
-        async def index(_request):
+        async def index(request):
+            if self.token and request.query.get("token"):
+                # the token is now in a cookie (access.middleware): drop it from the address bar
+                return web.Response(status=302, headers={"Location": "/", "Cache-Control": "no-store"})
             return web.Response(text=START_PAGE, content_type="text/html",
                                 headers={"Cache-Control": "no-store"})
 
@@ -164,7 +176,7 @@ class Launcher:
             yield
             task.cancel()
 
-        app = web.Application()
+        app = web.Application(middlewares=[access.middleware(self.token)] if self.token else [])
         app.router.add_get("/", index)
         app.router.add_post("/session", session)
         app.router.add_get("/healthz", health)
@@ -174,8 +186,15 @@ class Launcher:
     def run(self) -> None:
         from aiohttp import web
 
-        print(f"CTLanguage web demo: open http://{self.host}:{self.port}/ in a browser "
-              "(each tab is its own session). Ctrl+C stops it.", flush=True)
+        if self.token:
+            shown = self.host if not self.host.startswith("0.0.0.0") and self.host not in ("::", "") \
+                else "<this machine's address>"
+            print(f"CTLanguage web demo listening on {self.host}:{self.port}; every request needs the "
+                  f"access token. Open http://{shown}:{self.port}/?token={self.token} in a browser "
+                  "(each tab is its own session). Ctrl+C stops it.", flush=True)
+        else:
+            print(f"CTLanguage web demo: open http://{self.host}:{self.port}/ in a browser "
+                  "(each tab is its own session). Ctrl+C stops it.", flush=True)
         try:
             web.run_app(self.make_app(), host=self.host, port=self.port, print=None)
         finally:

@@ -261,10 +261,12 @@ class WebSession:
                 log.debug("3D camera setup failed", exc_info=True)
 
     def volume_summary(self) -> str:
+        from ctlanguage.volume import voxel_spacing
+
         if self.input is None:
             return ""
         v = self.input.volume
-        sp = np.linalg.norm(np.asarray(v.ijk_to_ras)[:3, :3], axis=0)
+        sp = voxel_spacing(v.ijk_to_ras)
         k, j, i = np.shape(v.array)
         return (f"{self.input.name}: {i}×{j}×{k} voxels, {sp[0]:.2f}×{sp[1]:.2f}×{sp[2]:.2f} mm"
                 f" ({self.input.kind})")

@@ -11,9 +11,12 @@ CLI never imports them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from .. import __version__
 from ..errors import CTLanguageError
@@ -21,7 +24,8 @@ from ..errors import CTLanguageError
 # modules of this package that provide register(subparsers), in --help order
 _SUBCOMMAND_MODULES = [
     "ctlanguage.cli.phantom",        # phantom
-    "ctlanguage.cli.train",          # train, calibrate
+    "ctlanguage.cli.train",          # train
+    "ctlanguage.cli.calibrate",      # calibrate
     "ctlanguage.cli.evaluate",       # evaluate
     "ctlanguage.cli.query",          # encode, query, batch
     "ctlanguage.cli.models",         # models list|verify|download
@@ -68,14 +72,38 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
-        return int(args.func(args) or 0)
+        with _sigterm_as_interrupt():
+            return int(args.func(args) or 0)
     except CTLanguageError as exc:
         if args.verbose:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("error: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl+C so that every cleanup path (staging folders, temp files) runs."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 

@@ -12,6 +12,7 @@ Nothing interactive is opened.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
 
@@ -37,12 +38,13 @@ def _phantom_volume(case):
 
 
 def _dice(a, b) -> float | None:
-    import numpy as np
+    """metrics.dice, with None for two empty masks (undefined) in the printed table."""
+    import math
 
-    a = a.astype(bool)
-    b = b.astype(bool)
-    s = int(a.sum()) + int(b.sum())
-    return None if s == 0 else 2.0 * int(np.count_nonzero(a & b)) / s
+    from ..metrics import dice
+
+    d = dice(a, b)
+    return None if math.isnan(d) else d
 
 
 def _to_grid(mask, src_ijk_to_ras, dst_ijk_to_ras, dst_shape):
@@ -106,9 +108,11 @@ def cmd_demo(args) -> int:
     from .. import io as ctio
     from ..dicom_io import write_dicom_series
     from ..exports.atomic import check_writable_dir
-    from .query import Reporter, findings_table, load_model, query_and_export, split_prompt_args
+    from .query import (Reporter, findings_table, load_model, mask_threshold, print_json,
+                        query_and_export, split_prompt_args, stdout_console)
 
     reporter = Reporter(args.quiet)
+    threshold = mask_threshold(args.mask_threshold)
     prompts = split_prompt_args(args.prompt) if args.prompt else list(DEFAULT_PROMPTS)
     out = Path(args.out)
     check_writable_dir(out)
@@ -156,21 +160,24 @@ def cmd_demo(args) -> int:
 
     # 4. + 5. prompts and exports
     findings, result = query_and_export(model, enc, volume, prompts, results, reporter,
-                                        mask_threshold=args.mask_threshold,
+                                        mask_threshold=threshold,
                                         input_path=str(dicom_dir),
                                         extra={"demo": {"phantom_seed": args.seed}})
     timings[f"query ({len(prompts)} prompts)"] = result.timings["query"]
     timings["per prompt (mean)"] = result.timings["query"] / max(len(prompts), 1)
     timings["exports"] = result.timings["export"]
 
+    if args.json:
+        print_json(json.loads(result.files["findings.json"].read_text(encoding="utf-8")))
+    elif not args.quiet:
+        stdout_console().print(findings_table(
+            findings, result,
+            title=f"CTLanguage demo — model {model.info['id']} {model.info['version']}",
+            extra={"phantom truth": [_truth_for(case, f, volume) for f in findings]}))
     if not args.quiet:
         from rich.table import Table
 
         con = reporter.console
-        table = findings_table(findings, result,
-                               title=f"CTLanguage demo — model {model.info['id']} {model.info['version']}",
-                               extra={"phantom truth": [_truth_for(case, f, volume) for f in findings]})
-        con.print(table)
         truth = _truth_labels(case)
         if truth:
             present = sorted(k for k, v in truth.items() if v)
@@ -188,15 +195,13 @@ def cmd_demo(args) -> int:
         con.print(f"  {results / 'masks'}/ ({len(result.masks)} masks)")
         con.print("Research use only — synthetic data, not for diagnosis.")
     with contextlib.suppress(Exception):
-        import json
-
         (out / "timings.json").write_text(json.dumps({k: round(v, 4) for k, v in timings.items()},
                                                      indent=2) + "\n")
     return 0
 
 
 def register(subparsers) -> None:
-    from .query import _add_model_args, _threshold
+    from .query import _add_model_args, add_json_arg, add_threshold_arg
 
     p = subparsers.add_parser(
         "demo", help="synthetic case -> encode -> several prompts -> all exports (offline)",
@@ -206,6 +211,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=7, help="phantom seed (default 7)")
     p.add_argument("--prompt", "-p", action="append",
                    help="prompt(s) to run instead of the default demo set (repeatable)")
-    p.add_argument("--mask-threshold", type=_threshold, default=0.5, metavar="X")
+    add_threshold_arg(p)
+    add_json_arg(p, "results/findings.json (instead of the table)")
     _add_model_args(p)
     p.set_defaults(func=cmd_demo)

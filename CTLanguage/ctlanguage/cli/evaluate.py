@@ -5,8 +5,10 @@
         --model global-clip=runs/global/model --data held_out/manifest.jsonl --out eval/ \\
         --doc docs/model_comparison.md
 
-Writes DIR/metrics.json and DIR/metrics.md (with several models: one comparison table first,
-then each model's details). ``--doc`` also writes the table into the docs.
+Writes DIR/metrics.json, DIR/metrics.md and DIR/metrics.html (with several models: one
+comparison table first, then each model's details) and the pictures DIR/figures/*.png (ROC curves
+per finding, reliability diagram, Dice per structure; need matplotlib: ctlanguage[eval]), linked
+from metrics.md and embedded in metrics.html. ``--doc`` also writes the tables into the docs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def register(subparsers) -> None:
                    help="model id, folder or 'default'; repeat to compare several models "
                         "(the first is the reference); LABEL= names its column")
     p.add_argument("--data", required=True, metavar="MANIFEST", help="manifest.jsonl of the test cases")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder for metrics.json / metrics.md")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder for metrics.json / .md / .html and figures/")
     p.add_argument("--doc", metavar="FILE", help="also write the (comparison) table to this Markdown file")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: CUDA when available")
     p.add_argument("--max-cases", type=int, help="evaluate only the first N cases")

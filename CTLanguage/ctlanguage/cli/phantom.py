@@ -36,6 +36,9 @@ def handler(args: argparse.Namespace) -> int:
         if len(args.spacing) not in (1, 3):
             raise InputError("--spacing takes one value or three values (x y z).")
         spacing = args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing)
+    from .query import check_output_parent
+
+    check_output_parent(args.out)  # before the progress bar: the error comes first and alone
     quiet = getattr(args, "quiet", False)
     bar = None
     if not quiet:

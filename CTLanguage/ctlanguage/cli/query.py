@@ -12,7 +12,6 @@ import contextlib
 import csv
 import io as _io
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -179,16 +178,16 @@ def get_encoding(model: LoadedModel, volume: Any, encoding_file: str | None, rep
 
 def check_output_parent(out: str | Path) -> None:
     """Fail early (before minutes of work) when the output folder cannot be created/written."""
+    from ..exports.atomic import check_writable_dir
+
     p = Path(out).absolute()
     probe = p
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ExportError(f"output folder {p} is not writable: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ExportError(f"output folder {p} is not writable: permission denied on {probe}")
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent     # nothing is created yet: the nearest existing folder must accept files
+    try:
+        check_writable_dir(probe, create=False)
+    except ExportError as exc:
+        raise ExportError(f"output folder {p} is not writable ({exc})") from None
 
 
 def query_and_export(model: LoadedModel, enc: Any, volume: Any, prompts: list[str], out: Path,
@@ -214,28 +213,69 @@ def query_and_export(model: LoadedModel, enc: Any, volume: Any, prompts: list[st
     return findings, result
 
 
+# Column names are those of findings.csv/json, report.html and the Slicer/web tables
+# ("prompt confidence" is prompt_confidence everywhere). Headers wrap at spaces, never get cut:
+# number columns get a fixed width (longest header word or value), text columns share the rest
+# (fits 80 columns with the demo's extra column).
+TABLE_COLUMNS = (("prompt", "left"), ("anatomy", "left"), ("finding", "left"),
+                 ("probability", "right"), ("prompt confidence", "right"), ("volume (ml)", "right"))
+
+
+def _term(key: Any) -> str:
+    return str(key).replace("_", " ") if key else "—"
+
+
+def _finding_cell(f: Any) -> str:
+    name, side = getattr(f, "finding", None), getattr(f, "laterality", None)
+    return _term(name) + (f" ({side})" if name and side else "")
+
+
 def findings_table(findings: Sequence[Any], result: Any, title: str = "Findings",
                    extra: dict[str, list[str]] | None = None):
     from rich.table import Table
 
-    t = Table(title=title, show_lines=False)
-    for col, just in (("prompt", "left"), ("anatomy", "left"), ("finding", "left"),
-                      ("side", "left"), ("probability", "right"), ("understood", "right"),
-                      ("volume ml", "right")):
-        t.add_column(col, justify=just)  # type: ignore[arg-type]
-    for col in (extra or {}):
-        t.add_column(col)
-    slugs = getattr(result, "slugs", [None] * len(findings))
-    for n, (f, slug) in enumerate(zip(findings, slugs)):
+    rows = []
+    for n, f in enumerate(findings):
         p = getattr(f, "probability", None)
         c = getattr(f, "prompt_confidence", None)
         v = getattr(f, "volume_ml", None)
-        t.add_row(str(f.prompt), str(getattr(f, "anatomy", None) or "—"),
-                  str(getattr(f, "finding", None) or "—"), str(getattr(f, "laterality", None) or "—"),
-                  "—" if p is None else f"{p:.2f}", "—" if c is None else f"{c:.2f}",
-                  "—" if v is None else f"{v:.1f}",
-                  *[str(vals[n]) for vals in (extra or {}).values()])
+        rows.append([str(f.prompt), _term(getattr(f, "anatomy", None)), _finding_cell(f),
+                     "—" if p is None else f"{p:.2f}", "—" if c is None else f"{c:.2f}",
+                     "—" if v is None else f"{v:.1f}",
+                     *[str(vals[n]) for vals in (extra or {}).values()]])
+    t = Table(title=title, show_lines=False)
+    for i, (col, just) in enumerate((*TABLE_COLUMNS, *((c, "left") for c in (extra or {})))):
+        word = max(len(w) for w in col.split())
+        if just == "right":  # numbers: fixed width
+            t.add_column(col, justify="right", width=max([word] + [len(r[i]) for r in rows]))
+        else:
+            t.add_column(col, overflow="fold", min_width=word)
+    for r in rows:
+        t.add_row(*r)
     return t
+
+
+def stdout_console():
+    """Results (tables) go to stdout, progress and messages to stderr."""
+    from rich.console import Console
+
+    return Console()
+
+
+def print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def mask_threshold(text: str | float) -> float:
+    """The --mask-threshold value, or an InputError that says what is wrong with it."""
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise InputError(f"--mask-threshold must be a number between 0 and 1, not {text!r}") from None
+    if not 0.0 < v < 1.0:  # also false for nan
+        raise InputError(f"--mask-threshold must lie strictly between 0 and 1 (e.g. 0.5), not {text}")
+    return v
 
 
 # ============================================================================ commands
@@ -258,16 +298,20 @@ def cmd_encode(args) -> int:
 
 def cmd_query(args) -> int:
     reporter = Reporter(args.quiet)
+    threshold = mask_threshold(args.mask_threshold)
     prompts = split_prompt_args(args.prompt)
     check_output_parent(args.out)
     volume = read_image(args.image, reporter)
     model = load_model(args.model, args.device, reporter)
     enc = get_encoding(model, volume, args.encoding, reporter)
     findings, result = query_and_export(model, enc, volume, prompts, Path(args.out), reporter,
-                                        mask_threshold=args.mask_threshold,
+                                        mask_threshold=threshold,
                                         input_path=str(args.image))
+    if args.json:
+        print_json(json.loads(result.files["findings.json"].read_text(encoding="utf-8")))
+    elif not args.quiet:
+        stdout_console().print(findings_table(findings, result))
     if not args.quiet:
-        reporter.console.print(findings_table(findings, result))
         reporter.info(f"exports written to [bold]{result.out_dir}[/bold]: "
                       + ", ".join(sorted(result.files)) + ", masks/")
     return 0
@@ -322,13 +366,9 @@ def discover_cases(source: str | Path) -> list[Case]:
         if src.suffix.lower() == ".csv":
             rows = list(csv.DictReader(_io.StringIO(text)))
         else:
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    raise InputError(f"line {n} of {src.name} is not valid JSON") from None
+            from ..manifest import read_manifest
+
+            rows = read_manifest(src)
         for n, row in enumerate(rows, 1):
             if not row.get("image"):
                 raise InputError(f"entry {n} of {src.name} has no 'image'")
@@ -377,9 +417,10 @@ def _summary_row(case: Case, status: str, seconds: float | None, doc: dict | Non
 
 
 def cmd_batch(args) -> int:
-    from ..exports.atomic import atomic_write_bytes, check_writable_dir
+    from ..exports.atomic import atomic_write_bytes, check_writable_dir, recover
 
     reporter = Reporter(args.quiet)
+    threshold = mask_threshold(args.mask_threshold)
     prompts = split_prompt_args(args.prompt)
     cases = discover_cases(args.source)
     out = Path(args.out)
@@ -387,6 +428,8 @@ def cmd_batch(args) -> int:
     rows: list[dict] = []
     todo = []
     for c in cases:
+        if (out / c.case_id).is_dir():
+            recover(out / c.case_id)  # finish or drop an export of a killed earlier run
         done_json = out / c.case_id / "findings.json"
         if done_json.is_file() and not args.force:
             doc = None
@@ -412,7 +455,7 @@ def cmd_batch(args) -> int:
                     with quiet_steps.step("encoding") as cb:
                         enc = model.engine.encode(volume, progress=cb)  # type: ignore[union-attr]
                     _, result = query_and_export(model, enc, volume, prompts, out / c.case_id,  # type: ignore[arg-type]
-                                                 quiet_steps, mask_threshold=args.mask_threshold,
+                                                 quiet_steps, mask_threshold=threshold,
                                                  input_path=str(c.image), extra={"case_id": c.case_id})
                     doc = json.loads((out / c.case_id / "findings.json").read_text(encoding="utf-8"))
                     rows.append(_summary_row(c, "ok", time.perf_counter() - t0, doc)
@@ -442,6 +485,8 @@ def cmd_batch(args) -> int:
         atomic_write_bytes(out / "summary.csv", buf.getvalue().encode("utf-8"))
     except OSError as exc:
         raise ExportError(f"could not write {out / 'summary.csv'}: {exc.strerror or exc}") from None
+    if args.json:
+        print_json(rows)
     ok = sum(r["status"] == "ok" for r in rows)
     skipped = sum(r["status"] == "skipped" for r in rows)
     reporter.info(f"batch finished: {ok} ok, {skipped} skipped, {failed} failed; "
@@ -461,16 +506,15 @@ def _add_model_args(p) -> None:
                    help="force the device (default: CUDA when available, else CPU)")
 
 
-def _threshold(text: str) -> float:
-    import argparse
+def add_threshold_arg(p) -> None:
+    # checked by the handler (mask_threshold), so a bad value is one sentence, not a usage dump
+    p.add_argument("--mask-threshold", default="0.5", metavar="X",
+                   help="probability above which a voxel is in the mask, strictly between 0 and 1 "
+                        "(default 0.5)")
 
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError("the mask threshold must be between 0 and 1")
-    return v
+
+def add_json_arg(p, what: str) -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what} as JSON on stdout")
 
 
 def register(subparsers) -> None:
@@ -488,8 +532,8 @@ def register(subparsers) -> None:
                    help="free-text prompt (repeat, or separate several with ';')")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--encoding", metavar="FILE", help="reuse an encoding made by `ctlanguage encode`")
-    p.add_argument("--mask-threshold", type=_threshold, default=0.5, metavar="X",
-                   help="probability above which a voxel is in the mask (default 0.5)")
+    add_threshold_arg(p)
+    add_json_arg(p, "findings.json (instead of the table)")
     _add_model_args(p)
     p.set_defaults(func=cmd_query)
 
@@ -499,7 +543,8 @@ def register(subparsers) -> None:
     p.add_argument("source", metavar="MANIFEST|FOLDER")
     p.add_argument("--prompt", "-p", action="append", required=True, help="prompt (repeatable)")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--mask-threshold", type=_threshold, default=0.5, metavar="X")
+    add_threshold_arg(p)
+    add_json_arg(p, "the rows of summary.csv")
     p.add_argument("--force", action="store_true", help="re-run cases that are already finished")
     _add_model_args(p)
     p.set_defaults(func=cmd_batch)

@@ -1,4 +1,5 @@
-"""`ctlanguage train --config FILE` (and `ctlanguage calibrate`)."""
+"""`ctlanguage train --config FILE` (the model's own calibration runs at the end of training on
+the config's calib split; site calibration is `ctlanguage calibrate`, cli/calibrate.py)."""
 
 from __future__ import annotations
 
@@ -35,14 +36,6 @@ def _train(args) -> int:
     return 0
 
 
-def _calibrate(args) -> int:
-    from ..training.train import calibrate
-
-    res = calibrate(Path(args.model), Path(args.data))
-    print(json.dumps(res, indent=2))
-    return 0
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a grounded model from a JSON config (torchrun for DDP)")
     p.add_argument("--config", required=True, help="training config JSON (see configs/)")
@@ -51,7 +44,3 @@ def register(subparsers) -> None:
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in the output folder")
     p.add_argument("--no-export", action="store_true", help="do not copy the final model to config.export")
     p.set_defaults(func=_train)
-    c = subparsers.add_parser("calibrate", help="fit the calibration temperature of a model folder")
-    c.add_argument("--model", required=True, help="model folder (config.json + model.safetensors)")
-    c.add_argument("--data", required=True, help="calibration manifest.jsonl (disjoint seeds)")
-    c.set_defaults(func=_calibrate)

@@ -27,7 +27,6 @@ __all__ = [
     "unique_slugs",
     "finding_key",
     "finding_color",
-    "volume_spacing",
 ]
 
 ProgressFn = Callable[[float, str], None]
@@ -111,17 +110,6 @@ def finding_color(f: Any, index: int = 0) -> tuple[float, float, float]:
     if max(c) > 1.0:
         c = tuple(v / 255.0 for v in c)
     return tuple(min(max(v, 0.0), 1.0) for v in c)  # type: ignore[return-value]
-
-
-def volume_spacing(ijk_to_ras: np.ndarray) -> tuple[float, float, float]:
-    """Voxel size (i, j, k) in mm from the columns of the 4x4 IJK->RAS matrix."""
-    m = np.asarray(ijk_to_ras, dtype=np.float64)
-    return tuple(float(np.linalg.norm(m[:3, a])) for a in range(3))  # type: ignore[return-value]
-
-
-def voxel_volume_ml(ijk_to_ras: np.ndarray) -> float:
-    m = np.asarray(ijk_to_ras, dtype=np.float64)
-    return abs(float(np.linalg.det(m[:3, :3]))) / 1000.0
 
 
 def check_masks(volume: Any, findings: Sequence[Any]) -> None:

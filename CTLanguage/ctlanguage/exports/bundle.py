@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import __version__
+from ..volume import voxel_spacing
 from . import ExportResult, check_masks, unique_slugs
 from .atomic import atomic_output_dir
 
@@ -20,7 +21,7 @@ ALL_FORMATS = ("masks", "json", "csv", "seg_nrrd", "html", "dicom_seg")
 def input_record(volume: Any, path: str | Path | None = None) -> dict:
     """The "input" block of findings.json: where the image came from and its exact geometry."""
     m = np.asarray(volume.ijk_to_ras, dtype=np.float64)
-    sp_ijk = np.linalg.norm(m[:3, :3], axis=0)
+    sp_ijk = voxel_spacing(m)
     src = path if path is not None else getattr(volume, "source", None)
     return {
         "path": str(src) if src is not None else None,
@@ -120,7 +121,7 @@ def export_all(volume: Any, findings: Sequence[Any], out_dir: str | Path, *, mod
             step("segmentation.dcm")
         mask_rel: list[str | None] = [None] * len(findings)
         if "masks" in formats:
-            paths = write_masks(tmp / "masks", findings, slugs, volume.ijk_to_ras)
+            paths = write_masks(tmp / "masks", findings, volume, slugs)
             mask_rel = [f"masks/{p.name}" if p is not None else None for p in paths]
             result.masks = [out_dir / r for r in mask_rel if r]
             step("masks")

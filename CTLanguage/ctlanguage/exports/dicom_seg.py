@@ -15,9 +15,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ExportError, InputError
+from ..volume import flip_lps_ras
 from . import finding_color, finding_key
 
-_LPS = np.diag([-1.0, -1.0, 1.0])
 
 # generic codes when the vocabulary has none for a prompt
 _GENERIC_CATEGORY = ("91723000", "SCT", "Anatomical Structure")
@@ -62,6 +62,11 @@ def load_source_series(folder: str | Path, series_uid: str | None = None) -> lis
 
 # ------------------------------------------------------------------------------- geometry
 
+def _lps_to_ijk(ras_to_ijk: np.ndarray):
+    """Function: DICOM patient point (LPS mm) -> continuous voxel index (i, j, k)."""
+    return lambda lps: ras_to_ijk[:3, :3] @ flip_lps_ras(lps) + ras_to_ijk[:3, 3]
+
+
 def _frame_sampler(ds: Any, ras_to_ijk: np.ndarray, shape_kji: tuple[int, int, int]):
     """Function mask[k, j, i] -> 2-D (Rows, Columns) frame for source instance ``ds``."""
     rows, cols = int(ds.Rows), int(ds.Columns)
@@ -70,10 +75,7 @@ def _frame_sampler(ds: Any, ras_to_ijk: np.ndarray, shape_kji: tuple[int, int, i
     dr, dc = (float(v) for v in ds.PixelSpacing)  # spacing between rows, between columns
     x, y = iop[:3], iop[3:]
 
-    def to_ijk(lps):
-        ras = _LPS @ lps
-        return ras_to_ijk[:3, :3] @ ras + ras_to_ijk[:3, 3]
-
+    to_ijk = _lps_to_ijk(ras_to_ijk)
     p0 = to_ijk(ipp)
     step_c = to_ijk(ipp + dc * x) - p0
     step_r = to_ijk(ipp + dr * y) - p0
@@ -136,9 +138,7 @@ def _axis_params(ds: Any, ras_to_ijk: np.ndarray):
     iop = np.array([float(v) for v in ds.ImageOrientationPatient])
     dr, dc = (float(v) for v in ds.PixelSpacing)
 
-    def to_ijk(lps):
-        return ras_to_ijk[:3, :3] @ (_LPS @ lps) + ras_to_ijk[:3, 3]
-
+    to_ijk = _lps_to_ijk(ras_to_ijk)
     p0 = to_ijk(ipp)
     out = []
     for step in (to_ijk(ipp + dc * iop[:3]) - p0, to_ijk(ipp + dr * iop[3:]) - p0):

@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import finding_color, volume_spacing
+from ..volume import voxel_spacing
+from . import finding_color
 
 RESEARCH_NOTICE = (
     "Not a medical device; not for diagnosis or treatment decisions. Every number is a model "
@@ -31,7 +32,7 @@ def ras_view(array: np.ndarray, ijk_to_ras: np.ndarray) -> tuple[np.ndarray, tup
     """A *view* of a [k, j, i] array reordered to [S, A, R] with increasing index = +S/+A/+R,
     plus the voxel size along (S, A, R). Nearest axis permutation; no resampling, no copy."""
     m = np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]
-    spacing_ijk = volume_spacing(ijk_to_ras)
+    spacing_ijk = tuple(float(s) for s in voxel_spacing(ijk_to_ras))
     # array dimension for voxel axis i, j, k is 2, 1, 0
     dim_of_axis = {0: 2, 1: 1, 2: 0}
     order = [None, None, None]  # ras axis -> (array dim, sign, spacing)

@@ -22,9 +22,9 @@ import gzip
 
 import numpy as np
 
+from ..volume import flip_lps_ras
 from . import finding_color, finding_key
 
-_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 def terminology_string(f: Any) -> str | None:
@@ -97,8 +97,9 @@ def write_seg_nrrd(path: str | Path, volume: Any, findings: Sequence[Any],
     n_layers = max(layer_of, default=0) + 1
     layers = [np.zeros(shape, dtype=np.uint8) for _ in range(n_layers)]
     label_in_layer = [0] * n_layers
-    dirs = (_LPS @ ijk_to_ras[:3, :3]).T  # rows: i, j, k axis vectors in LPS
-    origin = _LPS @ ijk_to_ras[:3, 3]
+    lps = flip_lps_ras(ijk_to_ras)
+    dirs = lps[:3, :3].T  # rows: i, j, k axis vectors in LPS
+    origin = lps[:3, 3]
     vec = lambda v: "(" + ",".join(_num(x) for x in v) + ")"  # noqa: E731
     k, j, i = shape
     lines = ["NRRD0004", "# Complete NRRD file format specification at:",

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from ..errors import ExportError, InputError
+from ..exports.atomic import check_writable_dir
+from ..files import make_shared
+from ..io import atomic_write
+from ..volume import set_sitk_geometry
 from . import anatomy as an
 from . import findings as fd
 from .report_writer import write_report
@@ -173,44 +177,17 @@ def generate_case(seed: int, spacing=None, orient: bool = True, findings=None, f
 
 
 # ----------------------------------------------------------------------------- writing
-def _atomic_tmp(path: str, suffix: str) -> str:
-    d = os.path.dirname(os.path.abspath(path))
-    fd_, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=d)
-    os.close(fd_)
-    return tmp
-
-
 def write_nifti(array: np.ndarray, ijk_to_ras: np.ndarray, path: str, compression_level: int = 1) -> None:
-    """Atomic NIfTI write with SimpleITK (RAS affine converted to ITK's LPS)."""
+    """Atomic NIfTI write (fast compression level for corpus generation)."""
     import SimpleITK as sitk
 
     img = sitk.GetImageFromArray(array)
-    m = np.asarray(ijk_to_ras, float)
-    lps = np.diag([-1.0, -1.0, 1.0]) @ m[:3, :]
-    spacing = np.linalg.norm(lps[:, :3], axis=0)
-    img.SetSpacing(tuple(float(s) for s in spacing))
-    img.SetDirection(tuple(float(v) for v in (lps[:, :3] / spacing).ravel()))
-    img.SetOrigin(tuple(float(v) for v in lps[:, 3]))
-    tmp = _atomic_tmp(path, ".nii.gz")
-    try:
-        sitk.WriteImage(img, tmp, True, compression_level)
-        os.replace(tmp, path)
-    except Exception as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise ExportError(f"Could not write {path}: {exc}") from exc
+    set_sitk_geometry(img, ijk_to_ras)
+    atomic_write(path, lambda tmp: sitk.WriteImage(img, tmp, True, compression_level), suffix=".nii.gz")
 
 
 def _write_text(path: str, text: str) -> None:
-    tmp = _atomic_tmp(path, ".txt")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except Exception as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise ExportError(f"Could not write {path}: {exc}") from exc
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_case(case: PhantomCase, out_dir: str, montage: bool = True) -> dict:
@@ -257,12 +234,7 @@ def write_corpus(out_dir: str, n: int, seed: int = 0, spacing=None, orient: bool
     """
     if n < 0:
         raise InputError("The number of cases must be zero or more.")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"Cannot create output folder {out_dir}: {exc}") from exc
-    if not os.access(out_dir, os.W_OK):
-        raise ExportError(f"Output folder {out_dir} is not writable.")
+    check_writable_dir(out_dir)
     jobs = [(seed + i, out_dir, spacing, orient, montage) for i in range(n)]
     recs, tgen, ttot = [], [], []
     t0 = time.perf_counter()

@@ -7,11 +7,10 @@ anterior / superior at the top; sagittal shows anterior on the left.
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..files import make_shared
 
 COLORS = [
     (255, 64, 64), (64, 200, 255), (255, 210, 0), (80, 255, 80), (255, 120, 255), (255, 150, 40),
@@ -127,13 +126,7 @@ def render_montage(volume: np.ndarray, ijk_to_ras: np.ndarray, findings=(), titl
 
 
 def save_png(img: Image.Image, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=d)
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG", optimize=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Atomic PNG write (``ctlanguage.io.atomic_write``)."""
+    from ..io import atomic_write
+
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG", optimize=False), suffix=".png")

@@ -19,22 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..manifest import read_manifest, read_structures
 from . import phrases as PH
-
-
-def read_manifest(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"The manifest {path} does not exist.")
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise InputError(f"Line {n} of {path} is not valid JSON ({exc.msg}).") from exc
-    return out
 
 
 @dataclass
@@ -83,13 +69,10 @@ def _preprocess_case(entry: dict, root: Path, spec) -> dict:
     n_items = len(PH.finding_items())
     labels = np.zeros(grid.shape, np.uint8)
     names = {}
-    if entry.get("structures"):
-        lv = read_ct(root / entry["structures"], validate=False)
-        lab = np.rint(lv.array).astype(np.int32)
-        if lab.shape != vol.shape:
-            raise InputError(f"Structure map of {entry.get('case_id')} does not match its image grid.")
+    lab, struct_names = read_structures(entry, root, vol.shape)
+    if lab is not None:
         labels = grid.labels_to_model(lab, vol).astype(np.uint8)
-        names = {int(k): v for k, v in (entry.get("structure_labels") or {}).items()}
+        names = struct_names
     masks, items = [], []
     for fd in entry.get("findings") or []:
         if not fd.get("mask"):

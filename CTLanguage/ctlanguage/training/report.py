@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..metrics import nanmean, roc_auc
 from ..model import GroundedCTModel
 from .dataset import ManifestDataset
 from .train import case_level, collect_predictions, heldout_ensembles, summarize
@@ -39,10 +40,7 @@ def quick_eval(model_dir: str | Path, manifest: str | Path) -> dict:
 
 def mean_auc(z: np.ndarray, y: np.ndarray) -> float:
     """Mean over findings (columns) of the case-level AUC; findings without both classes skipped."""
-    from sklearn.metrics import roc_auc_score
-
-    vals = [roc_auc_score(y[:, k], z[:, k]) for k in range(y.shape[1]) if 0 < y[:, k].sum() < y.shape[0]]
-    return float(np.mean(vals)) if vals else float("nan")
+    return nanmean(roc_auc(y[:, k], z[:, k]) for k in range(y.shape[1]))
 
 
 def bootstrap_auc_difference(a: dict, b: dict, n: int = 1000, seed: int = 0) -> tuple[float, float, float]:

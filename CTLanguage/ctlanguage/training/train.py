@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..metrics import dice, expected_calibration_error, roc_auc
 from ..model import GroundedCTModel, ModelConfig
 from . import distributed as D
 from . import losses as L
@@ -197,11 +198,6 @@ class TrainingObjective(nn.Module):
 
 
 # ------------------------------------------------------------------------------ evaluation
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else float(2.0 * np.logical_and(a, b).sum() / s)
-
-
 
 
 @torch.no_grad()
@@ -241,11 +237,11 @@ def collect_predictions(model: GroundedCTModel, dataset: ManifestDataset, heldou
         gt_a = s["anat_full"].numpy()
         for a_i, a in enumerate(anatomies):
             if gt_a[a_i].any():
-                organ_dice[a].append(_dice(pa_full[a_i].numpy(), gt_a[a_i]))
+                organ_dice[a].append(dice(pa_full[a_i].numpy(), gt_a[a_i]))
         gt_f = s["find_full"].numpy()
         for i in range(len(items)):
             if s["presence"][i] > 0.5 and s["find_known"][i] and gt_f[i].any():
-                finding_dice[i].append(_dice(pf_full[i].numpy(), gt_f[i]))
+                finding_dice[i].append(dice(pf_full[i].numpy(), gt_f[i]))
         # presence from organ embeddings pooled in *predicted* anatomy masks (as the engine does)
         pred_masks = torch.sigmoid(la[None])
         pred_masks = (pred_masks > 0.5).to(pred_masks.dtype)
@@ -267,17 +263,6 @@ def collect_predictions(model: GroundedCTModel, dataset: ManifestDataset, heldou
     return dict(organ_dice=organ_dice, finding_dice=finding_dice, logits=np.array(logits),
                 logits_para=np.array(logits_para) if hp is not None else None,
                 labels=np.array(labels), items=items)
-
-
-def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
-    p, y = np.asarray(p, float).ravel(), np.asarray(y, float).ravel()
-    edges = np.linspace(0, 1, bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        sel = (p >= lo) & (p < hi) if hi < 1 else (p >= lo) & (p <= hi)
-        if sel.any():
-            ece += sel.mean() * abs(p[sel].mean() - y[sel].mean())
-    return float(ece)
 
 
 def _bias_row(bias: dict | None, items) -> np.ndarray:
@@ -337,8 +322,6 @@ def fit_platt(z: np.ndarray, y: np.ndarray, names: list, C: float = 1.0) -> tupl
 
 
 def summarize(pred: dict, temperature: float = 1.0, bias: dict | None = None) -> dict:
-    from sklearn.metrics import roc_auc_score
-
     items = pred["items"]
     organ = {a: float(np.mean(v)) for a, v in pred["organ_dice"].items() if v}
     fd: dict[str, list] = {}
@@ -354,7 +337,7 @@ def summarize(pred: dict, temperature: float = 1.0, bias: dict | None = None) ->
             z, y = z_all[:, k], y_all[:, k]
             ok = ~np.isnan(z)
             if ok.any() and 0 < y[ok].sum() < ok.sum():
-                out[f] = float(roc_auc_score(y[ok], z[ok]))
+                out[f] = roc_auc(y[ok], z[ok])
         return out
 
     auc = aucs(pred["logits"])

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional
 
-from . import vocabulary as vocab
-from .errors import InputError
-from .prompts import _BOTH, _LEFT, _RIGHT, _STOP, _fits, _fold, _index, lemma
+from .. import vocabulary as vocab
+from ..errors import InputError
+from ..prompts import _BOTH, _LEFT, _RIGHT, _STOP, _fits, _fold, _index, lemma
 
 PRESENT, ABSENT, UNCERTAIN = "present", "absent", "uncertain"
 
