@@ -176,3 +176,13 @@ def test_gpu_requested_without_one_is_a_clear_error():
     with pytest.raises(CTLanguageError, match="no CUDA GPU"):
         backend.pick_device("cuda")
     assert str(backend.pick_device(None)) == "cpu"
+
+
+def test_shipped_catalog_lists_merlin_with_its_facts(env):
+    e = catalog.find_entry("merlin")
+    assert e is not None and e.backend == "merlin" and e.license == "MIT"
+    assert e.size == 1_084_889_630
+    assert e.url.endswith("/stanfordmimi/Merlin/resolve/main/"
+                          "i3_resnet_clinical_longformer_best_clip_04-02-2024_23-21-36_epoch_99.pt")
+    assert e.extra["tokenizer_url"].endswith("/yikuan8/Clinical-Longformer/resolve/main")
+    assert backend_module(e.backend).describe(e).weights_present is False   # empty test cache
