@@ -1,8 +1,17 @@
-"""The backend contract (ctlanguage.engine.protocol) checked against the real embedded backend,
-the engine's composition of two backends, and the import direction of the engine package."""
+"""The backend contract (ctlanguage.engine.protocol) checked against the real embedded backend and
+the test double (Testing/_fake_engine.py) alike, the engine's composition of two backends, and the
+import direction of the engine package.
+
+In detail, for both: runtime-checkable Protocols; ``describe(entry)`` (no weights) says what the
+loaded backend says; every answer keeps the mask contract (float32 logits exactly the shape of the
+``preprocess.ModelGrid`` they name, or a 0/1 uint8 mask exactly on the source grid), scores only
+for the anatomies asked, in [0, 1] when calibrated; the state survives JSON + tensor round trips
+with identical answers; through the real Engine the findings land on the source grid, name the
+backend that made them, and survive an encoding file."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -10,7 +19,8 @@ import numpy as np
 import pytest
 
 from ctlanguage.engine import (Answer, Backend, BackendState, Capabilities, ConceptMatcher, Engine,
-                               ModelInfo, Request)
+                               Finding, ModelInfo, Request)
+from ctlanguage.preprocess import ModelGrid
 from ctlanguage.volume import CTVolume
 
 
@@ -155,3 +165,119 @@ def test_test_double_conforms_too(tmp_path, small_volume):
 
     check_backend(_fake_engine.FakeBackend(_fake_engine.make_fake_model_dir(tmp_path / "m")),
                   small_volume)
+
+
+# ---- the same contract in more detail, on the test double and the embedded backend alike ----------
+REQUESTS = (
+    Request(text="liver", kind="anatomy", anatomies=("liver",)),
+    Request(text="liver lesion", kind="finding", anatomies=("liver",), finding="liver_lesion"),
+    Request(text="fluid around the left lung", kind="finding", anatomies=("pleural_space_left",),
+            finding="pleural_effusion", laterality="left"),
+    Request(text="liver lesion", kind="finding", anatomies=("liver",), finding="liver_lesion", want_mask=False),
+)
+
+
+@pytest.fixture(scope="module", params=["fake", "grounded"])
+def backend(request, small_volume, tmp_path_factory):
+    """(backend module, backend, catalog entry, state on small_volume)."""
+    if request.param == "fake":
+        import _fake_engine
+
+        b = _fake_engine.FakeBackend(_fake_engine.make_fake_model_dir(tmp_path_factory.mktemp("fake") / "m"))
+        return _fake_engine, b, None, b.encode(small_volume)
+    from ctlanguage import catalog
+    from ctlanguage.backends import grounded as module
+
+    b = request.getfixturevalue("grounded")
+    return module, b, catalog.default_entry(), b.encode(small_volume)
+
+
+def _check_answer(ans, b, req, small_volume):
+    assert isinstance(ans, Answer) and ans.model == b.info.id
+    assert ans.mask is None or ans.logit is None, "an answer gives logits or a mask, not both"
+    if req.want_mask:
+        assert ans.mask is not None or ans.logit is not None, f"no mask for {req.text!r}"
+    if ans.logit is not None:
+        assert isinstance(ans.grid, ModelGrid)
+        assert ans.logit.dtype == np.float32 and ans.logit.shape == ans.grid.shape
+        assert np.isfinite(ans.logit).all()
+    if ans.mask is not None:
+        assert ans.mask.dtype == np.uint8 and ans.mask.shape == small_volume.array.shape
+        assert set(np.unique(ans.mask)) <= {0, 1}
+    assert set(ans.scores) <= set(req.anatomies)
+    if req.kind == "finding" and req.want_scores and b.capabilities.scores:
+        assert set(ans.scores) == set(req.anatomies)
+    for v in ans.scores.values():
+        assert np.isfinite(float(v))
+        if ans.calibrated:
+            assert 0.0 <= float(v) <= 1.0
+    assert not ans.calibrated or b.capabilities.calibrated
+
+
+def test_any_backend_satisfies_the_protocols(backend):
+    module, b, entry, state = backend
+    assert isinstance(b, Backend)
+    assert isinstance(b.info, ModelInfo) and b.info.id and len(b.info.sha256) == 64
+    assert isinstance(b.capabilities, Capabilities) and b.capabilities.summary()
+    assert all(isinstance(s, str) for s in b.capabilities.summary())
+    assert isinstance(state, BackendState) and state.nbytes() > 0
+    assert isinstance(b, ConceptMatcher)  # both can place text outside the vocabulary
+    phrase, key, _lat, sim = b.nearest_phrase("florbix wuggle")
+    assert isinstance(phrase, str) and isinstance(key, str) and np.isfinite(sim)
+
+
+def test_describe_without_weights_matches_the_loaded_backend(backend):
+    module, b, entry, _state = backend
+    static = module.describe(entry)
+    assert isinstance(static, Capabilities)
+    assert static.summary() == b.capabilities.summary()
+
+
+def test_answers_keep_the_shape_dtype_and_grid_contract(backend, small_volume):
+    _module, b, _entry, state = backend
+    for req in REQUESTS:
+        _check_answer(b.answer(state, req), b, req, small_volume)
+
+
+def test_state_round_trips_through_json_and_tensors(backend, small_volume):
+    import torch
+
+    _module, b, _entry, state = backend
+    meta = json.loads(json.dumps(state.metadata()))
+    tensors = {k: (torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v.detach().cpu().clone())
+               for k, v in state.tensors().items()}
+    restored = b.restore(meta, tensors)
+    assert isinstance(restored, BackendState)
+    for req in REQUESTS[:3]:
+        a, r = b.answer(state, req), b.answer(restored, req)
+        for name in ("logit", "mask"):
+            x, y = getattr(a, name), getattr(r, name)
+            assert (x is None) == (y is None)
+            if x is not None:
+                np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+        assert a.scores.keys() == r.scores.keys()
+        for k in a.scores:
+            assert a.scores[k] == pytest.approx(r.scores[k], abs=1e-6)
+
+
+def test_through_the_real_engine_findings_are_on_the_source_grid(backend, small_volume, tmp_path):
+    _module, b, _entry, _state = backend
+    engine = Engine.load(b, device="cpu")
+    enc = engine.encode(small_volume)
+    findings = engine.query(enc, "liver; liver lesion; fluid around the left lung", mask_threshold=0.5)
+    assert [f.prompt for f in findings] == ["liver", "liver lesion", "fluid around the left lung"]
+    for f in findings:
+        assert isinstance(f, Finding)
+        assert f.mask.dtype == np.uint8 and f.mask.shape == small_volume.array.shape
+        assert f.mask_model == b.info.id
+        assert f.volume_ml == pytest.approx(np.count_nonzero(f.mask) * small_volume.voxel_volume_ml)
+        assert f.heatmap().shape == small_volume.array.shape
+    assert findings[0].probability is None and findings[0].score_model is None
+    assert findings[1].score_model == b.info.id and 0.0 <= findings[1].probability <= 1.0
+    assert findings[1].calibrated == b.capabilities.calibrated
+    path = enc.save(tmp_path / "enc.safetensors")
+    from ctlanguage.engine import Encoding
+
+    again = engine.query(Encoding.load(path, engine, volume=small_volume), "liver lesion")[0]
+    assert np.array_equal(again.mask, findings[1].mask)
+    assert again.probability == pytest.approx(findings[1].probability, abs=1e-6)

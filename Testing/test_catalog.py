@@ -104,7 +104,11 @@ def test_shipped_catalog_has_required_fields_and_embedded_default_first():
     entries = json.loads(Path(catalog.catalog_path()).read_text())["models"]
     assert entries and entries[0]["embedded"] is True
     for e in entries:
-        assert REQUIRED <= set(e), REQUIRED - set(e)
+        if e.get("backend", "grounded") == "grounded" and not e.get("pipeline"):
+            assert REQUIRED <= set(e), REQUIRED - set(e)
+        else:   # other families fetch their own weights: no url/sha256 of ours
+            need = {"id", "version", "license", "description", "intended_use"}
+            assert need <= set(e), need - set(e)
     first = catalog.load_catalog()[0]
     assert catalog.default_entry().id == first.id
 

@@ -1,8 +1,9 @@
 """`ctlanguage encode | query | batch | demo` — outputs, resumability, and every bad input ending
 in one `error:` line, a non-zero exit and no partial files.
 
-Most tests run the real CLI code and engine on a stand-in backend (Testing/_fake_engine.py) so that they test
-the plumbing fast; `test_real_engine_*` run the embedded default model end to end when it exists.
+Most tests run the real CLI code and the real engine on a fake backend (Testing/_fake_engine.py),
+so that they test the plumbing fast; `test_real_engine_*` run the embedded default model end to
+end when it exists.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def test_series_without_uids_gets_a_seg_with_fresh_uids_and_a_warning(tmp_path, 
     fs = synthetic_findings(SHAPE)
     with caplog.at_level(logging.WARNING):
         res = export_all(vol, fs, tmp_path / "out", model=MODEL_INFO)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ALL
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == ALL
     assert len(res.warnings) == 1
     for needle in ("Study Instance UID", "Series Instance UID", "Frame of Reference UID", "fresh UIDs"):
         assert needle in res.warnings[0]
@@ -75,7 +75,7 @@ def test_series_without_frame_of_reference_only(tmp_path):
     vol = read_ct(folder)
     fs = synthetic_findings(SHAPE)
     res = export_all(vol, fs, tmp_path / "out", model=MODEL_INFO)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ALL
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == ALL
     assert len(res.warnings) == 1 and "no Frame of Reference UID" in res.warnings[0]
     seg = _seg_matches_masks(tmp_path / "out" / "segmentation.dcm", folder, fs)
     assert seg.StudyInstanceUID == vol.study_uid
@@ -99,7 +99,7 @@ def test_seg_that_cannot_be_made_is_skipped_with_the_reason(tmp_path, caplog):
         p.unlink()
     with caplog.at_level(logging.WARNING):
         res = export_all(vol, synthetic_findings(SHAPE), tmp_path / "out", model=MODEL_INFO)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [n for n in ALL if n != "segmentation.dcm"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == [n for n in ALL if n != "segmentation.dcm"]
     assert len(res.warnings) == 1 and res.warnings[0].startswith("segmentation.dcm not written: the source file")
     assert "can no longer be read" in res.warnings[0] and res.warnings[0] in caplog.text
     assert json.loads((tmp_path / "out" / "findings.json").read_text())["warnings"] == res.warnings
@@ -115,7 +115,7 @@ def test_query_on_anonymised_series_succeeds_with_a_warning(tmp_path, monkeypatc
                      "--model", str(model)])
     _, err = capsys.readouterr()
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ALL
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ALL
     assert "fresh UIDs" in caplog.text and "Traceback" not in err
 
 
@@ -157,5 +157,5 @@ def test_multiframe_source_gets_every_export_but_the_seg_with_a_warning(tmp_path
     legacy_converted(tmp_path / "classic", tmp_path / "mf")
     vol = read_ct(tmp_path / "mf")
     res = export_all(vol, synthetic_findings(SHAPE), tmp_path / "out", model=MODEL_INFO)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [n for n in ALL if n != "segmentation.dcm"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == [n for n in ALL if n != "segmentation.dcm"]
     assert len(res.warnings) == 1 and "multi-frame" in res.warnings[0]

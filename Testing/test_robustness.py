@@ -127,6 +127,7 @@ def test_users_file_with_an_export_name_is_never_overwritten(tmp_path, fake, nif
     (out / "findings.csv").write_text("the user's own table")
     code, _, err = query([nifti, "-p", "liver", "--out", out, "--model", fake], capsys)
     one_error_line(code, err, "not written by ctlanguage")
+    assert "encode" not in _fake_engine.FakeBackend.calls  # said before the work, not after it
     assert sorted(p.name for p in out.iterdir()) == ["findings.csv"]
     assert (out / "findings.csv").read_text() == "the user's own table"
 

@@ -4,10 +4,11 @@ The input volume node is deliberately awkward: axes permuted and flipped (not RA
 anisotropic spacing (0.8 x 1.1 x 2.5 mm), origin far from zero. Everything the module shows comes
 back through MRML and is compared with what the engine produced on the source grid.
 
-Two engines drive the same assertions:
-* ``FakeEngine`` (masks made here with numpy) -- always runs, documents the glue contract;
-* the real ``ctlanguage.engine.Engine`` with the embedded default model -- runs when the engine
-  and its model are installed (skipped with the reason otherwise).
+The engine is always the real ``ctlanguage.engine.Engine``; two backends drive the same assertions:
+* the fake backend of ``Testing/_fake_engine.py`` (blob masks, fixed scores; fast) -- always runs;
+* the embedded default model -- runs when its weights are installed (skipped with the reason
+  otherwise).
+The widget's single front (``CTLanguageLib.logic.Logic``) and the module file are driven too.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ import vtk  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "CTLanguage"))
 
-from CTLanguageLib import background, mrml_glue  # noqa: E402
-from CTLanguageLib.session import CTLanguageSession, split_prompts  # noqa: E402
+import _fake_engine  # noqa: E402
+from CTLanguageLib import background, exports, mrml_glue, results_table, signals, worker_process  # noqa: E402
+from CTLanguageLib.logic import Logic  # noqa: E402
+from CTLanguageLib.session import CTLanguageSession  # noqa: E402
 
 # Non-RAS orientation: i runs posterior->anterior? no: i -> -A (posterior), j -> -S (inferior)
 # along the second axis, k -> +R; anisotropic spacing; offset origin.
@@ -74,47 +77,17 @@ def volume_node(scene):
     return node
 
 
-class FakeEncoding:
-    def __init__(self, volume):
-        self.volume = volume
-        self.hash = volume.content_hash() if hasattr(volume, "content_hash") else None
+def encode_count() -> int:
+    return _fake_engine.FakeBackend.calls.count("encode")
 
 
-class FakeEngine:
-    """Engine double with the documented API: masks are blobs whose size depends on the mask
-    threshold, placed asymmetrically so any axis flip in the glue would show."""
+def make_finding(prompt, mask, color=(200, 120, 40), probability=None, anatomy="body"):
+    """A real ``ctlanguage.engine.Finding`` around a given mask (no terminology: the generic one)."""
+    from ctlanguage.engine import Finding
 
-    PROMPTS = {
-        "liver lesion": dict(anatomy="liver", finding="liver_lesion", laterality=None, p=0.83, centre=(5, 12, 22)),
-        "fluid around the left lung": dict(anatomy="pleural_space_left", finding="pleural_effusion", laterality="left", p=0.21, centre=(12, 30, 8)),
-        "liver": dict(anatomy="liver", finding=None, laterality=None, p=None, centre=(9, 25, 20)),
-    }
-
-    def __init__(self):
-        self.encode_calls = 0
-        self.query_calls = 0
-
-    def encode(self, volume, progress=None, cancel=None):
-        self.encode_calls += 1
-        if progress:
-            progress(1.0, "done")
-        return FakeEncoding(volume)
-
-    def query(self, encoding, text, mask_threshold=0.5):
-        self.query_calls += 1
-        out = []
-        shape = encoding.volume.array.shape
-        k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-        for p in split_prompts(text):
-            d = self.PROMPTS[p]
-            ck, cj, ci = d["centre"]
-            field = np.exp(-(((k - ck) / 3.0) ** 2 + ((j - cj) / 5.0) ** 2 + ((i - ci) / 2.0) ** 2))
-            mask = (field >= mask_threshold).astype(np.uint8)
-            ml = float(mask.sum() * abs(np.linalg.det(encoding.volume.ijk_to_ras[:3, :3])) / 1000.0)
-            out.append(SimpleNamespace(prompt=p, anatomy=d["anatomy"], finding=d["finding"], laterality=d["laterality"],
-                                       probability=d["p"], prompt_confidence=0.9, mask=mask, volume_ml=ml,
-                                       codes=None, color=(230, 80, 40), heatmap=lambda f=field: f.astype(np.float32)))
-        return out
+    return Finding(prompt=prompt, parsed=None, kind="anatomy", anatomy=anatomy, finding=None, laterality=None,
+                   probability=probability, prompt_confidence=1.0, mask=mask, volume_ml=0.0, codes=None,
+                   color=color)
 
 
 def terminology_logic():
@@ -170,11 +143,14 @@ def test_rejects_non_volumes(scene):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.fixture()
-def fake_session(scene):
-    engine = FakeEngine()
-    session = CTLanguageSession(scene, engine_loader=lambda model, device: engine)
-    session.fake = engine
-    return session
+def fake_engine():
+    _fake_engine.FakeBackend.calls = []
+    return _fake_engine.fake_engine()
+
+
+@pytest.fixture()
+def fake_session(scene, fake_engine):
+    return CTLanguageSession(scene, engine_loader=lambda model, device: fake_engine)
 
 
 def check_segments_match(session, scene, volume_node):
@@ -199,7 +175,7 @@ def test_prompts_to_segments_exact_on_source_grid(fake_session, scene, volume_no
     check_segments_match(fake_session, scene, volume_node)
     seg = fake_session.segmentation_node(volume_node)
     s = seg.GetSegmentation().GetSegment(results[0].segment_id)
-    np.testing.assert_allclose(s.GetColor(), (230 / 255, 80 / 255, 40 / 255))
+    np.testing.assert_allclose(s.GetColor(), np.array(results[0].finding.color) / 255.0)
     # terminology of a known concept carries its SNOMED type; a sided finding its laterality
     entry = assert_terminology_parses(s.GetTerminology())
     assert entry.GetTypeObject().GetCodeMeaning()
@@ -217,7 +193,7 @@ def test_prompts_to_segments_exact_on_source_grid(fake_session, scene, volume_no
 def test_table_holds_the_numbers(fake_session, scene, volume_node):
     fake_session.encode_inline(volume_node)
     results = fake_session.run_prompts(volume_node, "liver lesion; fluid around the left lung; liver")
-    rows = mrml_glue.table_rows(fake_session.table_node(volume_node))
+    rows = results_table.table_rows(fake_session.table_node(volume_node))
     assert [r["prompt"] for r in rows] == [r.prompt for r in results]
     for row, r in zip(rows, results):
         f = r.finding
@@ -230,6 +206,7 @@ def test_table_holds_the_numbers(fake_session, scene, volume_node):
         assert row["prompt_confidence"] == pytest.approx(f.prompt_confidence)
         assert row["volume_ml"] == pytest.approx(f.volume_ml)
     assert fake_session.table_node(volume_node).GetAttribute("CTLanguage.ModelId") == "default"
+    assert [results_table.panel_texts(r.finding)[2] for r in results] == ["0.83 (uncalibrated)", "0.21 (uncalibrated)", "—"]
 
 
 def test_thresholds_update_without_reencoding(fake_session, scene, volume_node):
@@ -239,7 +216,7 @@ def test_thresholds_update_without_reencoding(fake_session, scene, volume_node):
     fake_session.set_thresholds(volume_node, mask_threshold=0.2, probability_threshold=0.5)
     after = [r.finding.mask.sum() for r in fake_session.results(volume_node)]
     assert all(a > b for a, b in zip(after, before))
-    assert fake_session.fake.encode_calls == 1
+    assert encode_count() == 1
     check_segments_match(fake_session, scene, volume_node)
     display = fake_session.segmentation_node(volume_node).GetDisplayNode()
     r0, r1 = fake_session.results(volume_node)
@@ -273,7 +250,7 @@ def test_prompt_errors_are_value_errors(fake_session, volume_node):
 def test_seg_nrrd_through_storage_node_reads_back_identical(fake_session, scene, volume_node, tmp_path):
     fake_session.encode_inline(volume_node)
     results = fake_session.run_prompts(volume_node, "liver lesion; fluid around the left lung; liver")
-    path = fake_session.export_seg_nrrd(volume_node, str(tmp_path / "findings.seg.nrrd"))
+    path = exports.export_seg_nrrd(fake_session, volume_node, str(tmp_path / "findings.seg.nrrd"))
     original = fake_session.segmentation_node(volume_node).GetSegmentation()
     loaded = mrml_glue.load_segmentation(scene, path)
     seg2 = loaded.GetSegmentation()
@@ -305,16 +282,16 @@ def test_findings_csv_json_and_html_exports(fake_session, volume_node, tmp_path)
 
     fake_session.encode_inline(volume_node)
     fake_session.run_prompts(volume_node, "liver lesion; liver")
-    j = fake_session.export_findings(volume_node, str(tmp_path / "f.json"))
+    j = exports.export_findings(fake_session, volume_node, str(tmp_path / "f.json"))
     doc = json.loads(Path(j).read_text())
-    assert doc["model"]["id"] == "default" and doc["mask_threshold"] == 0.5
+    assert doc["model"]["id"] == "fake-model" and len(doc["model"]["sha256"]) == 64 and doc["mask_threshold"] == 0.5
     assert [f["prompt"] for f in doc["findings"]] == ["liver lesion", "liver"]
-    c = fake_session.export_findings(volume_node, str(tmp_path / "f.csv"))
+    c = exports.export_findings(fake_session, volume_node, str(tmp_path / "f.csv"))
     assert "liver lesion" in Path(c).read_text()
-    h = fake_session.export_html_report(volume_node, str(tmp_path / "r.html"))
+    h = exports.export_html_report(fake_session, volume_node, str(tmp_path / "r.html"))
     assert "liver lesion" in Path(h).read_text(encoding="utf-8")
     with pytest.raises(ValueError):
-        fake_session.export_findings(volume_node, str(tmp_path / "missing" / "f.csv"))
+        exports.export_findings(fake_session, volume_node, str(tmp_path / "missing" / "f.csv"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,7 +313,7 @@ def _stub_worker(tmp_path: Path, body: str) -> Path:
 
 
 def test_signal_class():
-    s = background.Signal()
+    s = signals.Signal()
     got = []
     s.connect(got.append)
     s.connect(got.append)  # connected once
@@ -542,7 +519,7 @@ def test_real_engine_flow_on_awkward_volume(real_engine_and_spec, phantom_volume
           "mask threshold:", session.mask_threshold)
     assert results[0].finding.mask.sum() > 0, "the liver prompt gave an empty mask"
     check_segments_match(session, scene, node)
-    rows = mrml_glue.table_rows(session.table_node(node))
+    rows = results_table.table_rows(session.table_node(node))
     for row, r in zip(rows, results):
         p = r.finding.probability
         assert (np.isnan(row["probability"]) if p is None else row["probability"] == pytest.approx(p))
@@ -656,9 +633,9 @@ def module_logic(monkeypatch, scene):
     sys.modules.pop("CTLanguage", None)
     import CTLanguage as module
 
-    logic = module.CTLanguageLogic()
-    engine = FakeEngine()
-    logic.session = CTLanguageSession(scene, engine_loader=lambda m, d: engine)
+    _fake_engine.FakeBackend.calls = []
+    engine = _fake_engine.fake_engine()
+    logic = module.CTLanguageLogic(engineLoader=lambda m, d: engine)
     yield module, logic
     sys.modules.pop("CTLanguage", None)
 
@@ -668,7 +645,7 @@ def test_module_logic_flow_and_exports(module_logic, scene, volume_node, tmp_pat
     logic.setModel("default", "auto")
     with pytest.raises(ValueError):
         logic.encode(None)
-    logic.session.encode_inline(volume_node)
+    logic.encodeInline(volume_node)
     results = logic.runPrompts(volume_node, "liver lesion; liver")
     assert len(results) == 2
     logic.setThresholds(volume_node, 0.3, 0.9)
@@ -720,16 +697,16 @@ def test_module_widget_wiring_smoke(module_logic, monkeypatch, scene, volume_nod
     assert widget._parameterNode is not None
     widget._parameterNode.inputVolume = volume_node
     widget._parameterNode.outputDirectory = tmp_path
-    logic.session.encode_inline(volume_node)
+    logic.encodeInline(volume_node)
     widget.updateGUIFromState()
     widget.runPromptText("liver lesion; fluid around the left lung")
-    assert [r.prompt for r in logic.session.results(volume_node)] == ["liver lesion", "fluid around the left lung"]
+    assert [r.prompt for r in logic.results(volume_node)] == ["liver lesion", "fluid around the left lung"]
     ui.resultsTable.setRowCount.assert_called_with(2)
     widget._parameterNode.maskThreshold = 0.3
     widget.onParameterNodeModified()
     widget._thresholdTimer.start.assert_called()  # debounced
     widget.applyThresholds()                       # what the timer's timeout() runs
-    assert logic.session.mask_threshold == 0.3
+    assert not logic.thresholdsDiffer(0.3, 0.5)
     widget.onExport("csv")
     assert (tmp_path / "CT awkward_ctlanguage.csv").is_file()
     monkeypatch.setattr(widget, "selectedRow", lambda: 0)
@@ -739,7 +716,7 @@ def test_module_widget_wiring_smoke(module_logic, monkeypatch, scene, volume_nod
     widget.onResultSelected()
     assert jumps and len(jumps[0]) == 4
     widget.onRemoveResult()
-    assert len(logic.session.results(volume_node)) == 1
+    assert len(logic.results(volume_node)) == 1
     widget.onClearHistory()
     widget.cleanup()
     assert not errors, errors
@@ -780,7 +757,8 @@ def test_real_engine_mask_threshold_update_matches_a_fresh_query(real_engine_and
     session.encode_inline(node)
     session.run_prompts(node, "liver; liver lesion")
     session.set_thresholds(node, mask_threshold=0.3, probability_threshold=0.5)
-    fresh = real_engine.query(session.state_for(node).encoding, "liver; liver lesion", mask_threshold=0.3)
+    fresh = real_engine.query(session.state_for(node).encoding, "liver; liver lesion", mask_threshold=0.3,
+                              absent_masks=True)  # the glue keeps every mask (the slider hides)
     for r, f in zip(session.results(node), fresh):
         assert np.array_equal(r.finding.mask, f.mask), r.prompt
         assert r.finding.probability == f.probability
@@ -817,13 +795,11 @@ def test_masks_touching_the_grid_border_single_voxels_and_empty_masks_are_exact(
     cases["full"] = np.ones(shape, np.uint8)
     seg = mrml_glue.new_segmentation_node(scene, volume_node)
     for name, mask in cases.items():
-        f = SimpleNamespace(prompt=name, mask=mask, color=(0.2, 0.4, 0.6), probability=None, anatomy="body",
-                            finding=None, laterality=None, prompt_confidence=1.0, volume_ml=0.0)
+        f = make_finding(name, mask, color=(51, 102, 153))
         sid = mrml_glue.add_finding_segment(seg, f, volume_node)
         assert np.array_equal(mrml_glue.segment_mask_on_reference(scene, seg, sid, volume_node), mask), name
     # replacing a non-empty segment by an empty mask clears it
-    f = SimpleNamespace(prompt="full", mask=np.zeros(shape, np.uint8), color=None, probability=None,
-                        anatomy="body", finding=None, laterality=None, prompt_confidence=1.0, volume_ml=0.0)
+    f = make_finding("full", np.zeros(shape, np.uint8))
     mrml_glue.add_finding_segment(seg, f, volume_node, segment_id="full")
     assert mrml_glue.segment_mask_on_reference(scene, seg, "full", volume_node).sum() == 0
     with pytest.raises(ValueError, match="grid"):
@@ -838,8 +814,7 @@ def test_segments_added_after_the_3d_surface_exists_get_a_correct_surface(scene,
     def finding(name, box):
         m = np.zeros(SHAPE, np.uint8)
         m[box] = 1
-        return SimpleNamespace(prompt=name, mask=m, color=(0.9, 0.1, 0.1), probability=0.5, anatomy="liver",
-                               finding=None, laterality=None, prompt_confidence=1.0, volume_ml=0.0)
+        return make_finding(name, m, color=(230, 25, 25), probability=0.5, anatomy="liver")
 
     first = finding("first", (slice(2, 10), slice(5, 20), slice(5, 20)))
     second = finding("second", (slice(8, 16), slice(20, 35), slice(10, 28)))
@@ -855,3 +830,81 @@ def test_segments_added_after_the_3d_surface_exists_get_a_correct_surface(scene,
     got = seg.GetSegmentation().GetSegment(sid).GetRepresentation(surface)
     assert got is not None and got.GetNumberOfPoints() == want
     assert np.array_equal(mrml_glue.segment_mask_on_reference(scene, seg, sid, volume_node), second.mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# the logic front (CTLanguageLib/logic.py) and the worker line protocol
+# ----------------------------------------------------------------------------------------------
+
+def test_worker_line_protocol_round_trips():
+    line = worker_process.format_progress(0.25, "Encoding\nimage")
+    assert "\n" not in line
+    assert worker_process.parse_line(line) == ("progress", (0.25, "Encoding image"))
+    assert worker_process.parse_line(worker_process.format_progress(7.0)) == ("progress", (1.0, ""))
+    assert worker_process.parse_line(worker_process.format_line(worker_process.DONE_TAG, "/x/e.enc")) == ("done", "/x/e.enc")
+    assert worker_process.parse_line(worker_process.format_line(worker_process.ERROR_TAG, "bad")) == ("error", "bad")
+    assert worker_process.parse_line("CTLANGUAGE_PROGRESS nan-ish") is None
+    assert worker_process.parse_line("torch warning") == ("log", "torch warning")
+    assert worker_process.parse_line("   ") is None
+    env = worker_process.worker_env()
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT / "CTLanguage")
+
+
+def test_logic_front_results_colours_history_and_reset(scene, volume_node, fake_engine, tmp_path):
+    logic = Logic(scene, engineLoader=lambda m, d: fake_engine)
+    assert not logic.isEncoding() and not logic.isEncoded(volume_node)
+    logic.cancelEncoding()  # nothing running: no error
+    with pytest.raises(ValueError, match="Encode"):
+        logic.runPrompts(volume_node, "liver")
+    logic.encodeInline(volume_node)
+    results = logic.runPrompts(volume_node, "liver lesion|liver")  # the engine's separators
+    assert [r.prompt for r in results] == ["liver lesion", "liver"]
+    assert logic.segmentationNode(volume_node).GetDisplayNode().GetSegmentOpacity2DFill(results[0].segment_id) \
+        == pytest.approx(0.35)
+    logic.setSegmentColor(volume_node, 1, (0.1, 0.2, 0.3))
+    np.testing.assert_allclose(logic.segmentColor(volume_node, 1), (0.1, 0.2, 0.3))
+    assert logic.thresholdsDiffer(0.3, 0.5) and not logic.thresholdsDiffer(0.5, 0.5)
+    logic.setResultVisible(volume_node, 0, False)
+    assert not logic.segmentationNode(volume_node).GetDisplayNode().GetSegmentVisibility(results[0].segment_id)
+    assert logic.jumpTarget(volume_node, 1) is not None
+    assert logic.showHeatmap(volume_node, 0).GetImageData() is not None
+    assert logic.completionPhrases()[:2] == ["liver lesion", "liver"]
+    unknown = logic.runPrompts(volume_node, "florbix wuggle")[-1]  # not understood: no mask, no number
+    assert not unknown.finding.understood and unknown.finding.probability is None
+    assert mrml_glue.segment_mask_on_reference(scene, logic.segmentationNode(volume_node), unknown.segment_id,
+                                               volume_node).sum() == 0
+    assert results_table.panel_texts(unknown.finding)[1].startswith("not understood — try '")
+    logic.setModel("default", "cpu")
+    logic.resetSession()  # scene closed: results and encodings go, model and history stay
+    assert logic.results(volume_node) == [] and not logic.isEncoded(volume_node)
+    assert logic.completionPhrases()[:3] == ["florbix wuggle", "liver lesion", "liver"]
+    logic.clearHistory()
+    assert "liver lesion" not in logic.completionPhrases()[:1]
+    with pytest.raises(ValueError, match="Nothing to export"):
+        logic.export(volume_node, str(tmp_path), "csv")
+    with pytest.raises(ValueError, match="Select"):
+        logic.export(None, str(tmp_path), "csv")
+
+
+@pytest.mark.slow
+def test_in_slicer_self_test_flow_runs_on_slicer_core(module_logic, monkeypatch, real_engine_and_spec):
+    """CTLanguageLib/self_test.py (what CTLanguageTest runs inside Slicer) with the module's own
+    CTLanguageLogic, the worker process and the embedded model, on a slicer-core scene."""
+    import unittest
+
+    from CTLanguageLib import self_test
+
+    module, _fake_logic = module_logic
+    if real_engine_and_spec[1] != "default":
+        pytest.skip("the self-test uses the embedded default model")
+    logic = module.CTLanguageLogic()  # no injected engine: Engine.load("default") as in Slicer
+    monkeypatch.setattr(logic, "setupPythonRequirements", lambda ask=True: None)  # pip: Slicer only
+
+    class Case(unittest.TestCase):
+        def runTest(self):
+            pass
+
+        def delayDisplay(self, message, msec=None):  # noqa: N802 - ScriptedLoadableModuleTest's name
+            pass
+
+    self_test.prompt_flow(Case(), logic)

@@ -5,8 +5,11 @@
 * every ``@parameterNodeWrapper`` field is bound to exactly one widget (dynamic property
   ``SlicerParameterName``) of a type the parameter-node GUI connectors accept, and no widget is
   bound to a field that does not exist;
-* nothing heavy is imported at file scope or in the module constructor; the Logic never touches
-  widgets; importing CTLanguageLib does not import torch or the engine;
+* CTLanguage.py stays thin (<= 300 lines, the widget calls only the logic's front, never
+  ``logic.session``); no module of the glue is over 500 lines;
+* nothing heavy is imported at file scope or in the module constructor; the logic front never
+  touches widgets; importing CTLanguageLib does not import torch or the engine;
+* the glue reads the engine's findings through their public attributes (no ``getattr`` probing);
 * the module CMakeLists lists every script of CTLanguageLib and every resource file.
 """
 
@@ -43,9 +46,17 @@ def module_constants() -> dict[str, ast.AST]:
 
 
 def eval_names(expr: ast.AST, constants: dict) -> list[str]:
-    """Evaluate a tuple-of-strings expression (literals, module constants, '+')."""
+    """Evaluate a tuple-of-strings expression (literals, module constants, '+', a dict's keys,
+    ``tuple(...)``, ``X.items()``)."""
     if isinstance(expr, ast.Name) and expr.id in constants:
         return eval_names(constants[expr.id], constants)
+    if isinstance(expr, ast.Dict):
+        return [k.value for k in expr.keys]
+    if isinstance(expr, ast.Call) and not expr.args and isinstance(expr.func, ast.Attribute) \
+            and expr.func.attr in ("items", "keys"):
+        return eval_names(expr.func.value, constants)
+    if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) and expr.func.id == "tuple":
+        return eval_names(expr.args[0], constants)
     if isinstance(expr, ast.BinOp) and isinstance(expr.op, ast.Add):
         return eval_names(expr.left, constants) + eval_names(expr.right, constants)
     if isinstance(expr, (ast.Tuple, ast.List)):
@@ -67,11 +78,14 @@ def used_widget_names() -> set[str]:
     for node in ast.walk(TREE):
         if isinstance(node, ast.Attribute) and is_self_ui(node.value):
             names.add(node.attr)
-        if isinstance(node, ast.For) and isinstance(node.target, ast.Name):
+        if not isinstance(node, ast.For):
+            continue
+        target = node.target.elts[0] if isinstance(node.target, ast.Tuple) else node.target
+        if isinstance(target, ast.Name):
             uses_getattr = any(
                 isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id == "getattr"
                 and len(c.args) >= 2 and is_self_ui(c.args[0]) and isinstance(c.args[1], ast.Name)
-                and c.args[1].id == node.target.id
+                and c.args[1].id == target.id
                 for c in ast.walk(node)
             )
             if uses_getattr:
@@ -119,7 +133,8 @@ def test_ui_file_is_valid_qt_designer_xml():
 
 def test_every_widget_name_used_by_the_code_exists_in_the_ui():
     used = used_widget_names()
-    assert {"encodeButton", "promptLineEdit", "resultsTable", "quickLiverLesionButton"} <= used
+    assert {"encodeButton", "promptLineEdit", "resultsTable", "quickLiverLesionButton", "exportCsvButton",
+            "modelInfoLabel"} <= used
     missing = sorted(used - set(ui_widgets()))
     assert not missing, f"CTLanguage.py uses widgets that are not in CTLanguage.ui: {missing}"
 
@@ -153,29 +168,67 @@ def test_every_parameter_is_bound_to_exactly_one_compatible_widget():
             raise AssertionError(f"no GUI connector known for {name}: {text} -> {wclass}")
 
 
+LIGHT_GLUE = ("CTLanguageLib", "CTLanguageLib.mrml_glue", "CTLanguageLib.background", "CTLanguageLib.session",
+              "CTLanguageLib.dependencies", "CTLanguageLib.catalog_ui", "CTLanguageLib.encode_worker",
+              "CTLanguageLib.logic", "CTLanguageLib.results_table", "CTLanguageLib.exports",
+              "CTLanguageLib.dicom_export", "CTLanguageLib.signals", "CTLanguageLib.worker_process",
+              "CTLanguageLib.self_test")
+QT_GLUE = ("CTLanguageLib.panel",)  # the widget's Qt helpers: need Qt, import nothing heavy
+
+
 def test_nothing_heavy_at_file_scope_or_in_the_module_constructor():
-    allowed = {"logging", "os", "pathlib", "typing", "ctk", "qt", "slicer", "vtk",
-               "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule", "slicer.util"}
+    allowed = {"pathlib", "typing", "qt", "slicer", "vtk", "slicer.parameterNodeWrapper",
+               "slicer.ScriptedLoadableModule", "slicer.util"} | set(LIGHT_GLUE) | set(QT_GLUE)
     for node in TREE.body:
         if isinstance(node, ast.Import):
             for a in node.names:
                 assert a.name in allowed, f"file-scope import of {a.name}"
         elif isinstance(node, ast.ImportFrom):
-            assert node.module in allowed, f"file-scope import from {node.module}"
+            names = [node.module] if node.module != "CTLanguageLib" else [f"CTLanguageLib.{a.name}" for a in node.names]
+            for name in names:
+                assert name in allowed, f"file-scope import from {name}"
     module_class = next(n for n in TREE.body if isinstance(n, ast.ClassDef) and n.name == "CTLanguage")
     for node in ast.walk(module_class):
         assert not isinstance(node, (ast.Import, ast.ImportFrom)), "import in the module constructor"
+    panel = ast.parse((MODULE_DIR / "CTLanguageLib" / "panel.py").read_text(encoding="utf-8"))
+    imported = {a.name for n in ast.walk(panel) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(panel) if isinstance(n, ast.ImportFrom) and n.level == 0}
+    assert imported <= {"qt", "__future__"}, imported
+
+
+def test_the_widget_is_thin_and_talks_only_to_the_logic_front():
+    assert len(SOURCE.splitlines()) <= 300, "CTLanguage.py is over 300 lines"
+    widget = next(n for n in TREE.body if isinstance(n, ast.ClassDef) and n.name == "CTLanguageWidget")
+    used = {n.attr for n in ast.walk(widget) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute)
+            and n.value.attr == "logic" and isinstance(n.value.value, ast.Name) and n.value.value.id == "self"}
+    front = ast.parse((MODULE_DIR / "CTLanguageLib" / "logic.py").read_text(encoding="utf-8"))
+    logic = next(n for n in front.body if isinstance(n, ast.ClassDef) and n.name == "Logic")
+    methods = {n.name for n in logic.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
+    assert "session" not in used and not any(u.startswith("_") for u in used), used
+    assert used <= methods | {"getParameterNode"}, f"not on the logic front: {sorted(used - methods)}"
+
+
+def test_no_glue_module_over_500_lines_and_no_getattr_probing_of_findings():
+    for p in sorted((MODULE_DIR / "CTLanguageLib").glob("*.py")):
+        assert len(p.read_text(encoding="utf-8").splitlines()) <= 500, p.name
+    for name in ("mrml_glue.py", "results_table.py", "session.py", "logic.py", "exports.py"):
+        src = (MODULE_DIR / "CTLanguageLib" / name).read_text(encoding="utf-8")
+        assert "getattr(" not in src, f"{name} probes objects with getattr"
+    assert "def split_prompts" not in (MODULE_DIR / "CTLanguageLib" / "session.py").read_text(encoding="utf-8")
 
 
 def test_logic_never_touches_widgets():
-    logic = next(n for n in TREE.body if isinstance(n, ast.ClassDef) and n.name == "CTLanguageLogic")
-    src = ast.get_source_segment(SOURCE, logic)
-    assert "self.ui" not in src and "qt." not in src and "errorDisplay" not in src
-    raises = [n for n in ast.walk(logic) if isinstance(n, ast.Raise) and n.exc is not None]
+    src = (MODULE_DIR / "CTLanguageLib" / "logic.py").read_text(encoding="utf-8")
+    front = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == "Logic")
+    assert "self.ui" not in src and "qt." not in src and "import qt" not in src and "errorDisplay" not in src
+    raises = [n for n in ast.walk(front) if isinstance(n, ast.Raise) and n.exc is not None]
     assert raises, "the logic should raise ValueError for user errors"
     for r in raises:
         call = r.exc if isinstance(r.exc, ast.Call) else None
         assert call is not None and getattr(call.func, "id", None) == "ValueError", ast.unparse(r)
+    logic = next(n for n in TREE.body if isinstance(n, ast.ClassDef) and n.name == "CTLanguageLogic")
+    segment = ast.get_source_segment(SOURCE, logic)
+    assert "self.ui" not in segment and "qt." not in segment
 
 
 def test_module_classes_follow_slicer_conventions():
@@ -183,7 +236,7 @@ def test_module_classes_follow_slicer_conventions():
     bases = {name: [ast.unparse(b) for b in c.bases] for name, c in classes.items()}
     assert bases["CTLanguage"] == ["ScriptedLoadableModule"]
     assert bases["CTLanguageWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
-    assert bases["CTLanguageLogic"] == ["ScriptedLoadableModuleLogic"]
+    assert bases["CTLanguageLogic"] == ["ScriptedLoadableModuleLogic", "Logic"]
     assert bases["CTLanguageTest"] == ["ScriptedLoadableModuleTest"]
     widget_methods = {n.name for n in classes["CTLanguageWidget"].body if isinstance(n, ast.FunctionDef)}
     assert {"setup", "cleanup", "enter", "exit", "initializeParameterNode", "setParameterNode"} <= widget_methods
@@ -196,12 +249,13 @@ def test_module_classes_follow_slicer_conventions():
 
 
 def test_importing_the_glue_does_not_import_torch_or_the_engine():
+    listed = {f"CTLanguageLib.{p.stem}" for p in (MODULE_DIR / "CTLanguageLib").glob("*.py") if p.stem != "__init__"}
+    assert listed == set(LIGHT_GLUE[1:]) | set(QT_GLUE), "a new glue module: add it to LIGHT_GLUE or QT_GLUE"
     code = (
         "import sys; sys.path.insert(0, %r)\n"
-        "import CTLanguageLib, CTLanguageLib.mrml_glue, CTLanguageLib.background, CTLanguageLib.session, "
-        "CTLanguageLib.dependencies, CTLanguageLib.catalog_ui, CTLanguageLib.encode_worker\n"
+        "import %s\n"
         "heavy = [m for m in ('torch', 'ctlanguage.engine', 'monai', 'transformers') if m in sys.modules]\n"
-        "assert not heavy, heavy\n" % str(MODULE_DIR)
+        "assert not heavy, heavy\n" % (str(MODULE_DIR), ", ".join(LIGHT_GLUE))
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

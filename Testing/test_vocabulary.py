@@ -46,7 +46,7 @@ def test_resolve_anatomy_sided_needs_side_and_rejects_bad_laterality():
     with pytest.raises(v.VocabularyError):
         v.resolve_anatomy("lung_nodule", "middle")
     with pytest.raises(v.VocabularyError, match="not a CTLanguage"):
-        v.get("brain")
+        v.get("toenail")
 
 
 def test_every_term_has_display_synonyms_colour_and_category():
@@ -63,7 +63,11 @@ def _ts_mapping():
     """{code value: meanings} from the TotalSegmentator mapping, if its wheel was unpacked on
     this machine (optional: TotalSegmentator is not a dependency)."""
     import glob
+    import importlib.util
     paths = glob.glob("/tmp/ts/**/totalsegmentator_snomed_mapping.csv", recursive=True)
+    spec = importlib.util.find_spec("totalsegmentator")
+    if spec and spec.origin:
+        paths = glob.glob(spec.origin.replace("__init__.py", "resources/*snomed_mapping.csv")) + paths
     if not paths:
         return None
     out = collections.defaultdict(set)
@@ -90,7 +94,7 @@ def _all_codes():
     yield "modifiers", mods["left"]
     yield "modifiers", mods["right"]
     yield "fallback", mods["_fallback_type"]
-    for key in v.anatomies() + v.findings():
+    for key in v.all_anatomies() + v.findings():
         t = v.get(key)
         for c in (t.category, t.type, t.region, t.type_modifier):
             if c is not None:

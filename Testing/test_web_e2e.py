@@ -6,7 +6,8 @@ downloaded), and checks:
 
 * without the token the start page answers 401; with ``?token=`` it hands out a session, and the
   session page itself answers 401 to a browser that lacks the token's cookie;
-* the start page hands out a session; the bundled synthetic case loads; Encode shows progress;
+* the start page hands out a session whose model menu says what the model can do (and the demo
+  model's measured limits); the bundled synthetic case loads; Encode shows progress;
 * a prompt for a finding the case contains shows its probability in the results table, and
   after clicking its row the *server-rendered axial view* (the PNG the page shows) has pixels in
   the segment's colour lying on the engine's own mask for that prompt (computed in-process on
@@ -135,6 +136,12 @@ def _drive(browser, server, shots: Path, tmp_path: Path):
     stranger = browser.new_context()  # no cookie: the session process refuses it too
     assert stranger.new_page().goto(session_url).status == 401
     stranger.close()
+    # the model menu says what the model can do and, for the demo model, its measured limits
+    details = page.inner_text("#model-details")
+    assert "Can do:" in details and "Licence:" in details and "On disk:" in details, details
+    if os.environ.get("CTLANGUAGE_WEB_TEST_MODEL", "default") == "default":
+        assert "trained only on synthetic anatomy" in page.inner_text("#model-notice")
+    page.screenshot(path=str(shots / "web_model_menu.png"))
 
     # --- load the bundled synthetic case ----------------------------------------------------------
     page.click("#load-case")
@@ -287,35 +294,16 @@ def _save_png(path: Path, rgb: np.ndarray) -> None:
 
 # ---- the session logic without a browser (fast) ---------------------------------------------------
 
-class _StubFinding:
-    def __init__(self, prompt, mask):
-        self.prompt, self.mask = prompt, mask
-        self.anatomy, self.finding, self.laterality = "liver", "liver_lesion", None
-        self.probability, self.prompt_confidence, self.volume_ml = 0.8, 0.9, float(mask.sum()) / 1000
-        self.codes, self.color = None, (0.9, 0.2, 0.2)
-
-
-class _StubEngine:
-    model_id, model_version = "stub", "0"
-
-    def encode(self, volume, progress=None, cancel=None):
-        if progress:
-            progress(0.5, "half")
-        return {"shape": np.shape(volume.array)}
-
-    def query(self, enc, text, mask_threshold=0.5):
-        mask = np.zeros(enc["shape"], np.uint8)
-        mask[2:5, 3:7, 3:7] = 1
-        return [_StubFinding(p.strip(), mask) for p in text.split(";") if p.strip()]
-
-
 def _web_session(tmp_path, max_upload_mb=50):
     pytest.importorskip("trame_slicer")
     from trame_slicer.core import SlicerApp
 
     from ctlanguage_web.session import WebSession
 
-    return WebSession(SlicerApp(), tmp_path / "work", engine_loader=lambda m, d: _StubEngine(),
+    import _fake_engine
+
+    engine = _fake_engine.fake_engine()  # the real Engine on the fake backend
+    return WebSession(SlicerApp(), tmp_path / "work", engine_loader=lambda m, d: engine,
                       max_upload_mb=max_upload_mb)
 
 
@@ -327,6 +315,26 @@ def _small_volume():
     aff = np.diag([1.5, 1.5, 2.5, 1.0])
     aff[:3, 3] = (-10, 20, 30)
     return CTVolume(array=arr, ijk_to_ras=aff, source="test", modality="CT")
+
+
+def test_web_session_lists_models_and_switches_only_to_models_on_disk(tmp_path):
+    from ctlanguage import catalog
+
+    s = _web_session(tmp_path)
+    entry = catalog.default_entry()
+    models = s.model_choices()
+    assert s.logic.model_id == entry.id and models[0]["value"] == entry.id
+    first = models[0]
+    assert "Can do:" in first["details"] and entry.license in first["details"] and "On disk: embedded" in first["details"]
+    assert "trained only on synthetic anatomy" in first["notice"] and not first["props"]["disabled"]
+    s.load_bundled(s.bundled_cases()[0]["value"])
+    s.encode()
+    assert s.is_encoded()
+    with pytest.raises(ValueError, match="Unknown model"):
+        s.set_model("no-such-model")
+    s.set_model(entry.id)  # the same model: the encoding stays
+    assert s.is_encoded()
+    s.cleanup()
 
 
 def test_web_session_uploads_exports_and_cleanup(tmp_path):
@@ -346,7 +354,10 @@ def test_web_session_uploads_exports_and_cleanup(tmp_path):
     s.encode()
     rows = s.run_prompts("liver lesion; liver cyst")
     assert [r["prompt"] for r in rows] == ["liver lesion", "liver cyst"]
-    assert rows[0]["probability_text"] == "0.80" and rows[0]["color"] == "#e63333"
+    finding = s.logic.results(s.volume_node)[0].finding
+    assert rows[0]["probability_text"] == f"{finding.probability:.2f} (uncalibrated)"  # the fake is uncalibrated
+    assert rows[0]["color"] == "#%02x%02x%02x" % tuple(finding.color) and rows[0]["models"] == "fake-model"
+    assert rows[0]["score_label"] == finding.score_label
     assert [k["kind"] for k in s.export_kinds()] == ["seg_nrrd", "masks", "csv", "json", "html", "all"]
     path, name, _mime = s.export_file("csv")
     assert "liver cyst" in path.read_text() and name.endswith(".csv")

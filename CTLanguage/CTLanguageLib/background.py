@@ -2,148 +2,31 @@
 
 The Slicer GUI never runs the image encoder itself: :class:`EncodingJob` writes the volume to a
 private work folder, starts ``encode_worker.py`` in a separate Python process (``PythonSlicer``
-inside Slicer, ``sys.executable`` elsewhere), and reads its progress lines. Inside Slicer a
-``qt.QTimer`` calls :meth:`EncodingJob.poll` (see :func:`start_qt_polling`), so the GUI stays
-responsive; scripted and batch use passes ``waitForCompletion=True``.
+inside Slicer, ``sys.executable`` elsewhere) and reads its progress lines (protocol:
+``worker_process``). Inside Slicer a ``qt.QTimer`` calls :meth:`EncodingJob.poll` (see
+:func:`start_qt_polling`), so the GUI stays responsive; scripted and batch use passes
+``waitForCompletion=True``.
 
 Testability (the SlicerNNUnet pattern): the process object is injectable (``process_factory``)
-and the signals are a pure-Python :class:`Signal`, so the whole state machine runs under pytest
-without Qt.
-
-Worker protocol (one line each on the worker's stdout)::
-
-    CTLANGUAGE_PROGRESS <fraction> <message>
-    CTLANGUAGE_DONE <path of the saved encoding>
-    CTLANGUAGE_ERROR <one-sentence message>
-
-Cancel: the job creates ``<work>/CANCEL`` (the worker's ``cancel()`` callback sees it and stops
-with ``CancelledError``), waits briefly, then kills the process. Nothing is written to the MRML
-scene by this module; a cancelled or failed job only deletes its own work folder.
+and the signals are pure Python (``signals.Signal``), so the whole state machine runs under pytest
+without Qt. Nothing is written to the MRML scene by this module; a cancelled or failed job only
+deletes its own work folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-PROGRESS_TAG = "CTLANGUAGE_PROGRESS"
-DONE_TAG = "CTLANGUAGE_DONE"
-ERROR_TAG = "CTLANGUAGE_ERROR"
-CANCEL_FILE = "CANCEL"
-
-WORKER_SCRIPT = Path(__file__).resolve().with_name("encode_worker.py")
-
-
-class Signal:
-    """A minimal pure-Python signal: ``connect(callable)``, ``disconnect(callable)``, ``emit(*args)``."""
-
-    def __init__(self, name: str = ""):
-        self.name = name
-        self._slots: list = []
-
-    def connect(self, slot) -> None:
-        if slot not in self._slots:
-            self._slots.append(slot)
-
-    def disconnect(self, slot=None) -> None:
-        if slot is None:
-            self._slots.clear()
-        elif slot in self._slots:
-            self._slots.remove(slot)
-
-    def emit(self, *args) -> None:
-        for slot in list(self._slots):
-            slot(*args)
-
-
-class SubprocessProcess:
-    """Process object used by default: ``subprocess.Popen`` plus a reader thread that queues
-    stdout lines, so :meth:`read_lines` never blocks (works inside Slicer and under pytest).
-
-    Interface expected by :class:`EncodingJob` (a fake for tests implements the same):
-    ``start(argv, env)``, ``read_lines() -> list[str]``, ``returncode() -> int | None``,
-    ``kill()``, ``wait(timeout)``.
-    """
-
-    def __init__(self):
-        self._popen: subprocess.Popen | None = None
-        self._lines: "queue.Queue[str]" = queue.Queue()
-        self._reader: threading.Thread | None = None
-
-    def start(self, argv: list[str], env: dict | None = None) -> None:
-        kwargs = {}
-        if sys.platform == "win32":
-            kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
-        self._popen = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self._popen is not None and self._popen.stdout is not None
-        for line in self._popen.stdout:
-            self._lines.put(line.rstrip("\r\n"))
-        self._popen.stdout.close()
-
-    def read_lines(self) -> list[str]:
-        out = []
-        while True:
-            try:
-                out.append(self._lines.get_nowait())
-            except queue.Empty:
-                return out
-
-    def returncode(self):
-        if self._popen is None:
-            return None
-        rc = self._popen.poll()
-        if rc is not None and self._reader is not None:
-            self._reader.join(timeout=2.0)  # make sure every line has been queued
-        return rc
-
-    def kill(self) -> None:
-        if self._popen is not None and self._popen.poll() is None:
-            self._popen.kill()
-
-    def wait(self, timeout: float | None = None):
-        if self._popen is None:
-            return None
-        try:
-            return self._popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-
-def python_executable() -> str:
-    """``PythonSlicer`` inside the Slicer application (a plain Python with Slicer's packages),
-    else the current interpreter."""
-    try:
-        import slicer  # noqa: F401
-
-        if getattr(slicer, "app", None) is not None:
-            found = shutil.which("PythonSlicer")
-            if found:
-                return found
-    except ImportError:
-        pass
-    return sys.executable
-
-
-def _engine_search_path() -> str:
-    """Folder that holds the ``ctlanguage`` package (the module folder), for the worker."""
-    return str(Path(__file__).resolve().parent.parent)
+from .signals import Signal
+from .worker_process import (CANCEL_FILE, CANCELLED_MESSAGE, WORKER_SCRIPT, SubprocessProcess, parse_line,
+                             python_executable, worker_env)
 
 
 class EncodingJob:
@@ -205,9 +88,7 @@ class EncodingJob:
         ]
         if self.device:
             argv += ["--device", self.device]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([_engine_search_path()] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        env.setdefault("PYTHONUNBUFFERED", "1")
+        env = worker_env()
         self.process = self.process_factory()
         self.state = "running"
         self.progress.emit(0.0, "Starting the encoder process…")
@@ -279,25 +160,22 @@ class EncodingJob:
         (self.work_dir / "geometry.json").write_text(json.dumps(geometry))
 
     def _handle_line(self, line: str) -> None:
-        if line.startswith(PROGRESS_TAG):
-            parts = line.split(" ", 2)
-            try:
-                fraction = float(parts[1])
-            except (IndexError, ValueError):
-                return
-            self.fraction = min(max(fraction, 0.0), 1.0)
-            self.message = parts[2] if len(parts) > 2 else ""
+        parsed = parse_line(line)
+        if parsed is None:
+            return
+        kind, value = parsed
+        if kind == "progress":
+            self.fraction, self.message = value
             self.progress.emit(self.fraction, self.message)
-        elif line.startswith(DONE_TAG):
-            self.result_path = line[len(DONE_TAG):].strip()
-        elif line.startswith(ERROR_TAG):
-            message = line[len(ERROR_TAG):].strip()
-            if self._cancel_requested_at is not None or message.startswith("cancelled"):
+        elif kind == "done":
+            self.result_path = value
+        elif kind == "error":
+            if self._cancel_requested_at is not None or value.startswith(CANCELLED_MESSAGE):
                 self._end_cancelled()
             else:
-                self._end_failed(message or "Encoding failed.")
-        elif line.strip():
-            self.log.append(line)
+                self._end_failed(value or "Encoding failed.")
+        else:
+            self.log.append(value)
 
     def _end_finished(self) -> None:
         self.state = "finished"

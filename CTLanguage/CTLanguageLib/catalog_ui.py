@@ -1,9 +1,11 @@
 """Model catalog and cache helpers for the module panel.
 
-Pure functions (model choices, local checkpoints, clearing the cache) are testable without Qt;
-:func:`build_manage_models_menu` builds the "Manage models…" menu inside Slicer (Qt imported
-lazily). The catalog itself (Resources/catalog.json, cache folder, verified downloads) lives in
-the engine: ``ctlanguage.catalog``.
+Pure functions (model choices with what each model can do, licence, size, CPU/GPU need and
+whether it is on disk; the demo model's notice; local checkpoints; clearing the cache) are
+testable without Qt; :class:`ModelSelector` is the panel's combo box, details label and "Manage
+models…" menu inside Slicer (Qt imported lazily). The catalog itself (Resources/catalog.json,
+cache folder, verified downloads) lives in the engine: ``ctlanguage.catalog``; what a model can
+do comes from its backend's ``describe(entry)`` (``ctlanguage.backends``).
 """
 
 from __future__ import annotations
@@ -15,15 +17,86 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LOCAL_MODELS_FILE = "local_models.json"
+DEVICE_TEXT = {"cpu": "CPU", "gpu-recommended": "CPU or GPU (GPU recommended)", "gpu": "GPU required"}
 
 
 @dataclass
 class ModelChoice:
-    spec: str          # what Engine.load(model=...) takes: catalog id or a folder path
-    label: str         # what the combo box shows
-    available: bool    # usable offline now (embedded, downloaded or local folder)
+    spec: str                # what Engine.load(model=...) takes: catalog id or a folder path
+    label: str               # what the combo box shows
+    available: bool          # usable offline now (embedded, downloaded or local folder)
     description: str = ""
     license: str = ""
+    can_do: tuple = ()       # Capabilities.summary() of its backend(s)
+    size: int | None = None  # bytes (download or on disk)
+    device: str = ""         # Capabilities.device
+    where: str = ""          # embedded | downloaded | not downloaded | local folder | weights present ...
+    notice: str = ""         # a demo model's measured limits (what the loaded model's info says)
+    hint: str = ""           # how to get the weights when they are not on disk
+    downloadable: bool = False
+
+    def details(self, notice: bool = True) -> str:
+        """Several lines for the panel (and the combo's tool tip): what it can do, licence, size,
+        CPU/GPU need, whether it is on disk, then (``notice``) the demo notice."""
+        size = f"{self.size / 1e6:.1f} MB" if self.size else "size unknown"
+        device = DEVICE_TEXT.get(self.device, self.device or "CPU")
+        lines = [f"Can do: {', '.join(self.can_do) or 'unknown'}",
+                 f"Licence: {self.license or 'unknown'} · {size} · runs on: {device}",
+                 f"On disk: {self.where}" + ("" if self.available or not self.hint else f" — {self.hint}")]
+        return "\n".join(lines + ([self.notice] if self.notice and notice else []))
+
+
+def _members(entry, entries) -> list:
+    """The catalog entries a choice runs: itself, or a pipeline's member models."""
+    if not entry.pipeline:
+        return [entry]
+    found = (_catalog().find_entry(mid, catalog=entries) for mid in dict.fromkeys(entry.pipeline.values()))
+    return [m for m in found if m is not None]
+
+
+def _describe(members) -> list:
+    """Capabilities of each member (its backend's ``describe``: no weights loaded)."""
+    from ctlanguage import backends
+
+    return [backends.backend_module(m.backend).describe(m) for m in members]
+
+
+def _notice(members) -> str:
+    """The demo notice the loaded model would carry (``ModelInfo.notice``), from the catalog."""
+    from ctlanguage.backends.grounded import demo_model_notice
+
+    return " ".join(n for n in (demo_model_notice(m) for m in members if (m.backend or "grounded") == "grounded") if n)
+
+
+def entry_choice(entry, entries) -> ModelChoice:
+    """What the menu says about one catalog entry (a model or a pipeline)."""
+    from ctlanguage.errors import CTLanguageError
+
+    cat = _catalog()
+    members = _members(entry, entries)
+    try:
+        caps = _describe(members)
+    except CTLanguageError as exc:  # an optional backend family that is not installed
+        caps, hint = [], str(exc)
+    else:
+        hint = " ".join(c.weights_hint for c in caps if not c.weights_present and c.weights_hint)
+    can_do = tuple(dict.fromkeys(s for c in caps for s in c.summary()))
+    device = max((c.device for c in caps), key=lambda d: list(DEVICE_TEXT).index(d) if d in DEVICE_TEXT else 0,
+                 default="cpu")
+    try:
+        path, _ = cat.resolve_model(entry.id, catalog=entries)
+        available = path is not None or (bool(caps) and all(c.weights_present for c in caps))
+    except CTLanguageError as exc:
+        available, hint = False, hint or str(exc)
+    grounded = not entry.pipeline and (entry.backend or "grounded") == "grounded"
+    where = ("embedded" if entry.embedded else "downloaded" if grounded and available
+             else "weights present" if available else "not on disk")
+    if grounded and not available:
+        hint = f"Manage models… → Download selected model (or `ctlanguage models download {entry.id}`)"
+    return ModelChoice(spec=entry.id, label=f"{entry.id} {entry.version} ({where})", available=available,
+                       description=entry.description, license=entry.license, can_do=can_do, size=entry.size,
+                       device=device, where=where, notice=_notice(members), hint=hint,
+                       downloadable=grounded and not entry.embedded and bool(entry.url))
 
 
 def _catalog():
@@ -69,27 +142,16 @@ def add_local_checkpoint(folder: str | os.PathLike) -> str:
 
 def model_choices() -> list[ModelChoice]:
     """Catalog entries (embedded default first) followed by the local checkpoints."""
-    cat = _catalog()
-    out = []
     try:
-        entries = cat.load_catalog()
+        entries = _catalog().load_catalog()
     except Exception:
         entries = []
-    for e in entries:
-        try:
-            cat.resolve_model(e.id, catalog=entries)
-            available = True
-        except Exception:
-            available = False
-        where = "embedded" if e.embedded else ("downloaded" if available else "not downloaded")
-        out.append(ModelChoice(spec=e.id, label=f"{e.id} {e.version} ({where})", available=available,
-                               description=e.description, license=e.license))
+    out = [entry_choice(e, entries) for e in entries]
     for folder in local_models():
-        out.append(ModelChoice(spec=folder, label=f"{Path(folder).name} (local: {folder})",
-                               available=Path(folder).is_dir()))
-    if not out:
-        out.append(ModelChoice(spec="default", label="default", available=False))
-    return out
+        on_disk = Path(folder).is_dir()
+        out.append(ModelChoice(spec=folder, label=f"{Path(folder).name} (local: {folder})", available=on_disk,
+                               where="local folder" if on_disk else "missing local folder"))
+    return out or [ModelChoice(spec="default", label="default", available=False)]
 
 
 def cache_folder() -> Path:
@@ -108,6 +170,7 @@ def clear_cache() -> int:
 
 
 def download_model(model_id: str, progress=None) -> str:
+    """Download, verify and unpack a catalog model; ``progress(done_bytes, total_bytes, message)``."""
     cat = _catalog()
     entry = cat.find_entry(model_id)
     if entry is None:
@@ -117,6 +180,13 @@ def download_model(model_id: str, progress=None) -> str:
     except Exception as exc:
         raise ValueError(f"Download of {model_id} failed: {exc}. Behind a proxy, set HTTPS_PROXY; offline, "
                          "download the archive elsewhere and use 'Add local checkpoint…'.") from exc
+
+
+def download_question(choice: ModelChoice) -> str:
+    """What the user is asked before a download starts."""
+    size = f"{choice.size / 1e6:.1f} MB" if choice.size else "an unknown amount of data"
+    return (f"Download {choice.label.split(' (')[0]} ({size}, licence {choice.license or 'unknown'}) into "
+            f"{cache_folder()}?\n\n{choice.details()}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,39 +201,109 @@ def open_cache_folder() -> None:
     qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
 
 
-def build_manage_models_menu(parent, on_models_changed, current_model=lambda: "default"):
-    """The "Manage models…" drop-down: download selected, add local checkpoint, open / clear cache."""
-    import qt
-    import slicer
+class ModelSelector:
+    """The panel's model combo box, the details label under it and the "Manage models…" menu.
+    ``on_changed(spec)`` runs whenever the selection changes; the choice persists in QSettings."""
 
-    menu = qt.QMenu(parent)
+    SETTINGS_KEY = "CTLanguage/ModelSpec"
 
-    def _download():
-        model_id = current_model()
-        with slicer.util.tryWithErrorDisplay("Model download failed.", waitCursor=True):
-            path = download_model(model_id, progress=lambda f, m="": slicer.app.processEvents())
-            slicer.util.infoDisplay(f"Model {model_id} is ready in {path}.")
-            on_models_changed(model_id)
+    def __init__(self, combo, details_label, manage_button, on_changed):
+        import qt
 
-    def _add_local():
-        folder = qt.QFileDialog.getExistingDirectory(parent, "Model folder (config.json + model.safetensors)")
-        if not folder:
+        self.combo, self.details_label, self.on_changed = combo, details_label, on_changed
+        self.choices: list[ModelChoice] = []
+        self.fill(qt.QSettings().value(self.SETTINGS_KEY))
+        combo.connect("currentIndexChanged(int)", self.changed)
+        manage_button.setMenu(self.manage_menu(manage_button))
+
+    def fill(self, select=None) -> None:
+        import qt
+
+        try:
+            self.choices = model_choices()
+        except ImportError as exc:  # engine package not installed yet: still show the panel
+            self.choices = [ModelChoice(spec="default", label="default", available=False, hint=str(exc))]
+        self.combo.blockSignals(True)
+        self.combo.clear()
+        for n, c in enumerate(self.choices):
+            self.combo.addItem(c.label, c.spec)
+            self.combo.setItemData(n, c.details(), qt.Qt.ToolTipRole)
+        index = self.combo.findData(select) if select else -1
+        self.combo.setCurrentIndex(index if index >= 0 else 0)
+        self.combo.blockSignals(False)
+        self.changed()
+
+    def current(self) -> ModelChoice:
+        spec = str(self.combo.currentData or "default")
+        return next((c for c in self.choices if c.spec == spec), ModelChoice(spec=spec, label=spec, available=False))
+
+    def spec(self) -> str:
+        return self.current().spec
+
+    def changed(self, index=None) -> None:
+        import qt
+
+        choice = self.current()
+        qt.QSettings().setValue(self.SETTINGS_KEY, choice.spec)
+        self.details_label.text = choice.details()
+        self.on_changed(choice.spec)
+
+    def download(self, parent) -> None:
+        """Ask first (size, licence, folder), then download with a progress dialog (Cancel keeps
+        the partial file; the next download resumes it)."""
+        import qt
+        import slicer
+
+        choice = self.current()
+        if choice.available or not choice.downloadable:
+            slicer.util.infoDisplay(f"{choice.label}: {'already on disk' if choice.available else choice.hint}.")
             return
-        with slicer.util.tryWithErrorDisplay("Not a usable model folder."):
-            on_models_changed(add_local_checkpoint(folder))
+        if not slicer.util.confirmOkCancelDisplay(download_question(choice)):
+            return
+        dialog = qt.QProgressDialog(f"Downloading {choice.spec}…", "Cancel", 0, 1000, parent)
+        dialog.setWindowModality(qt.Qt.WindowModal)
+        dialog.show()
 
-    def _clear():
-        if not slicer.util.confirmOkCancelDisplay(f"Delete all downloaded models in {cache_folder()}?\n"
+        def progress(done, total, message=""):
+            from ctlanguage.errors import CancelledError
+
+            dialog.setValue(int(1000 * done / total) if total else 0)
+            dialog.setLabelText(f"{message}: {done / 1e6:.1f} of {(total or 0) / 1e6:.1f} MB")
+            slicer.app.processEvents()
+            if dialog.wasCanceled:
+                raise CancelledError("download cancelled; it resumes from here next time")
+
+        try:
+            with slicer.util.tryWithErrorDisplay("Model download failed.", waitCursor=True):
+                path = download_model(choice.spec, progress=progress)
+                slicer.util.infoDisplay(f"Model {choice.spec} is ready in {path}.")
+        finally:
+            dialog.close()
+            self.fill(choice.spec)
+
+    def manage_menu(self, parent):
+        """Download selected model, add a local checkpoint, open / clear the cache."""
+        import qt
+        import slicer
+
+        menu = qt.QMenu(parent)
+
+        def add_local():
+            folder = qt.QFileDialog.getExistingDirectory(parent, "Model folder (config.json + model.safetensors)")
+            if folder:
+                with slicer.util.tryWithErrorDisplay("Not a usable model folder."):
+                    self.fill(add_local_checkpoint(folder))
+
+        def clear():
+            if slicer.util.confirmOkCancelDisplay(f"Delete all downloaded models in {cache_folder()}?\n"
                                                   "The embedded default model is kept."):
-            return
-        with slicer.util.tryWithErrorDisplay("Could not clear the model cache."):
-            freed = clear_cache()
-            slicer.util.infoDisplay(f"Freed {freed / 1e6:.1f} MB.")
-            on_models_changed(None)
+                with slicer.util.tryWithErrorDisplay("Could not clear the model cache."):
+                    slicer.util.infoDisplay(f"Freed {clear_cache() / 1e6:.1f} MB.")
+                    self.fill(self.spec())
 
-    menu.addAction("Download selected model").triggered.connect(_download)
-    menu.addAction("Add local checkpoint…").triggered.connect(_add_local)
-    menu.addSeparator()
-    menu.addAction("Open cache folder").triggered.connect(open_cache_folder)
-    menu.addAction("Clear cache…").triggered.connect(_clear)
-    return menu
+        menu.addAction("Download selected model…").triggered.connect(lambda: self.download(parent))
+        menu.addAction("Add local checkpoint…").triggered.connect(add_local)
+        menu.addSeparator()
+        menu.addAction("Open cache folder").triggered.connect(open_cache_folder)
+        menu.addAction("Clear cache…").triggered.connect(clear)
+        return menu

@@ -1,7 +1,7 @@
 """Encoder worker: runs in its own process (PythonSlicer inside Slicer), started by
 ``background.EncodingJob``. Reads the volume (``.npy`` [k,j,i] + geometry JSON), loads the model,
-encodes, saves the encoding, and reports on stdout with the line protocol described in
-``background.py``. Never imports Slicer, Qt or MRML.
+encodes, saves the encoding, and reports on stdout with the line protocol of
+``worker_process.py``. Never imports Slicer, Qt or MRML.
 """
 
 from __future__ import annotations
@@ -12,13 +12,11 @@ import os
 import sys
 import traceback
 
-PROGRESS_TAG = "CTLANGUAGE_PROGRESS"
-DONE_TAG = "CTLANGUAGE_DONE"
-ERROR_TAG = "CTLANGUAGE_ERROR"
+from CTLanguageLib.worker_process import CANCELLED_MESSAGE, DONE_TAG, ERROR_TAG, format_line, format_progress
 
 
-def _say(tag: str, text: str) -> None:
-    sys.stdout.write(f"{tag} {text}\n")
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
 
@@ -33,7 +31,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     def progress(fraction, message=""):
-        _say(PROGRESS_TAG, f"{float(fraction):.4f} {str(message).replace(chr(10), ' ')}")
+        _say(format_progress(fraction, message))
 
     def cancel() -> bool:
         return bool(a.cancel_file) and os.path.exists(a.cancel_file)
@@ -46,7 +44,7 @@ def main(argv=None) -> int:
         from ctlanguage.errors import CancelledError, CTLanguageError
         from ctlanguage.volume import CTVolume
     except Exception as exc:  # engine or torch missing
-        _say(ERROR_TAG, f"The CTLanguage engine could not be imported ({exc}); install the dependencies from the module panel.")
+        _say(format_line(ERROR_TAG, f"The CTLanguage engine could not be imported ({exc}); install the dependencies from the module panel."))
         return 2
 
     try:
@@ -56,27 +54,27 @@ def main(argv=None) -> int:
                           source=geometry.get("source"), modality=geometry.get("modality") or "CT",
                           series_uid=geometry.get("series_uid"))
         if cancel():
-            raise CancelledError("cancelled by the user")
+            raise CancelledError(CANCELLED_MESSAGE)
         progress(0.05, f"Loading model '{a.model}'…")
         engine = Engine.load(model=a.model, device=(a.device or None),
                              progress=lambda f, m="": progress(0.05 + 0.15 * float(f), m))
         if cancel():
-            raise CancelledError("cancelled by the user")
+            raise CancelledError(CANCELLED_MESSAGE)
         encoding = engine.encode(volume, progress=lambda f, m="": progress(0.2 + 0.75 * float(f), m),
                                  cancel=cancel)
         progress(0.97, "Saving the encoding…")
         encoding.save(a.output)
-        _say(DONE_TAG, os.path.abspath(a.output))
+        _say(format_line(DONE_TAG, os.path.abspath(a.output)))
         return 0
     except CancelledError:
-        _say(ERROR_TAG, "cancelled by the user")
+        _say(format_line(ERROR_TAG, CANCELLED_MESSAGE))
         return 3
     except CTLanguageError as exc:
-        _say(ERROR_TAG, str(exc))
+        _say(format_line(ERROR_TAG, str(exc)))
         return 2
     except Exception as exc:  # unexpected: keep the traceback in the log, one line for the user
         traceback.print_exc(file=sys.stdout)
-        _say(ERROR_TAG, f"Encoding failed: {type(exc).__name__}: {exc}")
+        _say(format_line(ERROR_TAG, f"Encoding failed: {type(exc).__name__}: {exc}"))
         return 1
 
 

@@ -1,14 +1,14 @@
-"""The module's logic core, free of Qt and of the Slicer application.
+"""Per-scene state of the module, free of Qt and of the Slicer application.
 
-``CTLanguageLogic`` (in CTLanguage.py) is a thin ``ScriptedLoadableModuleLogic`` that delegates to
-one :class:`CTLanguageSession` per scene; the trame web demo and the pytest suite use this class
-directly on a ``vtkMRMLScene`` from ``slicer-core``.
+The widget reaches it only through ``logic.Logic`` (its single front); the trame web demo and the
+pytest suite use :class:`CTLanguageSession` directly on a ``vtkMRMLScene`` from ``slicer-core``.
 
 A session holds: the loaded engine (per model id + device), one encoding per input volume node,
-and the list of current results (finding + segment id). Changing the mask or probability
-threshold re-queries the stored prompts against the stored encoding (no re-encoding) and
-replaces the segments' masks in place. Errors that a user can cause are raised as ``ValueError``
-with one specific sentence.
+and the list of current results (finding + segment id). The engine answers every prompt with its
+mask, also for findings it judges absent; the probability threshold only hides segments. A new
+mask threshold re-thresholds each finding's stored logits (``Finding.with_threshold``: no query,
+no re-encoding) and replaces the segments' masks in place. Errors that a user can cause are
+raised as ``ValueError`` with one specific sentence.
 """
 
 from __future__ import annotations
@@ -17,15 +17,11 @@ from dataclasses import dataclass, field
 
 from . import mrml_glue
 from .background import EncodingJob
+from .results_table import findings_to_table
 
 DEFAULT_MASK_THRESHOLD = 0.5
 DEFAULT_PROBABILITY_THRESHOLD = 0.5
 HISTORY_LENGTH = 50
-
-
-def split_prompts(text: str) -> list[str]:
-    """'liver lesion; fluid around the left lung' -> ['liver lesion', 'fluid around the left lung']"""
-    return [p.strip() for p in str(text or "").split(";") if p.strip()]
 
 
 @dataclass
@@ -86,11 +82,14 @@ class CTLanguageSession:
 
     def model_label(self) -> str:
         """'research use only — model: <id> <version>' (the spec until the model is loaded)."""
+        record = self.model_record()
+        return f"research use only — model: {record['id']} {record['version'] or ''}".strip()
+
+    def model_record(self) -> dict:
+        """id / version / sha256 of the selected model (the engine's ``describe()`` once loaded)."""
         engine = self._engines.get((self.model_id, self.device))
-        name = self.model_id
-        if engine is not None and getattr(engine, "model_id", None):
-            name = f"{engine.model_id} {getattr(engine, 'model_version', '') or ''}".strip()
-        return f"research use only — model: {name}"
+        d = engine.describe() if engine is not None else {}
+        return {"id": d.get("id", self.model_id), "version": d.get("version"), "sha256": d.get("sha256")}
 
     # ---- encoding ------------------------------------------------------------------------------
     def state_for(self, volume_node) -> SessionState:
@@ -162,10 +161,6 @@ class CTLanguageSession:
                 raise ValueError(job.error or "Encoding failed.")
         return job
 
-    def cancel_encoding(self) -> None:
-        if self.job is not None:
-            self.job.cancel()
-
     # ---- prompts -------------------------------------------------------------------------------
     def _remember(self, prompts: list[str]) -> None:
         for p in reversed(prompts):  # most recent run first, in typed order
@@ -174,41 +169,32 @@ class CTLanguageSession:
             self.history.insert(0, p)
         del self.history[HISTORY_LENGTH:]
 
-    def _query(self, encoding, prompts: list[str]) -> list:
-        try:
-            findings = self.engine().query(encoding, "; ".join(prompts), mask_threshold=self.mask_threshold)
-        except Exception as exc:
-            raise ValueError(str(exc)) from exc
-        if not isinstance(findings, (list, tuple)):
-            findings = [findings]
-        return list(findings)
-
     def run_prompts(self, volume_node, text: str) -> list:
-        """Run one or several ';'-separated prompts; add/replace one segment per prompt and
-        refresh the findings table. Returns the session's results for this volume."""
-        prompts = split_prompts(text)
-        if not prompts:
-            raise ValueError("Type a prompt, e.g. 'liver lesion' or 'fluid around the left lung'.")
+        """Run the prompts in ``text`` (the engine splits them: ';', '|' or new lines); add or
+        replace one segment per prompt and refresh the findings table. Returns the session's
+        results for this volume."""
         state = self.state_for(volume_node)
         if state.encoding is None:
             raise ValueError("Encode the volume first (press Encode).")
-        findings = self._query(state.encoding, prompts)
+        try:  # every mask is computed: the probability threshold hides unlikely findings' segments
+            findings = self.engine().query(state.encoding, text, mask_threshold=self.mask_threshold,
+                                           absent_masks=True)
+        except Exception as exc:
+            raise ValueError(str(exc)) from exc
         seg = self.segmentation_node(volume_node, create=True)
         by_prompt = {r.prompt: r for r in state.results}
         for f in findings:
-            prompt = str(getattr(f, "prompt", "") or "")
-            old = by_prompt.get(prompt)
+            old = by_prompt.get(f.prompt)
             visible = mrml_glue.finding_visible(f, self.probability_threshold)
             if old is not None:
-                sid = mrml_glue.add_finding_segment(seg, f, volume_node, segment_id=old.segment_id,
-                                                    visible=visible and old.visible)
+                mrml_glue.add_finding_segment(seg, f, volume_node, segment_id=old.segment_id,
+                                              visible=visible and old.visible)
                 old.finding = f
             else:
                 sid = mrml_glue.add_finding_segment(seg, f, volume_node, visible=visible)
-                res = Result(prompt=prompt, finding=f, segment_id=sid)
-                state.results.append(res)
-                by_prompt[prompt] = res
-        self._remember(prompts)
+                by_prompt[f.prompt] = Result(prompt=f.prompt, finding=f, segment_id=sid)
+                state.results.append(by_prompt[f.prompt])
+        self._remember([f.prompt for f in findings])
         self.update_table(volume_node)
         return state.results
 
@@ -231,18 +217,13 @@ class CTLanguageSession:
         seg = self.segmentation_node(volume_node)
         if seg is None or not state.results:
             return
-        if mask_changed and state.encoding is not None:
-            if all(callable(getattr(r.finding, "with_threshold", None)) for r in state.results):
-                # the engine keeps each finding's logits: a new mask without another query
+        if mask_changed:  # each finding keeps its logits: a new mask without another query
+            for r in state.results:
                 try:
-                    findings = [r.finding.with_threshold(self.mask_threshold) for r in state.results]
+                    r.finding = r.finding.with_threshold(self.mask_threshold)
                 except Exception as exc:
                     raise ValueError(str(exc)) from exc
-            else:
-                findings = self._query(state.encoding, [r.prompt for r in state.results])
-            for r, f in zip(state.results, findings):
-                r.finding = f
-                mrml_glue.set_segment_mask(seg, r.segment_id, f.mask, volume_node)
+                mrml_glue.set_segment_mask(seg, r.segment_id, r.finding.mask, volume_node)
         display = seg.GetDisplayNode()
         for r in state.results:
             if display is not None and seg.GetSegmentation().GetSegment(r.segment_id) is not None:
@@ -293,7 +274,7 @@ class CTLanguageSession:
     def update_table(self, volume_node):
         state = self.state_for(volume_node)
         table = self.table_node(volume_node, create=True)
-        mrml_glue.findings_to_table(self.scene, [r.finding for r in state.results],
+        findings_to_table(self.scene, [r.finding for r in state.results],
                                     [r.segment_id for r in state.results], table_node=table,
                                     model_id=self.model_id)
         table.SetAttribute(mrml_glue.ATTRIBUTE_PREFIX + "MaskThreshold", f"{self.mask_threshold:g}")
@@ -304,7 +285,7 @@ class CTLanguageSession:
         """Heat map of result ``row`` as a scalar volume (reused across rows)."""
         state = self.state_for(volume_node)
         finding = state.results[row].finding
-        heat = finding.heatmap() if callable(getattr(finding, "heatmap", None)) else None
+        heat = finding.heatmap()
         if heat is None:
             raise ValueError("This model gives no heat map for that prompt.")
         existing = self.scene.GetNodeByID(state.heatmap_node_id) if state.heatmap_node_id else None
@@ -329,60 +310,3 @@ class CTLanguageSession:
             parent.GetMatrixTransformToWorld(m)
             center = list(m.MultiplyPoint(list(center) + [1.0])[:3])
         return center
-
-    # ---- file exports (DICOM SEG goes through Slicer's DICOM module, see CTLanguage.py) --------
-    def export_seg_nrrd(self, volume_node, path: str) -> str:
-        seg = self.segmentation_node(volume_node)
-        if seg is None:
-            raise ValueError("Nothing to export yet: run a prompt first.")
-        return mrml_glue.save_segmentation(seg, path)
-
-    def _model_record(self) -> dict:
-        rec = {"id": self.model_id, "version": None, "sha256": None}
-        engine = self._engines.get((self.model_id, self.device))
-        for key in ("version", "sha256"):
-            value = getattr(engine, f"model_{key}", None) if engine is not None else None
-            if value is not None:
-                rec[key] = value
-        return rec
-
-    def _export_context(self, volume_node):
-        state = self.state_for(volume_node)
-        if not state.results:
-            raise ValueError("Nothing to export yet: run a prompt first.")
-        volume = mrml_glue.volume_node_to_ctvolume(volume_node)
-        extra = {"mask_threshold": self.mask_threshold, "probability_threshold": self.probability_threshold,
-                 "prompts": [r.prompt for r in state.results], "research_use_only": True,
-                 "exported_from": "3D Slicer CTLanguage module"}
-        return volume, [r.finding for r in state.results], extra
-
-    @staticmethod
-    def _check_folder(path: str) -> None:
-        mrml_glue.check_output_folder(path)
-
-    def export_findings(self, volume_node, path: str) -> str:
-        """Findings table as CSV or JSON (by extension), stamped with model id, prompts and
-        thresholds; same document as the CLI's findings.json (ctlanguage.exports.findings_table)."""
-        from ctlanguage.exports import bundle, findings_table
-
-        volume, findings, extra = self._export_context(volume_node)
-        self._check_folder(path)
-        doc = findings_table.build_document(findings, [None] * len(findings), model=self._model_record(),
-                                            input_info=bundle.input_record(volume), extra=extra)
-        try:
-            writer = findings_table.write_json if str(path).lower().endswith(".json") else findings_table.write_csv
-            return str(writer(path, doc))
-        except Exception as exc:
-            raise ValueError(str(exc)) from exc
-
-    def export_html_report(self, volume_node, path: str) -> str:
-        """HTML report with key images (ctlanguage.exports.html_report)."""
-        from ctlanguage.exports import bundle, html_report
-
-        volume, findings, extra = self._export_context(volume_node)
-        self._check_folder(path)
-        try:
-            return str(html_report.write_report(path, volume, findings, model=self._model_record(),
-                                                input_info=bundle.input_record(volume), extra=extra))
-        except Exception as exc:
-            raise ValueError(str(exc)) from exc

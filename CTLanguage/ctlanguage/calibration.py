@@ -48,23 +48,10 @@ def active_calibration(engine) -> Calibration:
 
 
 def raw_presence_scores(engine, encoding, findings) -> dict:
-    """{finding: raw presence logit} of one encoded case (max over sides for a sided finding).
-
-    The one place calibration asks the model for a score. Until the engine exposes its raw
-    score, it is recovered from the public API by undoing the calibration the backend applies,
-    which is affine in the logit: logit(p) = z / T + b, with 1/T and b read off that calibration."""
-    cal = active_calibration(engine)
-    out = {}
-    for f in findings:
-        b = _logit(cal.probability(0.0, f))
-        inv_t = _logit(cal.probability(1.0, f)) - b
-        out[f] = (_logit(engine.presence_probability(encoding, f)) - b) / inv_t
-    return out
-
-
-def _logit(p: float) -> float:
-    p = min(max(float(p), 1e-15), 1.0 - 1e-15)
-    return math.log(p / (1.0 - p))
+    """{finding: raw presence logit} of one encoded case (max over sides for a sided finding):
+    the one place calibration asks the model for a score."""
+    active_calibration(engine)   # refuses models whose scores cannot be calibrated
+    return {f: engine.presence_score(encoding, f) for f in findings}
 
 
 def sigmoid(z):

@@ -278,6 +278,11 @@ def download(entry: ModelEntry, *, progress: ProgressFn | None = None, force: bo
         d = embedded_model_dir(entry)
         verify_model_dir(d, entry)
         return d
+    if not entry.url and (entry.backend or "grounded") != "grounded":
+        from .backends import backend_module   # a family whose weights the user fetches
+
+        hint = backend_module(entry.backend).describe(entry).weights_hint or "Its weights are in place."
+        raise CheckpointError(f"{entry.id} is not downloaded by CTLanguage. {hint}")
     if not entry.url or not entry.sha256:
         raise CheckpointError(f"catalog entry {entry.id} has no download url/sha256")
     target = cached_model_dir(entry)

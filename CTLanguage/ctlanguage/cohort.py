@@ -16,9 +16,9 @@ import io as _io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from .errors import CTLanguageError, InputError
 
@@ -242,12 +242,13 @@ def summary_row(case: Case, status: str, seconds: Optional[float], doc: Optional
 
 
 def write_summary(out: Path, rows: Sequence[dict], spec: RunSpec, cases: Sequence[Case],
-                  complete: bool, name: str = "summary") -> Path:
+                  complete: bool, name: str = "summary", cohort: Optional[Sequence[Case]] = None) -> Path:
     """``<name>.csv`` (one row per case, in manifest order) and ``<name>.json`` (the run, the
-    counts, whether it is complete and how to resume). Written atomically."""
+    counts, whether it is complete and how to resume; for a shard, the whole cohort's order).
+    Written atomically."""
     from .exports.atomic import atomic_write_bytes
 
-    order = {c.case_id: i for i, c in enumerate(cases)}
+    order = {c.case_id: i for i, c in enumerate(cohort or cases)}
     rows = sorted(rows, key=lambda r: order.get(r["case_id"], len(order)))
     fields = list(SUMMARY_FIELDS)
     for r in rows:
@@ -264,6 +265,8 @@ def write_summary(out: Path, rows: Sequence[dict], spec: RunSpec, cases: Sequenc
            "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     if not complete:
         doc["resume"] = "run the same command again: finished cases are skipped"
+    if cohort is not None:
+        doc["cohort_order"] = [c.case_id for c in cohort]
     atomic_write_bytes(out / f"{name}.json", (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
     return out / f"{name}.csv"
 
@@ -280,6 +283,9 @@ def merge_summaries(out: Path) -> tuple:
     for p in parts:
         with open(p.with_suffix(".csv"), encoding="utf-8", newline="") as fh:
             rows += list(csv.DictReader(fh))
+    order = json.loads(parts[0].read_text()).get("cohort_order") or []
+    rank = {cid: i for i, cid in enumerate(order)}
+    rows.sort(key=lambda r: rank.get(r["case_id"], len(rank)))
     d = json.loads(specs.pop())
     spec = RunSpec(**{**d, "prompts": tuple(d["prompts"])})
     return rows, spec

@@ -282,13 +282,27 @@ def _check_like(array: np.ndarray, like: CTVolume, what: str) -> np.ndarray:
     return array
 
 
-def write_mask(mask: np.ndarray, like: CTVolume, path) -> Path:
+def write_mask(mask: np.ndarray, like: CTVolume, path, extent=None) -> Path:
     """Write a binary mask (uint8, 0/1) on the exact voxel grid of ``like`` (NIfTI or NRRD; any
-    object with ``array`` and ``ijk_to_ras`` will do). The project's one mask writer."""
+    object with ``array`` and ``ijk_to_ras`` will do). The project's one mask writer.
+
+    ``.nii.gz`` is written in time proportional to the mask's bounding box
+    (``exports.masks.write_mask_nifti``); ``extent`` (its ``exports.extent.MaskExtent``) saves
+    finding that box again."""
+    from .exports.extent import mask_extent
+
     mask = _check_like(mask, like, "mask")
-    if mask.size and (mask.min() < 0 or mask.max() > 1):
-        raise ExportError(f"A mask must contain only 0 and 1, found values {mask.min()}..{mask.max()}.")
-    return _write_array(mask.astype(np.uint8, copy=False), like.ijk_to_ras, Path(path))
+    ext = extent if extent is not None else mask_extent(mask)
+    inside = mask[ext.box] if ext.box is not None else mask[:0]   # zero outside the box
+    if inside.size and (inside.min() < 0 or inside.max() > 1):
+        raise ExportError(f"A mask must contain only 0 and 1, found values {inside.min()}..{inside.max()}.")
+    mask = mask.astype(np.uint8, copy=False)
+    path = Path(path)
+    if _check_destination(path) == ".nii.gz":
+        from .exports.masks import write_mask_nifti
+
+        return atomic_write(path, lambda tmp: write_mask_nifti(tmp, mask, like.ijk_to_ras, ext))
+    return _write_array(mask, like.ijk_to_ras, path)
 
 
 def write_labelmap(labels: np.ndarray, like: CTVolume, path) -> Path:

@@ -127,10 +127,10 @@ def _index():
         add(t.display, key, "finding")
         for h in t.heads:
             heads.setdefault(tuple(_tokens(h)), set()).add(key)
-    for key in vocab.anatomies():
+    for key in vocab.all_anatomies():
         t = vocab.get(key)
         target = key
-        for s in t.synonyms:
+        for s in t.synonyms + t.lay:
             # side-less synonyms of a sided structure name its group ("lung" -> lung)
             add(s, t.group if t.group else target, "anatomy")
         add(t.display, key, "anatomy")
@@ -347,6 +347,9 @@ def _resolve_anatomy_prompt(key: str, laterality, base):
             laterality = vocab.get(covers[0]).side
         return (covers[0] if len(covers) == 1 else None), covers, laterality, base
     t = vocab.get(key)
+    part = vocab.sided_part(key, laterality)
+    if part:   # "left ribs"
+        return part, (part,), laterality, base
     if t.side:
         if laterality not in (None, t.side):
             base *= 0.5  # contradictory side words ("left RLL")

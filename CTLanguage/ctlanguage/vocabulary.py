@@ -6,13 +6,20 @@ may contain ``{side}``; it is replaced by "left"/"right" or removed for unsided 
 Keys are the stable identifiers of docs/architecture.md. Sided anatomies (``lung_left``) belong
 to a *group* (``lung``); sided findings name the group as their anatomy and are resolved to a
 concrete key with :func:`resolve_anatomy`.
+
+Beyond the 25 core anatomies (``ANATOMY_KEYS``, what the embedded model masks) every class of
+TotalSegmentator's ``total`` task is an anatomy too: codes and colours from
+``data/totalseg_total.json`` (generated from the installed package by
+scripts/make_totalseg_classes.py), our phrasings, groups, union anatomies and the classes each
+core anatomy is made of from ``data/anatomy_totalseg.json`` (:func:`all_anatomies`,
+:func:`components`).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Optional, Sequence
 
@@ -80,6 +87,7 @@ class Term:
                                    # word ("fluid around the lung")
     abbreviations: tuple = ()
     adjectives: tuple = ()         # anatomies: parser-only adjective forms ("hepatic")
+    parts: tuple = ()              # anatomies: the anatomy keys this one is the union of
     side: Optional[str] = None     # anatomies: fixed side of a concrete sided structure
     group: Optional[str] = None    # anatomies: sided group ("lung"); findings: see anatomy
     anatomy: Optional[str] = None  # findings: anatomy key or group it is judged in
@@ -103,19 +111,14 @@ def _code(d) -> Optional[Code]:
 
 @lru_cache(maxsize=1)
 def _load():
-    path = package_data_dir() / "vocabulary.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise VocabularyError(f"Cannot read the vocabulary file {path}: {exc}.") from exc
-    groups = raw["groups"]
+    """(terms, groups, modifiers, slicer terminology contexts, extras) where extras holds
+    ``extra_keys`` (non-core anatomy keys, in order), ``sided_parts`` and ``totalseg``
+    ({class name: label} of TotalSegmentator's total task)."""
+    raw = _read_json("vocabulary.json")
+    groups = dict(raw["groups"])
     terms = {}
     for key, d in raw["anatomies"].items():
-        terms[key] = Term(
-            key=key, kind="anatomy", display=d["display"], color=tuple(d["color"]),
-            category=_code(d["category"]), type=_code(d["type"]), synonyms=tuple(d["synonyms"]),
-            abbreviations=tuple(d.get("abbreviations", ())),
-            adjectives=tuple(d.get("adjectives", ())), side=d.get("side"), group=d.get("group"))
+        terms[key] = _anatomy_term(key, d, _code(d["category"]), _code(d["type"]))
     for key, d in raw["findings"].items():
         typ = _code(d["type"])
         terms[key] = Term(
@@ -129,7 +132,115 @@ def _load():
     modifiers = {k: _code(v) for k, v in raw["modifiers"].items()}
     modifiers["_fallback_type"] = _code(raw["fallback_type"])
     _validate(terms, groups, modifiers)
-    return terms, groups, modifiers, raw["slicer_terminology"]
+    extras = _add_totalseg(terms, groups)
+    return terms, groups, modifiers, raw["slicer_terminology"], extras
+
+
+def _read_json(name: str) -> dict:
+    path = package_data_dir() / name
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise VocabularyError(f"Cannot read the vocabulary file {path}: {exc}.") from exc
+
+
+def _anatomy_term(key, d, category, typ, **kw) -> Term:
+    return Term(
+        key=key, kind="anatomy", display=d["display"], color=tuple(d["color"]),
+        category=category, type=typ, synonyms=tuple(d["synonyms"]), lay=tuple(d.get("lay", ())),
+        abbreviations=tuple(d.get("abbreviations", ())), adjectives=tuple(d.get("adjectives", ())),
+        side=d.get("side"), group=d.get("group"), parts=tuple(d.get("parts", ())), **kw)
+
+
+def _add_totalseg(terms: dict, groups: dict) -> dict:
+    """Add TotalSegmentator's classes, our union anatomies and groups to ``terms``/``groups``
+    (in place); return the extras of :func:`_load`."""
+    facts = _read_json("totalseg_total.json")
+    ours = _read_json("anatomy_totalseg.json")
+    src = facts["source"]
+    coded = lambda c, what: Code(c["value"], c["scheme"], c["meaning"], f"{src} ({what})") if c else None  # noqa: E731
+    extra_keys, ts = [], {}
+    for c in facts["classes"]:
+        name = c["name"]
+        ts[name] = int(c["label"])
+        cat, typ = coded(c["category"], name), coded(c["type"], name)
+        if name in terms:   # a core anatomy: the codes must agree
+            t = terms[name]
+            if (t.category.value, t.type.value) != (cat.value, typ.value):
+                raise VocabularyError(f"Core anatomy '{name}' is coded differently from TotalSegmentator.")
+            continue
+        d = ours["terms"].get(name)
+        if d is None:
+            raise VocabularyError(f"TotalSegmentator class '{name}' has no entry in anatomy_totalseg.json.")
+        mod = c["region_modifier"] if c["region"] else c["type_modifier"]
+        side = mod["meaning"].lower() if mod and mod["meaning"].lower() in SIDES else None
+        terms[name] = _anatomy_term(
+            name, {**d, "color": c["color"], "side": side}, cat, typ, region=coded(c["region"], name))
+        extra_keys.append(name)
+    for key, d in ours["aggregates"].items():
+        color = list(terms[d["parts"][0]].color)
+        terms[key] = _anatomy_term(key, {**d, "color": color}, _code(d["category"]), _code(d["type"]))
+        extra_keys.append(key)
+    for key, parts in ours["parts"].items():
+        terms[key] = replace(terms[key], parts=tuple(parts))
+    for key, lay in ours["lay"].items():
+        terms[key] = replace(terms[key], lay=tuple(lay))
+    groups.update(ours["groups"])
+    extras = {"extra_keys": tuple(extra_keys), "sided_parts": ours["sided_parts"], "totalseg": ts}
+    _validate_extras(terms, groups, extras)
+    return extras
+
+
+def _validate_extras(terms, groups, extras):
+    for name, g in groups.items():
+        if name in terms:
+            raise VocabularyError(f"Group name '{name}' is also a term key.")
+        for side in SIDES:
+            if side in g and (g[side] not in terms or terms[g[side]].side != side):
+                raise VocabularyError(f"Group '{name}' maps {side} to an unknown or wrong-sided key.")
+    for key, sides in extras["sided_parts"].items():
+        for side, part in sides.items():
+            if part not in terms or terms[part].side != side:
+                raise VocabularyError(f"'{key}' names an unknown or wrong-sided {side} part '{part}'.")
+    for key in extras["extra_keys"]:
+        t = terms[key]
+        _check_term(t)
+        if not t.synonyms or any(w in _SIDE_WORDS for s in t.synonyms for w in s.lower().split()):
+            raise VocabularyError(f"Anatomy '{key}' needs synonyms without side words.")
+    for t in terms.values():
+        for p in t.parts:
+            if p not in terms or terms[p].kind != "anatomy" or p == t.key:
+                raise VocabularyError(f"Anatomy '{t.key}' is made of unknown part '{p}'.")
+    for t in terms.values():   # every union ends in TotalSegmentator classes (no cycles)
+        if t.parts and not set(_components(terms, t.key, 0)) <= set(extras["totalseg"]):
+            raise VocabularyError(f"Anatomy '{t.key}' does not resolve to TotalSegmentator classes.")
+
+
+_SIDE_WORDS = {"left", "right", "bilateral"}
+
+
+def _components(terms, key, depth):
+    if depth > 8:
+        raise VocabularyError(f"Anatomy '{key}' is part of itself.")
+    t = terms[key]
+    if not t.parts:
+        return (key,)
+    return tuple(c for p in t.parts for c in _components(terms, p, depth + 1))
+
+
+def _check_term(t: Term):
+    key = t.key
+    if not t.synonyms:
+        raise VocabularyError(f"Term '{key}' has no synonyms.")
+    if len(t.color) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in t.color):
+        raise VocabularyError(f"Term '{key}' has an invalid RGB colour {t.color}.")
+    for c in (t.category, t.type, t.region, t.type_modifier):
+        if c is not None and not c.known and not c.note:
+            raise VocabularyError(f"Term '{key}' has a missing code without a note saying why.")
+        if c is not None and c.known and not (c.source and c.meaning and c.value.isdigit()):
+            raise VocabularyError(f"Term '{key}' has a code without source or meaning: {c}.")
+    if not t.category.known:
+        raise VocabularyError(f"Term '{key}' has no segmented property category code.")
 
 
 def _validate(terms, groups, modifiers):
@@ -150,17 +261,7 @@ def _validate(terms, groups, modifiers):
             if side in g and (g[side] not in terms or terms[g[side]].side != side):
                 raise VocabularyError(f"Group '{name}' maps {side} to an unknown or wrong-sided key.")
     for key, t in terms.items():
-        if not t.synonyms:
-            raise VocabularyError(f"Term '{key}' has no synonyms.")
-        if len(t.color) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in t.color):
-            raise VocabularyError(f"Term '{key}' has an invalid RGB colour {t.color}.")
-        for c in (t.category, t.type, t.region, t.type_modifier):
-            if c is not None and not c.known and not c.note:
-                raise VocabularyError(f"Term '{key}' has a missing code without a note saying why.")
-            if c is not None and c.known and not (c.source and c.meaning and c.value.isdigit()):
-                raise VocabularyError(f"Term '{key}' has a code without source or meaning: {c}.")
-        if not t.category.known:
-            raise VocabularyError(f"Term '{key}' has no segmented property category code.")
+        _check_term(t)
         if t.kind == "finding":
             if t.sided and t.anatomy not in groups:
                 raise VocabularyError(f"Sided finding '{key}' must name an anatomy group.")
@@ -178,6 +279,31 @@ def anatomies() -> list:
 def findings() -> list:
     """Finding keys, in the order of docs/architecture.md."""
     return list(FINDING_KEYS)
+
+
+def all_anatomies() -> list:
+    """Every promptable anatomy key: the core ones, then TotalSegmentator's classes and the
+    unions built from them (backends say which of these they can mask)."""
+    return list(ANATOMY_KEYS) + list(_load()[4]["extra_keys"])
+
+
+def components(key: str) -> tuple:
+    """The finest anatomy keys ``key`` is made of, e.g. lung_left -> its two lobes, spine ->
+    C1 ... S1 and the sacrum; a key without parts is its own component. For TotalSegmentator
+    these are class names (see :func:`totalseg_classes`)."""
+    terms = _load()[0]
+    get(key)
+    return _components(terms, key, 0)
+
+
+def sided_part(key: str, side: Optional[str]) -> Optional[str]:
+    """The one-sided anatomy of an unsided one ("ribs", "left") -> "ribs_left"; None if none."""
+    return _load()[4]["sided_parts"].get(key, {}).get(side)
+
+
+def totalseg_classes() -> dict:
+    """{class name: label number} of TotalSegmentator's ``total`` task (totalseg_total.json)."""
+    return dict(_load()[4]["totalseg"])
 
 
 def groups() -> dict:
@@ -249,6 +375,8 @@ def _codes(key: str, laterality: Optional[str]):
     if t.kind == "anatomy" and laterality in SIDES and t.side and laterality != t.side:
         raise VocabularyError(f"'{key}' is on the {t.side}, not the {laterality}.")
     side_code = mods.get(side) if side in LATERALITIES else None   # bilateral: SCT 51440002
+    if t.kind == "anatomy" and t.region is not None:   # e.g. a cyst of the left kidney
+        return t.category, t.type, None, t.region, side_code
     if t.kind == "anatomy":
         # a structure's side is a type modifier, except where the type already says it
         modifier = None if (side_code and t.type.meaning and side in t.type.meaning.lower()) else side_code

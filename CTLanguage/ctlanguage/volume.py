@@ -224,3 +224,29 @@ def set_sitk_geometry(image, ijk_to_ras: np.ndarray) -> None:
     except RuntimeError:
         raise ValueError("the voxel axes are degenerate (parallel); this grid cannot be stored as "
                          "an ITK image (NIfTI/NRRD)") from None
+
+
+def closest_ras(volume: CTVolume) -> CTVolume:
+    """The same voxels with the array axes permuted/flipped so that i, j, k run as close as possible
+    to +R, +A, +S (array ``[S, A, R]``; nibabel's closest canonical orientation): no resampling, a
+    view of the array, the voxel->RAS matrix adjusted so every voxel keeps its position."""
+    d = np.abs(volume.direction)             # rows: R, A, S; columns: voxel axes i, j, k
+    ras_of = [-1, -1, -1]                    # voxel axis -> RAS axis, largest cosines first
+    for flat in np.argsort(-d, axis=None):
+        r, a = divmod(int(flat), 3)
+        if ras_of[a] < 0 and r not in ras_of:
+            ras_of[a] = r
+    axis_of = [ras_of.index(r) for r in range(3)]          # RAS axis -> voxel axis
+    n = volume.shape[::-1]                                 # voxels along i, j, k
+    m = np.zeros((4, 4))                                   # new (i, j, k, 1) -> old (i, j, k, 1)
+    m[3, 3] = 1.0
+    arr = volume.array.transpose([2 - axis_of[2 - ax] for ax in range(3)])
+    for r, a in enumerate(axis_of):
+        if volume.direction[r, a] >= 0:
+            m[a, r] = 1.0
+        else:
+            m[a, r], m[a, 3] = -1.0, n[a] - 1
+            arr = np.flip(arr, axis=2 - r)
+    return CTVolume(arr, volume.ijk_to_ras @ m, source=volume.source, modality=volume.modality,
+                    series_uid=volume.series_uid, study_uid=volume.study_uid,
+                    metadata=dict(volume.metadata))

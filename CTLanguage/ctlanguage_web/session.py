@@ -68,10 +68,21 @@ def _fmt(value, digits=2):
     return "—" if v != v else f"{v:.{digits}f}"
 
 
-def _hex(color) -> str:
-    from CTLanguageLib.mrml_glue import _color01
+def _catalog_id(model: str) -> str:
+    """'default' (or '') -> the catalog id of the default model, so the model menu can show it."""
+    from ctlanguage import catalog
 
-    r, g, b = (int(round(255 * c)) for c in _color01(color))
+    if str(model or "default") not in catalog.DEFAULT_ALIASES:
+        return str(model)
+    try:
+        return catalog.default_entry().id
+    except Exception:  # noqa: BLE001 - no catalog: keep the alias, Engine.load resolves it
+        return "default"
+
+
+def _hex(color) -> str:
+    """A finding's RGB colour (0..255 integers) as '#rrggbb'."""
+    r, g, b = (min(max(int(c), 0), 255) for c in color[:3])
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
@@ -115,7 +126,7 @@ class WebSession:
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.logic = CTLanguageSession(self.scene, engine_loader=engine_loader)
-        self.logic.set_model(model, device)
+        self.logic.set_model(_catalog_id(model), device)
         self.logic.probability_threshold = 0.0  # draw every mask; PRESENT_THRESHOLD marks rows
         self.max_upload_bytes = int(float(max_upload_mb) * 1e6)
         self.input: LoadedInput | None = None
@@ -302,6 +313,30 @@ class WebSession:
     def model_label(self) -> str:
         return self.logic.model_label()
 
+    def _model_choices(self) -> list:
+        from CTLanguageLib import catalog_ui
+
+        choices = catalog_ui.model_choices()
+        if self.logic.model_id not in {c.spec for c in choices}:  # a model folder given at start
+            choices.append(catalog_ui.ModelChoice(spec=self.logic.model_id, label=self.logic.model_id,
+                                                  available=True, where="local folder"))
+        return choices
+
+    def model_choices(self) -> list[dict]:
+        """Every model with what it can do, licence, size, CPU/GPU need, whether it is on disk and
+        the demo model's limits: the Slicer module's menu (``CTLanguageLib.catalog_ui``)."""
+        return [{"value": c.spec, "title": c.label, "details": c.details(notice=False), "notice": c.notice,
+                 "props": {"disabled": not c.available}} for c in self._model_choices()]
+
+    def set_model(self, spec: str) -> None:
+        """Use another model that is on disk (encodings made with the old one are dropped)."""
+        choice = next((c for c in self._model_choices() if c.spec == spec), None)
+        if choice is None:
+            raise ValueError(f"Unknown model {spec!r}.")
+        if not choice.available:
+            raise ValueError(f"{spec} is not on disk on this server ({choice.hint}).")
+        self.logic.set_model(spec, self.logic.device)
+
     # ---- prompts -----------------------------------------------------------------------------
     def run_prompts(self, text: str) -> list[dict]:
         if self.volume_node is None:
@@ -331,20 +366,23 @@ class WebSession:
         out = []
         for n, r in enumerate(self.logic.results(self.volume_node)):
             f = r.finding
-            prob = getattr(f, "probability", None)
+            prob = f.probability
             out.append({
                 "row": n,
                 "prompt": r.prompt,
-                "anatomy": str(getattr(f, "anatomy", "") or "").replace("_", " "),
-                "finding": str(getattr(f, "finding", "") or "").replace("_", " "),
+                "anatomy": (f.anatomy or "").replace("_", " "),
+                "finding": (f.finding or "").replace("_", " "),
                 "probability": None if prob is None else round(float(prob), 4),
-                "probability_text": "anatomy" if prob is None else _fmt(prob),
-                "confidence_text": _fmt(getattr(f, "prompt_confidence", None)),
-                "volume_text": _fmt(getattr(f, "volume_ml", None), 1),
-                "color": _hex(getattr(f, "color", None)),
+                "probability_text": ("not understood" if not f.understood else "anatomy" if prob is None
+                                     else _fmt(prob) + ("" if f.calibrated else " (uncalibrated)")),
+                "score_label": f.score_label or "",
+                "models": " / ".join(dict.fromkeys(m for m in (f.mask_model, f.score_model) if m)),
+                "confidence_text": _fmt(f.prompt_confidence),
+                "volume_text": _fmt(f.volume_ml, 1),
+                "color": _hex(f.color),
                 "segment_id": r.segment_id,
                 "present": prob is not None and float(prob) >= PRESENT_THRESHOLD,
-                "has_mask": bool(float(getattr(f, "volume_ml", 0.0) or 0.0) > 0.0),
+                "has_mask": bool((f.volume_ml or 0.0) > 0.0),
             })
         return out
 
@@ -384,13 +422,6 @@ class WebSession:
                 "width": int(dims[0]), "height": int(dims[1])}
 
     # ---- exports -----------------------------------------------------------------------------
-    def _model_record(self) -> dict:
-        engine = self.logic._engines.get((self.logic.model_id, self.logic.device))
-        if engine is not None and callable(getattr(engine, "describe", None)):
-            d = engine.describe()
-            return {"id": d.get("id"), "version": d.get("version"), "sha256": d.get("sha256")}
-        return self.logic._model_record()
-
     def export_kinds(self) -> list[dict]:
         kinds = [("seg_nrrd", "Segmentation (.seg.nrrd)"), ("masks", "Masks (NIfTI, zip)")]
         if self.input is not None and self.input.kind == "dicom":
@@ -425,11 +456,11 @@ class WebSession:
         base.mkdir(exist_ok=True)
         out = base / f"v{self._results_version:04d}"
         shutil.rmtree(out, ignore_errors=True)
-        extra = {"prompts": [getattr(f, "prompt", "") for f in findings], "research_use_only": True,
+        extra = {"prompts": [f.prompt for f in findings], "research_use_only": True,
                  "exported_from": "CTLanguage web demo (trame-slicer)",
                  "present_threshold": PRESENT_THRESHOLD}
         try:
-            export_all(self.input.volume, findings, out, model=self._model_record(),
+            export_all(self.input.volume, findings, out, model=self.logic.model_record(),
                        mask_threshold=self.logic.mask_threshold, extra=extra)
         except CTLanguageError as exc:
             raise ValueError(str(exc)) from None

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "CTLanguage"))
 
 import slicer  # noqa: E402
 
-from CTLanguageLib import mrml_glue  # noqa: E402
+from CTLanguageLib import mrml_glue, results_table  # noqa: E402
 from CTLanguageLib.session import CTLanguageSession  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "slicer_prompt_overlay.png"
@@ -41,18 +41,23 @@ def font(size):
 
 
 def stand_in_engine(case):
-    """Phantom truth masks in the engine's Finding shape (used only when no model is available)."""
+    """Phantom truth masks as the engine's Findings (used only when no model is available)."""
     from ctlanguage import vocabulary
+    from ctlanguage.engine import Finding
+    from ctlanguage.prompts import split_prompts
 
     class Engine:
         model_id = "phantom-truth (no model)"
+
+        def describe(self):
+            return {"id": self.model_id, "version": "", "sha256": None}
 
         def encode(self, volume, progress=None, cancel=None):
             return SimpleNamespace(volume=volume)
 
         def query(self, enc, text, mask_threshold=0.5):
             out = []
-            for p in [t.strip() for t in text.split(";") if t.strip()]:
+            for p in split_prompts(text):
                 key = {"liver": "liver", "left kidney": "kidney_left"}.get(p)
                 if key:
                     mask, prob, finding = case.anatomy_mask(key).astype(np.uint8), None, None
@@ -65,9 +70,10 @@ def stand_in_engine(case):
                     prob, finding = (1.0 if mask.any() else 0.0), want[0]
                     key = "liver" if finding.startswith("liver") else "pleural_space_left"
                 ml = float(mask.sum()) * abs(np.linalg.det(case.ijk_to_ras[:3, :3])) / 1000
-                out.append(SimpleNamespace(prompt=p, anatomy=key, finding=finding, laterality=None,
-                                           probability=prob, prompt_confidence=1.0, mask=mask, volume_ml=ml,
-                                           color=vocabulary.color(finding or key), codes=None))
+                out.append(Finding(prompt=p, parsed=None, kind="finding" if finding else "anatomy", anatomy=key,
+                                   finding=finding, laterality=None, probability=prob, prompt_confidence=1.0,
+                                   mask=mask, volume_ml=ml, codes=None, color=vocabulary.color(finding or key),
+                                   name=p, terminology=vocabulary.slicer_terminology_string(finding or key)))
             return out
 
     return Engine()
@@ -130,7 +136,7 @@ def main():
         # CT (seen with EGL here), which would misrepresent what Slicer shows.
         display.SetAllSegmentsOpacity2DFill(0.0)
         display.SetSliceIntersectionThickness(3)
-        rows = mrml_glue.table_rows(session.table_node(volume))
+        rows = results_table.table_rows(session.table_node(volume))
         colours = [seg.GetSegmentation().GetSegment(r.segment_id).GetColor() for r in results]
         focus = next((r for r in results[1:] if r.finding.mask.any()), results[0])
         centre = mrml_glue.mask_center_ras(focus.finding.mask, case.ijk_to_ras) or [0.0, 0.0, 0.0]

@@ -12,8 +12,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import slicer
+from ctlanguage.engine import Finding
 
-from CTLanguageLib import mrml_glue
+from CTLanguageLib import mrml_glue, results_table
 
 IJK_TO_RAS = np.array([[0.0, 0.0, 2.5, -61.0], [-0.8, 0.0, 0.0, 37.5], [0.0, -1.1, 0.0, 212.25], [0, 0, 0, 1.0]])
 
@@ -35,9 +36,10 @@ class CTLanguageGlueSelfTest(unittest.TestCase):
         for n, (prompt, prob) in enumerate((("liver lesion", 0.8), ("liver", None))):
             mask = np.zeros(ct.shape, np.uint8)
             mask[2 + n:9, 5:20 + n, 10:13] = 1
-            findings.append(SimpleNamespace(prompt=prompt, anatomy="liver", finding=None, laterality=None,
-                                            probability=prob, prompt_confidence=0.9, volume_ml=1.5,
-                                            mask=mask, color=(0.9, 0.2, 0.1)))
+            findings.append(Finding(prompt=prompt, parsed=None, kind="finding" if prob else "anatomy",
+                                    anatomy="liver", finding=None, laterality=None, probability=prob,
+                                    prompt_confidence=0.9, mask=mask, volume_ml=1.5, codes=None,
+                                    color=(230, 50, 25)))
         seg, ids = mrml_glue.findings_to_segmentation(scene, findings, volume)
         logic = slicer.vtkSlicerTerminologiesModuleLogic()
         for f, sid in zip(findings, ids):
@@ -45,8 +47,8 @@ class CTLanguageGlueSelfTest(unittest.TestCase):
             self.assertTrue(np.array_equal(back, f.mask))
             entry = slicer.vtkSlicerTerminologyEntry()
             self.assertTrue(logic.DeserializeTerminologyEntry(seg.GetSegmentation().GetSegment(sid).GetTerminology(), entry))
-        table = mrml_glue.findings_to_table(scene, findings, ids)
-        rows = mrml_glue.table_rows(table)
+        table = results_table.findings_to_table(scene, findings, ids)
+        rows = results_table.table_rows(table)
         self.assertAlmostEqual(rows[0]["probability"], 0.8)
         self.assertTrue(np.isnan(rows[1]["probability"]))
         with tempfile.TemporaryDirectory() as folder:

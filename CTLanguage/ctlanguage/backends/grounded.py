@@ -340,9 +340,10 @@ class GroundedBackend:
         return out, scores
 
     def presence(self, state: GroundedState, finding: str, anatomy: str, side: Optional[str],
-                 positives: Optional[Sequence[str]] = None) -> float:
-        """Calibrated presence of ``finding`` judged in ``anatomy``; ``positives`` replaces the
-        positive phrasings of the ensemble (paraphrase evaluation)."""
+                 positives: Optional[Sequence[str]] = None, raw: bool = False) -> float:
+        """Calibrated presence of ``finding`` judged in ``anatomy`` (``raw``: the uncalibrated
+        logit, what calibration fits on); ``positives`` replaces the positive phrasings of the
+        ensemble (paraphrase evaluation)."""
         import torch
 
         pos, neg = P.ensemble(finding, side)
@@ -353,7 +354,7 @@ class GroundedBackend:
             src = state.global_embedding if self.presence_source == "global" else \
                 state.organ_embeddings[state.anatomy_index(anatomy)]
             logit = float(self.model.presence_logit(src, pe, ne))
-        return self.calibration.probability(logit, finding)
+        return logit if raw else self.calibration.probability(logit, finding)
 
 
 # ---- module interface (backends/__init__.py) -------------------------------------------------
@@ -393,8 +394,22 @@ def demo_model_notice(entry) -> str:
 
 
 def describe(entry) -> Capabilities:
-    return Capabilities(finding_masks=True, scores=True, calibrated=True, heatmaps=True,
-                        anatomy=tuple(getattr(entry, "anatomies", None) or ()))
+    """What the model can do, from its folder's config.json (no weights read, no torch); when the
+    folder is not on disk, how to get the weights."""
+    import json
+
+    from ..catalog import resolve_model
+
+    spec = entry.id if entry is not None else "default"
+    try:
+        model_dir, _ = resolve_model(spec)
+        anatomies = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))["anatomies"]
+        present, hint = True, ""
+    except (CTLanguageError, OSError, ValueError, KeyError):
+        anatomies, present = (), False
+        hint = f"run `ctlanguage models download {spec}`"
+    return Capabilities(anatomy=tuple(anatomies), finding_masks=True, scores=True, calibrated=True,
+                        heatmaps=True, weights_present=present, weights_hint=hint)
 
 
 # ---- helpers -------------------------------------------------------------------------------

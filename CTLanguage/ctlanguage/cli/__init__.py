@@ -27,7 +27,8 @@ _SUBCOMMAND_MODULES = [
     "ctlanguage.cli.train",          # train
     "ctlanguage.cli.calibrate",      # calibrate
     "ctlanguage.cli.evaluate",       # evaluate
-    "ctlanguage.cli.query",          # encode, query, batch
+    "ctlanguage.cli.query",          # encode, query
+    "ctlanguage.cli.batch",          # batch, batch merge
     "ctlanguage.cli.models",         # models list|verify|download
     "ctlanguage.cli.demo",           # demo
 ]

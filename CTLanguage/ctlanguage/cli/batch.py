@@ -17,7 +17,8 @@ def _interrupt(signum, frame):  # SIGTERM (Slurm preemption, kill): like Ctrl-C
 
 def cmd_batch(args) -> int:
     from .. import cohort
-    from .query import Reporter, load_model, mask_threshold, split_prompt_args
+    from ..exports.atomic import recover
+    from .query import Reporter, load_model, mask_threshold, print_json, split_prompt_args
 
     if args.source and args.source[0] == "merge":
         return cmd_merge(args)
@@ -39,6 +40,8 @@ def cmd_batch(args) -> int:
     cohort.prepare_run(out, spec, force=args.force)
     rows, todo = [], []
     for c in cases:
+        if (out / c.case_id).is_dir():
+            recover(out / c.case_id)  # finish or drop an export of a killed earlier run
         doc = None if args.force else cohort.finished(out, c, spec)
         if doc is not None:
             rows.append(cohort.summary_row(c, "skipped", None, doc, output=out / c.case_id))
@@ -66,10 +69,13 @@ def cmd_batch(args) -> int:
         complete = True
     finally:
         signal.signal(signal.SIGTERM, previous)
-        summary = cohort.write_summary(out, rows, spec, cases, complete, name=name)
+        summary = cohort.write_summary(out, rows, spec, cases, complete, name=name,
+                                       cohort=all_cases if shard else None)
         if not complete:
             print(f"interrupted: {len(rows)} of {len(cases)} cases are in {summary}; run the same "
                   "command again to resume", file=sys.stderr)
+    if args.json:
+        print_json(rows)
     failed = sum(r["status"] == "failed" for r in rows)
     ok = sum(r["status"] == "ok" for r in rows)
     reporter.info(f"batch finished: {ok} ok, {len(rows) - ok - failed} skipped, {failed} failed; "
@@ -95,6 +101,8 @@ def cmd_merge(args) -> int:
 
 
 def register(subparsers) -> None:
+    from .query import _add_model_args, add_json_arg, add_threshold_arg
+
     p = subparsers.add_parser(
         "batch", help="run prompts over a cohort (manifest or folder), resumable; Ray or shards",
         description="Run the prompts on every case of MANIFEST (.jsonl/.csv) or FOLDER, one output "
@@ -104,7 +112,8 @@ def register(subparsers) -> None:
     p.add_argument("source", nargs="+", metavar="MANIFEST|FOLDER", help="or: merge DIR")
     p.add_argument("--prompt", "-p", action="append", help="prompt (repeatable)")
     p.add_argument("--out", metavar="DIR", help="output folder")
-    p.add_argument("--mask-threshold", default=0.5, metavar="X")
+    add_threshold_arg(p)
+    add_json_arg(p, "the rows of summary.csv")
     p.add_argument("--force", action="store_true",
                    help="re-run finished cases and replace a different earlier run in DIR")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -117,7 +126,5 @@ def register(subparsers) -> None:
     p.add_argument("--shard", metavar="I/N",
                    help="only every N-th case from the I-th (0-based), e.g. "
                         "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; then `batch merge DIR`")
-    from .query import _add_model_args
-
     _add_model_args(p)
     p.set_defaults(func=cmd_batch)

@@ -1,4 +1,4 @@
-"""`ctlanguage encode`, `ctlanguage query` and `ctlanguage batch` (see docs/cli.md).
+"""`ctlanguage encode` and `ctlanguage query` (see docs/cli.md), and the steps `batch` and `demo` share.
 
 These are thin wrappers: read the image (``io.read_ct``), load the model (``catalog`` resolves
 ID/PATH, ``engine.Engine`` runs it), encode once, query all prompts, write every export
@@ -9,16 +9,14 @@ them into one ``error: ...`` line and exit status 2.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io as _io
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from ..errors import CTLanguageError, ExportError, InputError, PromptError
+from ..errors import ExportError, InputError, PromptError
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -143,19 +141,6 @@ def split_prompt_args(prompts: Sequence[str] | None) -> list[str]:
     return out
 
 
-def encoding_volume_hash(enc: Any) -> str | None:
-    for name in ("volume_hash", "content_hash", "volume_sha256"):
-        v = getattr(enc, name, None)
-        if isinstance(v, str) and v:
-            return v
-    meta = getattr(enc, "metadata", None) or getattr(enc, "meta", None)
-    if isinstance(meta, dict):
-        for name in ("volume_hash", "content_hash", "volume_sha256"):
-            if meta.get(name):
-                return str(meta[name])
-    return None
-
-
 def get_encoding(model: LoadedModel, volume: Any, encoding_file: str | None, reporter: Reporter):
     from ..engine import Encoding
 
@@ -166,28 +151,28 @@ def get_encoding(model: LoadedModel, volume: Any, encoding_file: str | None, rep
         with reporter.step(f"loading encoding {p.name}") as cb:
             enc = Encoding.load(p, model.engine, volume=volume)  # checks model and volume
             cb(1.0, "")
-        h = encoding_volume_hash(enc)
-        if h is not None and h != volume.content_hash():
-            raise InputError(
-                f"the encoding {p.name} was computed from a different volume than "
-                f"{volume.source or 'the input image'}; encode this image first")
         return enc
     with reporter.step("encoding") as cb:
         return model.engine.encode(volume, progress=cb)
 
 
-def check_output_parent(out: str | Path) -> None:
-    """Fail early (before minutes of work) when the output folder cannot be created/written."""
+def check_output_parent(out: str | Path, exports: bool = False) -> None:
+    """Fail early (before minutes of work) when the output folder cannot be created/written, or
+    (``exports``) when it holds a file of the user's where an export would go."""
     from ..exports.atomic import check_writable_dir
 
     p = Path(out).absolute()
     probe = p
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent     # nothing is created yet: the nearest existing folder must accept files
-    try:
-        check_writable_dir(probe, create=False)
-    except ExportError as exc:
-        raise ExportError(f"output folder {p} is not writable ({exc})") from None
+    if not probe.is_dir():
+        raise ExportError(f"output folder {p} is not writable: {probe} is a file, not a folder")
+    check_writable_dir(probe, create=False)
+    if exports:
+        from ..exports.atomic import check_ours
+        from ..exports.bundle import FIXED_FILES
+
+        check_ours(p, FIXED_FILES)
 
 
 def query_and_export(model: LoadedModel, enc: Any, volume: Any, prompts: list[str], out: Path,
@@ -300,7 +285,7 @@ def cmd_query(args) -> int:
     reporter = Reporter(args.quiet)
     threshold = mask_threshold(args.mask_threshold)
     prompts = split_prompt_args(args.prompt)
-    check_output_parent(args.out)
+    check_output_parent(args.out, exports=True)
     volume = read_image(args.image, reporter)
     model = load_model(args.model, args.device, reporter)
     enc = get_encoding(model, volume, args.encoding, reporter)
@@ -314,186 +299,6 @@ def cmd_query(args) -> int:
     if not args.quiet:
         reporter.info(f"exports written to [bold]{result.out_dir}[/bold]: "
                       + ", ".join(sorted(result.files)) + ", masks/")
-    return 0
-
-
-# ---------------------------------------------------------------------------- batch
-
-@dataclass
-class Case:
-    case_id: str
-    image: Path
-    extra: dict = field(default_factory=dict)
-
-
-def _is_image_file(p: Path) -> bool:
-    name = p.name.lower()
-    return p.is_file() and name.endswith(IMAGE_SUFFIXES)
-
-
-def _has_dicom(folder: Path) -> bool:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with contextlib.suppress(OSError):
-                with open(p, "rb") as fh:
-                    fh.seek(128)
-                    if fh.read(4) == b"DICM":
-                        return True
-            if p.suffix.lower() == ".dcm":
-                return True
-    return False
-
-
-def _case_id_from(p: Path) -> str:
-    name = p.name
-    for s in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(s):
-            return name[: -len(s)]
-    return name
-
-
-def discover_cases(source: str | Path) -> list[Case]:
-    """Cases from a manifest (.jsonl/.json lines with "image" and optional "case_id"; or .csv
-    with an "image" column) or from a folder (each image file / each DICOM sub-folder)."""
-    src = Path(source)
-    if not src.exists():
-        raise InputError(f"{src} does not exist")
-    cases: list[Case] = []
-    if src.is_file():
-        base = src.parent
-        text = src.read_text(encoding="utf-8")
-        rows: list[dict] = []
-        if src.suffix.lower() == ".csv":
-            rows = list(csv.DictReader(_io.StringIO(text)))
-        else:
-            from ..manifest import read_manifest
-
-            rows = read_manifest(src)
-        for n, row in enumerate(rows, 1):
-            if not row.get("image"):
-                raise InputError(f"entry {n} of {src.name} has no 'image'")
-            img = Path(row["image"])
-            img = img if img.is_absolute() else base / img
-            cid = str(row.get("case_id") or _case_id_from(img))
-            cases.append(Case(cid, img))
-    else:
-        for p in sorted(src.iterdir()):
-            if p.name.startswith("."):
-                continue
-            if _is_image_file(p):
-                cases.append(Case(_case_id_from(p), p))
-            elif p.is_dir():
-                imgs = sorted(q for q in p.iterdir() if _is_image_file(q))
-                ct = [q for q in imgs if _case_id_from(q) in ("ct", "image", "volume")]
-                if ct or len(imgs) == 1:
-                    cases.append(Case(p.name, (ct or imgs)[0]))
-                elif _has_dicom(p):
-                    cases.append(Case(p.name, p))
-    if not cases:
-        raise InputError(f"no CT images or DICOM folders found in {src}")
-    ids = [c.case_id for c in cases]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
-    if dupes:
-        raise InputError(f"case ids are not unique in {src}: {', '.join(dupes[:5])}")
-
-    for c in cases:
-        if c.case_id in ("", ".", "..") or any(ch in c.case_id for ch in "/\\"):
-            raise InputError(f"case id {c.case_id!r} cannot be used as a folder name")
-    return cases
-
-
-def _summary_row(case: Case, status: str, seconds: float | None, doc: dict | None, error: str = "") -> dict:
-    row = {"case_id": case.case_id, "image": str(case.image), "status": status,
-           "seconds": "" if seconds is None else f"{seconds:.2f}", "error": error,
-           "n_findings": "", "output": ""}
-    if doc:
-        row["n_findings"] = str(len(doc.get("findings", [])))
-        for f in doc.get("findings", []):
-            p = f.get("probability")
-            row[f"p:{f.get('prompt')}"] = "" if p is None else f"{p:.4f}"
-            v = f.get("volume_ml")
-            row[f"ml:{f.get('prompt')}"] = "" if v is None else f"{v:.3f}"
-    return row
-
-
-def cmd_batch(args) -> int:
-    from ..exports.atomic import atomic_write_bytes, check_writable_dir, recover
-
-    reporter = Reporter(args.quiet)
-    threshold = mask_threshold(args.mask_threshold)
-    prompts = split_prompt_args(args.prompt)
-    cases = discover_cases(args.source)
-    out = Path(args.out)
-    check_writable_dir(out)
-    rows: list[dict] = []
-    todo = []
-    for c in cases:
-        if (out / c.case_id).is_dir():
-            recover(out / c.case_id)  # finish or drop an export of a killed earlier run
-        done_json = out / c.case_id / "findings.json"
-        if done_json.is_file() and not args.force:
-            doc = None
-            with contextlib.suppress(OSError, ValueError):
-                doc = json.loads(done_json.read_text(encoding="utf-8"))
-            done_prompts = (doc or {}).get("requested_prompts") or [
-                f.get("prompt") for f in (doc or {}).get("findings", [])]
-            if doc is not None and done_prompts == prompts:
-                rows.append(_summary_row(c, "skipped", None, doc) | {"output": str(done_json.parent)})
-                continue
-        todo.append(c)
-    reporter.info(f"{len(cases)} cases: {len(cases) - len(todo)} already done, {len(todo)} to run")
-    model = load_model(args.model, args.device, reporter) if todo else None
-    failed = 0
-    quiet_steps = Reporter(quiet=True)
-    if todo:
-        with reporter.step("batch") as overall:
-            for n, c in enumerate(todo):
-                t0 = time.perf_counter()
-                overall(n / len(todo), c.case_id)
-                try:
-                    volume = read_image(c.image, quiet_steps)
-                    with quiet_steps.step("encoding") as cb:
-                        enc = model.engine.encode(volume, progress=cb)  # type: ignore[union-attr]
-                    _, result = query_and_export(model, enc, volume, prompts, out / c.case_id,  # type: ignore[arg-type]
-                                                 quiet_steps, mask_threshold=threshold,
-                                                 input_path=str(c.image), extra={"case_id": c.case_id})
-                    doc = json.loads((out / c.case_id / "findings.json").read_text(encoding="utf-8"))
-                    rows.append(_summary_row(c, "ok", time.perf_counter() - t0, doc)
-                                | {"output": str(out / c.case_id)})
-                except CTLanguageError as exc:
-                    failed += 1
-                    rows.append(_summary_row(c, "failed", time.perf_counter() - t0, None, str(exc)))
-                    reporter.info(f"[red]failed[/red] {c.case_id}: {exc}")
-                except Exception as exc:  # noqa: BLE001 - one bad case must not stop the cohort
-                    failed += 1
-                    msg = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                    rows.append(_summary_row(c, "failed", time.perf_counter() - t0, None, msg))
-                    reporter.info(f"[red]failed[/red] {c.case_id}: {msg}")
-                overall((n + 1) / len(todo), c.case_id)
-    order = {c.case_id: i for i, c in enumerate(cases)}
-    rows.sort(key=lambda r: order[r["case_id"]])
-    fields = ["case_id", "image", "status", "seconds", "n_findings", "output", "error"]
-    for r in rows:
-        for k in r:
-            if k not in fields:
-                fields.append(k)
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", restval="")
-    w.writeheader()
-    w.writerows(rows)
-    try:
-        atomic_write_bytes(out / "summary.csv", buf.getvalue().encode("utf-8"))
-    except OSError as exc:
-        raise ExportError(f"could not write {out / 'summary.csv'}: {exc.strerror or exc}") from None
-    if args.json:
-        print_json(rows)
-    ok = sum(r["status"] == "ok" for r in rows)
-    skipped = sum(r["status"] == "skipped" for r in rows)
-    reporter.info(f"batch finished: {ok} ok, {skipped} skipped, {failed} failed; "
-                  f"summary: [bold]{out / 'summary.csv'}[/bold]")
-    if failed:
-        print(f"error: {failed} of {len(cases)} cases failed; see {out / 'summary.csv'}", file=sys.stderr)
-        return 1
     return 0
 
 
@@ -536,15 +341,3 @@ def register(subparsers) -> None:
     add_json_arg(p, "findings.json (instead of the table)")
     _add_model_args(p)
     p.set_defaults(func=cmd_query)
-
-    p = subparsers.add_parser("batch", help="run prompts over a cohort (manifest or folder), resumable",
-                              description="Run the prompts on every case of MANIFEST (.jsonl/.csv) or FOLDER; "
-                                          "finished cases are skipped, failures are recorded in DIR/summary.csv.")
-    p.add_argument("source", metavar="MANIFEST|FOLDER")
-    p.add_argument("--prompt", "-p", action="append", required=True, help="prompt (repeatable)")
-    p.add_argument("--out", required=True, metavar="DIR")
-    add_threshold_arg(p)
-    add_json_arg(p, "the rows of summary.csv")
-    p.add_argument("--force", action="store_true", help="re-run cases that are already finished")
-    _add_model_args(p)
-    p.set_defaults(func=cmd_batch)

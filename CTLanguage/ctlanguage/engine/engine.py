@@ -378,8 +378,13 @@ class Engine:
                        mask_threshold=float(mask_threshold), timings=timings)
 
     # ---- direct scoring (evaluation, calibration) --------------------------------------------
+    def presence_score(self, enc: Encoding, finding: str, laterality: Optional[str] = None) -> float:
+        """The scores backend's raw (uncalibrated) presence logit, max over sides when unsided:
+        what ``ctlanguage calibrate`` fits a site's calibration on."""
+        return self.presence_probability(enc, finding, laterality, raw=True)
+
     def presence_probability(self, enc: Encoding, finding: str, laterality: Optional[str] = None,
-                             positives=None) -> float:
+                             positives=None, raw: bool = False) -> float:
         """Presence of ``finding`` from the scores backend (max over sides when unsided);
         ``positives`` replaces the positive phrasings of the ensemble (paraphrase evaluation)."""
         from .. import vocabulary as V
@@ -388,10 +393,10 @@ class Engine:
         state = enc.parts[sb.info.id]
         covers = tuple(V.resolve_anatomies(finding, laterality if laterality in ("left", "right") else None))
         if callable(getattr(sb, "presence", None)):
-            return float(max(sb.presence(state, finding, a, V.get(a).side, positives=positives)
+            return float(max(sb.presence(state, finding, a, V.get(a).side, positives=positives, raw=raw)
                              for a in covers))
-        if positives is not None:
-            raise CTLanguageError(f"{sb.info.id} cannot score custom phrasings.")
+        if positives is not None or raw:
+            raise CTLanguageError(f"{sb.info.id} cannot give custom-phrasing or raw scores.")
         ans = sb.answer(state, Request(text=finding, kind="finding", anatomies=covers, finding=finding,
                                        laterality=laterality, want_mask=False))
         return float(max(ans.scores.values()))

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import ExportError
-from ..files import make_shared
 
 STAGING_PREFIX = ".ctlanguage-staging-"
 MANIFEST = ".ctlanguage-files.json"     # in the destination: what our last export wrote there
@@ -159,6 +158,27 @@ def _legacy_outputs(out_dir: Path) -> set[str]:
     return ours
 
 
+def check_ours(out_dir: str | os.PathLike, rel_paths) -> None:
+    """Raise ExportError when a file we would write into ``out_dir`` exists and is not ours.
+
+    ``_commit`` checks every staged file; commands call this first for the names they know
+    (findings.json, report.html, …) so that the user is told before minutes of work."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    ours = _read_manifest(out_dir)
+    if ours is None:
+        ours = _legacy_outputs(out_dir)
+    for rel in rel_paths:
+        dest = out_dir / rel
+        if dest.is_dir() and not dest.is_symlink():
+            raise ExportError(f"cannot write {dest}: a folder with that name is in the way; "
+                              "nothing was written")
+        if (dest.exists() or dest.is_symlink()) and rel not in ours:
+            raise ExportError(f"{dest} exists and was not written by ctlanguage; choose another "
+                              "output folder or move that file away (nothing was written)")
+
+
 def _write_manifest(out_dir: Path, files: list[str]) -> None:
     data = json.dumps({"written_by": "ctlanguage", "files": sorted(files)}, indent=1) + "\n"
     atomic_write_bytes(out_dir / MANIFEST, data.encode("utf-8"))
@@ -242,17 +262,10 @@ def atomic_output_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
 def _commit(staging: Path, out_dir: Path) -> None:
     """Move staged files into place; on any failure put the previous files back."""
     new = _staged_files(staging)
+    check_ours(out_dir, new)
     ours = _read_manifest(out_dir)
     if ours is None:
         ours = _legacy_outputs(out_dir)
-    for rel in new:
-        dest = out_dir / rel
-        if dest.is_dir() and not dest.is_symlink():
-            raise ExportError(f"cannot write {dest}: a folder with that name is in the way; "
-                              "nothing was written")
-        if (dest.exists() or dest.is_symlink()) and rel not in ours:
-            raise ExportError(f"{dest} exists and was not written by ctlanguage; choose another "
-                              "output folder or move that file away (nothing was written)")
     new_set = set(new)
     stale = sorted(rel for rel in ours if rel not in new_set and (out_dir / rel).is_file())
     atomic_write_bytes(staging / _JOURNAL, json.dumps({"new": new, "stale": stale}).encode("utf-8"))

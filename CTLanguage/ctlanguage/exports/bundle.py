@@ -13,9 +13,13 @@ from .. import __version__
 from ..volume import voxel_spacing
 from . import ExportResult, check_masks, unique_slugs
 from .atomic import atomic_output_dir
+from .extent import mask_extent
 
 log = logging.getLogger(__name__)
 ALL_FORMATS = ("masks", "json", "csv", "seg_nrrd", "html", "dicom_seg")
+# the files export_all writes besides masks/ (checked early by the commands: atomic.check_ours)
+FIXED_FILES = ("findings.json", "findings.csv", "segmentation.seg.nrrd", "report.html",
+               "segmentation.dcm")
 
 
 def input_record(volume: Any, path: str | Path | None = None) -> dict:
@@ -45,7 +49,7 @@ def is_dicom_volume(volume: Any) -> bool:
 
 
 def _dicom_seg(path: Path, volume: Any, findings: Sequence[Any], dicom_source: Any, model: dict,
-               warnings: list[str]) -> bool:
+               warnings: list[str], extents=None) -> bool:
     """Write the DICOM SEG; when the source cannot carry one, log and record why and return False
     (every other export is still written). Disk errors still fail the whole export."""
     from ..errors import ExportError, InputError
@@ -54,7 +58,7 @@ def _dicom_seg(path: Path, volume: Any, findings: Sequence[Any], dicom_source: A
 
     try:
         datasets, notes = seg_source_datasets(volume, dicom_source)
-        write_dicom_seg(path, volume, findings, datasets, model=model)
+        write_dicom_seg(path, volume, findings, datasets, model=model, extents=extents)
     except (ExportError, InputError, ValueError, TypeError, AttributeError, KeyError) as exc:
         reason = str(exc).rstrip(".") or type(exc).__name__
         notes = [f"segmentation.dcm not written: {reason}; every other export was written"]
@@ -110,10 +114,14 @@ def export_all(volume: Any, findings: Sequence[Any], out_dir: str | Path, *, mod
     if read_notes:
         meta["warnings"] = read_notes + list(meta.get("warnings") or [])
     info = input_record(volume, input_path)
+    # where each mask is non-empty, found once: every writer then works on bounding boxes only
+    extents = ([mask_extent(getattr(f, "mask", None)) for f in findings]
+               if {"masks", "seg_nrrd", "html"} & set(formats) or want_dicom else None)
     with atomic_output_dir(out_dir) as tmp:
         if want_dicom:  # first, so that findings.json records why it is missing (if it is)
             warnings: list[str] = []
-            if _dicom_seg(tmp / "segmentation.dcm", volume, findings, dicom_source, model, warnings):
+            if _dicom_seg(tmp / "segmentation.dcm", volume, findings, dicom_source, model, warnings,
+                          extents):
                 result.files["segmentation.dcm"] = out_dir / "segmentation.dcm"
             if warnings:
                 meta["warnings"] = list(meta.get("warnings") or []) + warnings
@@ -121,7 +129,7 @@ def export_all(volume: Any, findings: Sequence[Any], out_dir: str | Path, *, mod
             step("segmentation.dcm")
         mask_rel: list[str | None] = [None] * len(findings)
         if "masks" in formats:
-            paths = write_masks(tmp / "masks", findings, volume, slugs)
+            paths = write_masks(tmp / "masks", findings, volume, slugs, extents=extents)
             mask_rel = [f"masks/{p.name}" if p is not None else None for p in paths]
             result.masks = [out_dir / r for r in mask_rel if r]
             step("masks")
@@ -135,12 +143,12 @@ def export_all(volume: Any, findings: Sequence[Any], out_dir: str | Path, *, mod
             result.files["findings.csv"] = out_dir / "findings.csv"
             step("findings.csv")
         if "seg_nrrd" in formats:
-            write_seg_nrrd(tmp / "segmentation.seg.nrrd", volume, findings)
+            write_seg_nrrd(tmp / "segmentation.seg.nrrd", volume, findings, extents=extents)
             result.files["segmentation.seg.nrrd"] = out_dir / "segmentation.seg.nrrd"
             step("segmentation.seg.nrrd")
         if "html" in formats:
             write_report(tmp / "report.html", volume, findings, model=model, input_info=info,
-                         mask_paths=mask_rel, extra=meta)
+                         mask_paths=mask_rel, extra=meta, extents=extents)
             result.files["report.html"] = out_dir / "report.html"
             step("report.html")
     return result

@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import ExportError, InputError
 from ..volume import flip_lps_ras
 from . import finding_color, finding_key
+from .extent import extents_for, masks_overlap
 
 
 # generic codes when the vocabulary has none for a prompt
@@ -194,6 +195,39 @@ class _SeriesSampler:
         if self.fast is None:
             self.samplers = [_frame_sampler(ds, ras_to_ijk, shape_kji) for ds in datasets]
 
+    def candidate_frames(self, mask: np.ndarray | None, extent) -> np.ndarray:
+        """Sorted indices of the frames that can hold mask voxels: for a series of k-slices the
+        non-empty slices of the mask (``extent``), else frames crossing its bounding box; on the
+        per-instance path, the frames that sample any voxel."""
+        if mask is None or extent.box is None:
+            return np.zeros(0, np.int64)
+        if self.fast is not None:
+            perm, fixed_idx, _, _ = self.fast
+            span = extent.box[perm[0]]
+            inside = (fixed_idx >= span.start) & (fixed_idx < span.stop)
+            if perm[0] == 0:
+                inside &= extent.slices[np.clip(fixed_idx, 0, len(extent.slices) - 1)]
+            return np.flatnonzero(inside)
+        return np.array([i for i, s in enumerate(self.samplers) if s(mask).any()], np.int64)
+
+    def write_frames(self, mask: np.ndarray, frames: np.ndarray, out: np.ndarray,
+                     rows_of_out: np.ndarray, label: int | None = None) -> None:
+        """Sample ``frames`` of the mask into ``out[rows_of_out[n]]`` (uint8 [F, rows, cols]):
+        0/1 when ``label`` is None, else ``label`` where the mask is set (label map). One pass
+        over each frame, no temporary stack."""
+        if self.fast is not None:
+            perm, fixed_idx, rows_idx, cols_idx = self.fast
+            v = mask.transpose(perm)
+            rs, cs = _as_slice(rows_idx), _as_slice(cols_idx)
+            planes = (v[fixed_idx[f]][rs][:, cs] for f in frames.tolist())
+        else:
+            planes = (self.samplers[f](mask) for f in frames.tolist())
+        for src, r in zip(planes, rows_of_out.tolist()):
+            if label is None:
+                np.not_equal(src, 0, out=out[r].view(bool))
+            else:
+                np.copyto(out[r], np.uint8(label), where=src != 0)
+
     def __call__(self, mask: np.ndarray) -> np.ndarray:
         if self.fast is not None:
             perm, fixed_idx, rows_idx, cols_idx = self.fast
@@ -275,7 +309,7 @@ def segment_codes(f: Any) -> dict:
 
 def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], source: Any = None, *,
                     model: dict | None = None, names: Sequence[str] | None = None,
-                    series_description: str = "CTLanguage segmentation") -> Path:
+                    series_description: str = "CTLanguage segmentation", extents=None) -> Path:
     """Write a binary DICOM SEG of all findings, referencing the source CT series.
 
     ``source``: the DICOM folder (or a list of pydicom datasets) the volume was read from;
@@ -302,39 +336,33 @@ def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], sour
     shape = tuple(int(s) for s in np.shape(volume.array))
     sampler = _SeriesSampler(datasets, ras_to_ijk, shape)  # type: ignore[arg-type]
     n_seg = len(findings)
-    stacks = []
-    occupied = None
-    total = 0
-    for f in findings:
-        mask = getattr(f, "mask", None)
-        if mask is None:
-            st = np.zeros((len(datasets), sampler.rows, sampler.cols), bool)
-        else:
-            st = sampler(mask) > 0
-        total += int(np.count_nonzero(st))
-        if occupied is None:
-            occupied = st.copy()
-        else:
-            np.logical_or(occupied, st, out=occupied)
-        stacks.append(st)
-    overlap = occupied is not None and int(np.count_nonzero(occupied)) < total
+    masks = [getattr(f, "mask", None) for f in findings]
+    extents = extents_for(findings, extents)
+    # per segment: the frames (instance indices) that can hold its voxels, from its extent
+    cands = [sampler.candidate_frames(m, e) for m, e in zip(masks, extents)]
+    # segments overlapping on the volume is necessary for an overlap in the frames (each frame
+    # pixel is one voxel), so without it a label-map array is exact
+    overlap = any(masks_overlap(masks[a], extents[a], masks[b], extents[b])
+                  for a in range(n_seg) for b in range(a + 1, n_seg)
+                  if masks[a] is not None and masks[b] is not None)
     # only instances that hold any segment become frames (highdicom would drop empty frames
     # anyway); the others are still listed as referenced instances of the series
-    used = np.flatnonzero(occupied.any(axis=(1, 2))) if occupied is not None else np.array([], int)
-    if used.size == 0:
+    used = np.unique(np.concatenate(cands)) if n_seg else np.zeros(0, np.int64)
+    any_voxels = used.size > 0
+    if not any_voxels:
         used = np.array([0])
     frames_src = [datasets[i] for i in used]
     used_set = set(used.tolist())
     further = [ds for i, ds in enumerate(datasets) if i not in used_set]
-    if overlap:
-        pixels = np.zeros((used.size, sampler.rows, sampler.cols, n_seg), np.uint8)
-        for n, st in enumerate(stacks):
-            pixels[..., n] = st[used]
+    if overlap:  # one contiguous plane per segment: highdicom reads [frame, :, :, segment]
+        planes = np.zeros((n_seg, used.size, sampler.rows, sampler.cols), np.uint8)
+        for n, (m, idx) in enumerate(zip(masks, cands)):
+            sampler.write_frames(m, idx, planes[n], np.searchsorted(used, idx))
+        pixels = np.moveaxis(planes, 0, -1)
     else:  # no overlap: a label-map style array is equivalent and far cheaper to validate
         pixels = np.zeros((used.size, sampler.rows, sampler.cols), np.uint8)
-        for n, st in enumerate(stacks):
-            pixels[st[used]] = n + 1
-    del stacks
+        for n, (m, idx) in enumerate(zip(masks, cands)):
+            sampler.write_frames(m, idx, pixels, np.searchsorted(used, idx), label=n + 1)
     model = model or {}
     algo = hd.AlgorithmIdentificationSequence(
         name=f"CTLanguage {model.get('id', 'model')}"[:64],
@@ -384,7 +412,7 @@ def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], sour
             series_description=series_description,
             content_label="CTLANGUAGE",
             content_description="Prompt-based segmentation (research use only)",
-            omit_empty_frames=bool(occupied is not None and occupied.any()),
+            omit_empty_frames=any_voxels,
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ExportError(f"could not build the DICOM SEG: {exc}") from None

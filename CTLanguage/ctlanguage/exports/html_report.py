@@ -28,9 +28,8 @@ RESEARCH_NOTICE = (
 _LUNG_WORDS = ("lung", "emphysema", "nodule", "consolidation", "atelectasis", "pleural")
 
 
-def ras_view(array: np.ndarray, ijk_to_ras: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A *view* of a [k, j, i] array reordered to [S, A, R] with increasing index = +S/+A/+R,
-    plus the voxel size along (S, A, R). Nearest axis permutation; no resampling, no copy."""
+def _ras_axes(ijk_to_ras: np.ndarray) -> list[tuple[int, int, float]]:
+    """(array dim, sign, voxel size) of the S, A and R axes: nearest axis permutation."""
     m = np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]
     spacing_ijk = tuple(float(s) for s in voxel_spacing(ijk_to_ras))
     # array dimension for voxel axis i, j, k is 2, 1, 0
@@ -42,10 +41,33 @@ def ras_view(array: np.ndarray, ijk_to_ras: np.ndarray) -> tuple[np.ndarray, tup
         a = max(cands, key=lambda c: abs(m[ras_axis, c]) / max(spacing_ijk[c], 1e-9))
         used.add(a)
         order[int(ras_axis)] = (dim_of_axis[a], 1 if m[ras_axis, a] >= 0 else -1, spacing_ijk[a])
-    s_, a_, r_ = order[2], order[1], order[0]
+    return [order[2], order[1], order[0]]  # type: ignore[list-item]
+
+
+def ras_view(array: np.ndarray, ijk_to_ras: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A *view* of a [k, j, i] array reordered to [S, A, R] with increasing index = +S/+A/+R,
+    plus the voxel size along (S, A, R). Nearest axis permutation; no resampling, no copy."""
+    s_, a_, r_ = _ras_axes(ijk_to_ras)
     view = np.transpose(array, (s_[0], a_[0], r_[0]))
     sl = tuple(slice(None, None, sign) for _, sign, _ in (s_, a_, r_))
     return view[sl], (s_[2], a_[2], r_[2])
+
+
+def _largest_sections(mask: np.ndarray, ijk_to_ras: np.ndarray, extent) -> tuple[int, int] | None:
+    """(S index, A index) in ``ras_view`` order of the mask's largest axial and coronal sections,
+    summing only inside its bounding box; None for an empty mask."""
+    if extent is None or extent.box is None:
+        return None
+    crop = mask[extent.box]
+    s_, a_, r_ = _ras_axes(ijk_to_ras)
+    kept = [d for d in range(3) if d != r_[0]]           # array dims of S and A, in array order
+    proj = crop.sum(axis=r_[0], dtype=np.int64)          # one pass: counts over (S, A) planes
+    out = []
+    for dim, sign, _ in (s_, a_):
+        prof = np.zeros(mask.shape[dim], np.int64)
+        prof[extent.box[dim]] = proj.sum(axis=1 - kept.index(dim))
+        out.append(int(np.argmax(prof[::sign])))
+    return out[0], out[1]
 
 
 def _window(ct: np.ndarray, level: float, width: float) -> np.ndarray:
@@ -65,18 +87,21 @@ def _edges(m: np.ndarray) -> np.ndarray:
 
 def render_overlay(ct2d: np.ndarray, mask2d: np.ndarray | None, color, row_mm: float, col_mm: float,
                    level: float, width: float, size: int = 320) -> Image.Image:
-    gray = _window(ct2d, level, width)
-    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
-    if mask2d is not None:
-        m = mask2d.astype(bool)
-        col = np.asarray(color, dtype=np.float32) * 255.0
-        rgb[m] = rgb[m] * 0.55 + col * 0.45
-        rgb[_edges(m)] = col
-    img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+    """Windowed slice with the mask blended in and its outline drawn, ``size`` pixels on the long
+    side with square pixels in mm. Scaled first and drawn at display resolution: a mask pixel is
+    shown where it covers at least a quarter of a display pixel, so small findings never vanish."""
     h_mm, w_mm = ct2d.shape[0] * row_mm, ct2d.shape[1] * col_mm
     scale = size / max(h_mm, w_mm)
     new = (max(int(round(w_mm * scale)), 1), max(int(round(h_mm * scale)), 1))
-    return img.resize(new, Image.BILINEAR)
+    gray = np.asarray(Image.fromarray(_window(ct2d, level, width), "L").resize(new, Image.BILINEAR))
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    if mask2d is not None:
+        cover = Image.fromarray((np.asarray(mask2d) != 0).astype(np.uint8) * np.uint8(255), "L")
+        m = np.asarray(cover.resize(new, Image.BOX)) >= 64  # area coverage
+        col = np.asarray(color, dtype=np.float32) * 255.0
+        rgb[m] = np.clip(rgb[m] * np.float32(0.55) + col * np.float32(0.45), 0, 255)
+        rgb[_edges(m)] = np.clip(col, 0, 255)
+    return Image.fromarray(np.ascontiguousarray(rgb), "RGB")
 
 
 def _label(img: Image.Image, left: str, right: str, top: str, bottom: str) -> Image.Image:
@@ -98,22 +123,25 @@ def _label(img: Image.Image, left: str, right: str, top: str, bottom: str) -> Im
 
 def _png_b64(img: Image.Image) -> str:
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False)
+    img.save(buf, format="PNG", optimize=False, compress_level=3)  # 2-3x faster than 6, as small
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def key_images(volume: Any, finding: Any, index: int = 0, size: int = 320) -> dict[str, str]:
-    """{'axial': b64png, 'coronal': b64png} through the largest cross-sections of the mask."""
+def key_images(volume: Any, finding: Any, index: int = 0, size: int = 320,
+               extent=None) -> dict[str, str]:
+    """{'axial': b64png, 'coronal': b64png} through the largest cross-sections of the mask
+    (``extent``: the mask's ``MaskExtent``, computed when not given)."""
+    from .extent import mask_extent
+
     ct, (ds, da, dr) = ras_view(volume.array, volume.ijk_to_ras)
     mask = getattr(finding, "mask", None)
     mv = ras_view(mask, volume.ijk_to_ras)[0] if mask is not None else None
     words = " ".join(str(getattr(finding, k, "") or "") for k in ("anatomy", "finding", "prompt")).lower()
     level, width = (-600.0, 1500.0) if any(w in words for w in _LUNG_WORDS) else (40.0, 400.0)
-    if mv is not None and mv.any():
-        s_idx = int(np.argmax(mv.sum(axis=(1, 2), dtype=np.int64)))
-        a_idx = int(np.argmax(mv.sum(axis=(0, 2), dtype=np.int64)))
-    else:
-        s_idx, a_idx = ct.shape[0] // 2, ct.shape[1] // 2
+    if mask is not None and extent is None:
+        extent = mask_extent(mask)
+    sections = _largest_sections(mask, volume.ijk_to_ras, extent) if mask is not None else None
+    s_idx, a_idx = sections if sections is not None else (ct.shape[0] // 2, ct.shape[1] // 2)
     color = finding_color(finding, index)
     # axial: rows = A (anterior up -> reverse), cols = R (patient right on the left -> reverse)
     ax_ct = ct[s_idx, ::-1, ::-1]
@@ -151,7 +179,7 @@ figure{display:inline-block;margin:.4em;text-align:center} figcaption{font-size:
 
 def build_html(volume: Any, findings: Sequence[Any], *, model: dict, input_info: dict,
                mask_paths: Sequence[str | None] | None = None, extra: dict | None = None,
-               images: bool = True, progress=None) -> str:
+               images: bool = True, progress=None, extents=None) -> str:
     esc = html.escape
     created = (extra or {}).get("created") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     rows = []
@@ -176,10 +204,13 @@ def build_html(volume: Any, findings: Sequence[Any], *, model: dict, input_info:
         )
     sections = []
     if images:
+        from .extent import extents_for
+
+        extents = extents_for(findings, extents)
         n = max(len(findings), 1)
         for idx, f in enumerate(findings):
             mask = getattr(f, "mask", None)
-            if mask is None or not mask.any():
+            if mask is None or extents[idx].empty:
                 why = ("the prompt was not understood" if not getattr(f, "understood", True) else
                        "the finding was judged absent (no mask drawn)" if getattr(f, "mask_suppressed", False)
                        else "no voxels above the mask threshold")
@@ -188,7 +219,7 @@ def build_html(volume: Any, findings: Sequence[Any], *, model: dict, input_info:
                     f"{why}.</p></div>"
                 )
             else:
-                imgs = key_images(volume, f, idx)
+                imgs = key_images(volume, f, idx, extent=extents[idx])
                 sections.append(
                     f'<div class="finding"><h3>{esc(str(f.prompt))}</h3>'
                     f'<figure><img alt="axial key image: {esc(str(f.prompt))}" '

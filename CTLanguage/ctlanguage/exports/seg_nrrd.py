@@ -18,12 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import gzip
-
 import numpy as np
 
 from ..volume import flip_lps_ras
 from . import finding_color, finding_key
+from .extent import MaskExtent, extents_for, mask_extent, masks_overlap
+from .gzip_stream import write_gzip
 
 
 
@@ -42,36 +42,33 @@ def terminology_string(f: Any) -> str | None:
         return None
 
 
-def assign_layers(masks: Sequence[np.ndarray | None]) -> list[int]:
+def assign_layers(masks: Sequence[np.ndarray | None], extents: Sequence[MaskExtent] | None = None
+                  ) -> list[int]:
     """Greedy layer assignment: a segment goes into the first layer it does not overlap."""
-    layers: list[np.ndarray] = []
+    if extents is None:
+        extents = [mask_extent(m) for m in masks]
+    layers: list[list[int]] = []   # segment indices per layer
     result = []
-    for m in masks:
-        if m is None or not m.any():
-            result.append(0 if layers else -1)
+    for n, (m, e) in enumerate(zip(masks, extents)):
+        if m is None or e.empty:
+            result.append(0)
             continue
-        mb = m.astype(bool, copy=False)
-        for li, occ in enumerate(layers):
-            if not np.any(occ & mb):
-                occ |= mb
+        for li, members in enumerate(layers):
+            if not any(masks_overlap(m, e, masks[o], extents[o]) for o in members):
+                members.append(n)
                 result.append(li)
                 break
         else:
-            layers.append(mb.copy())
+            layers.append([n])
             result.append(len(layers) - 1)
-    return [max(r, 0) for r in result]
+    return result
 
 
-def _extent(mask: np.ndarray | None) -> str:
-    if mask is None:
+def _extent(ext: MaskExtent) -> str:
+    if ext.box is None:
         return "0 -1 0 -1 0 -1"
-    ks = np.flatnonzero(mask.any(axis=(1, 2)))
-    if ks.size == 0:
-        return "0 -1 0 -1 0 -1"
-    slab = mask[ks[0]:ks[-1] + 1]  # bounding slab only for the in-plane extents
-    js = np.flatnonzero(slab.any(axis=(0, 2)))
-    i_s = np.flatnonzero(slab.any(axis=(0, 1)))
-    return f"{i_s[0]} {i_s[-1]} {js[0]} {js[-1]} {ks[0]} {ks[-1]}"
+    k0, k1, j0, j1, i0, i1 = ext.bounds()
+    return f"{i0} {i1 - 1} {j0} {j1 - 1} {k0} {k1 - 1}"
 
 
 def _matrix_string(ijk_to_ras: np.ndarray, shape_kji: tuple[int, int, int]) -> str:
@@ -87,15 +84,31 @@ def _clean(text: str) -> str:
 
 
 def write_seg_nrrd(path: str | Path, volume: Any, findings: Sequence[Any],
-                   names: Sequence[str] | None = None, compression_level: int = 1) -> Path:
-    """Write all findings' masks as segments of one Slicer segmentation file."""
+                   names: Sequence[str] | None = None, compression_level: int = 1,
+                   extents: Sequence[MaskExtent] | None = None) -> Path:
+    """Write all findings' masks as segments of one Slicer segmentation file.
+
+    The labelmap is built only inside the union of the masks' bounding boxes (full rows) and
+    gzipped by ``gzip_stream``, so the cost follows the segments' size, not the volume's."""
     path = Path(path)
     ijk_to_ras = np.asarray(volume.ijk_to_ras, dtype=np.float64)
     shape = tuple(int(s) for s in np.shape(volume.array))
     masks = [getattr(f, "mask", None) for f in findings]
-    layer_of = assign_layers(masks)
+    extents = extents_for(findings, extents)
+    layer_of = assign_layers(masks, extents)
     n_layers = max(layer_of, default=0) + 1
-    layers = [np.zeros(shape, dtype=np.uint8) for _ in range(n_layers)]
+    boxes = [e.box for m, e in zip(masks, extents) if m is not None and e.box is not None]
+    if boxes:   # union box, full width along i so that every k-slice's rows are contiguous
+        k0, k1 = min(b[0].start for b in boxes), max(b[0].stop for b in boxes)
+        j0, j1 = min(b[1].start for b in boxes), max(b[1].stop for b in boxes)
+        sub = np.zeros((k1 - k0, j1 - j0, shape[2], n_layers), dtype=np.uint8)
+        union_box: Any = (slice(k0, k1), slice(j0, j1))
+        used = np.zeros(shape[0], bool)
+        for m, e in zip(masks, extents):
+            if m is not None and e.box is not None:
+                used |= e.slices
+    else:
+        sub, union_box, used = None, None, None
     label_in_layer = [0] * n_layers
     lps = flip_lps_ras(ijk_to_ras)
     dirs = lps[:3, :3].T  # rows: i, j, k axis vectors in LPS
@@ -126,14 +139,17 @@ def write_seg_nrrd(path: str | Path, volume: Any, findings: Sequence[Any],
     for idx, (f, mask, layer) in enumerate(zip(findings, masks, layer_of)):
         label_in_layer[layer] += 1
         value = label_in_layer[layer]
-        if mask is not None:
-            np.copyto(layers[layer], np.uint8(value), where=mask.astype(bool, copy=False))
+        ext = extents[idx]
+        if mask is not None and ext.box is not None:
+            ks, js, is_ = ext.box
+            dst = sub[ks.start - k0:ks.stop - k0, js.start - j0:js.stop - j0, is_, layer]
+            np.copyto(dst, np.uint8(value), where=mask[ext.box].astype(bool, copy=False))
         name = names[idx] if names is not None else getattr(f, "prompt", f"Segment {idx + 1}")
         r, g, b = finding_color(f, idx)
         p = f"Segment{idx}_"
         header[p + "Color"] = f"{r:.6g} {g:.6g} {b:.6g}"
         header[p + "ColorAutoGenerated"] = "0"
-        header[p + "Extent"] = _extent(mask)
+        header[p + "Extent"] = _extent(ext)
         header[p + "ID"] = f"Segment_{idx + 1}"
         header[p + "LabelValue"] = str(value)
         header[p + "Layer"] = str(layer)
@@ -142,16 +158,32 @@ def write_seg_nrrd(path: str | Path, volume: Any, findings: Sequence[Any],
         term = terminology_string(f)
         header[p + "Tags"] = (f"TerminologyEntry:{_clean(term)}|" if term else "|")
     lines += [f"{key}:={value}" for key, value in header.items()]
-    # C-order (k, j, i, layer): the list axis is the fastest, as NRRD's first axis must be
-    data = layers[0] if n_layers == 1 else np.stack(layers, axis=-1)
-    del layers
     head = ("\n".join(lines) + "\n\n").encode("utf-8")
-    # C-order array (k, j, i[, layer]) == NRRD axes ([layer,] i, j, k) with the first fastest
+    # C-order (k, j, i[, layer]) == NRRD axes ([layer,] i, j, k), the first fastest; the gzip
+    # stream starts after the plain-text header
     with open(path, "wb") as fh:
         fh.write(head)
-        with gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=compression_level, mtime=0) as gz:
-            gz.write(np.ascontiguousarray(data).data)
+        write_gzip(fh, b"", _labelmap_pieces(shape, n_layers, sub, union_box, used),
+                   level=compression_level)
     return path
+
+
+def _labelmap_pieces(shape, n_layers: int, sub, union_box, used):
+    """Bytes of the full (k, j, i, layer) labelmap: zeros outside ``sub`` (the union box)."""
+    if sub is None:
+        yield int(np.prod(shape, dtype=np.int64)) * n_layers
+        return
+    ks, js = union_box
+    row = shape[2] * n_layers
+    yield ks.start * shape[1] * row
+    for k in range(ks.start, ks.stop):
+        if not used[k]:
+            yield shape[1] * row
+            continue
+        yield js.start * row
+        yield sub[k - ks.start]
+        yield (shape[1] - js.stop) * row
+    yield (shape[0] - ks.stop) * shape[1] * row
 
 
 def _num(x: float) -> str:

@@ -4,6 +4,8 @@ Layout of a model folder:
   config.json         ModelConfig as JSON (includes calibration temperature, provenance)
   model.safetensors   trainable weights only (the frozen text LM is referenced by name in config)
   SHA256SUMS          "<sha256>  <file>" lines for config.json and model.safetensors
+  text_embeddings.safetensors  optional frozen-LM embeddings of the vocabulary (text_cache.py),
+                      hashed in SHA256SUMS when present
   README.md           optional model card (not hashed, so it can be edited)
 """
 
@@ -20,6 +22,7 @@ import torch
 
 from ..errors import CheckpointError
 from .config import ModelConfig
+from .text_cache import TEXT_CACHE, read_text_cache
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -110,6 +113,8 @@ def save_pretrained(model, directory: str | Path, extra_files: dict[str, str] | 
                     shutil.copy2(f, tmp / f.name)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        if (tmp / TEXT_CACHE).is_file():  # kept from before: LM outputs do not depend on our weights
+            write_sha256sums(tmp, names=HASHED + (TEXT_CACHE,))
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a model folder is meant to be shared/read
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
@@ -194,6 +199,11 @@ def load_pretrained(cls, directory: str | Path, device=None, verify: bool = True
         if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
             raise CheckpointError(f"{d / WEIGHTS} holds non-finite values in tensor {k}.")
     model.load_state_dict({k: state[k].to(v.dtype) for k, v in expected.items()})
+    if (d / TEXT_CACHE).is_file():
+        listed = read_sha256sums(d).get(TEXT_CACHE) if (d / SUMS).is_file() else None
+        stored = read_text_cache(d, model.text_encoder.fingerprint(), listed, verify=verify)
+        if stored:
+            model.text_encoder.remember(list(stored), torch.stack(list(stored.values())))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)

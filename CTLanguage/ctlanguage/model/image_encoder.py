@@ -1,4 +1,5 @@
-"""3D image encoder: early-downsampling residual U-Net (MONAI blocks) with CoordConv channels.
+"""3D image encoder: early-downsampling residual U-Net (MONAI-equivalent blocks, see blocks.py)
+with CoordConv channels.
 
 Input  x: [B, 1, D, H, W] in [0, 1] on the RAS-aligned model grid (array axes S, A, R).
 Output ImageFeatures(dense=[B, C, D/s, H/s, W/s], global_embedding=[B, E] (L2-normalised)),
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution, ResidualUnit
+
+from .blocks import Convolution, ResidualUnit
 
 
 @dataclass
@@ -46,24 +48,21 @@ class ImageEncoder(nn.Module):
         self.coord_channels = coord_channels
         self.feature_stride = feature_stride
         ch = list(channels)
-        self.stem = Convolution(3, in_channels, ch[0], strides=2, kernel_size=3,
-                                act="PRELU", norm="INSTANCE")
-        self.stem2 = ResidualUnit(3, ch[0], ch[0], strides=1, subunits=1, act="PRELU",
-                                  norm="INSTANCE")
+        self.stem = Convolution(in_channels, ch[0], strides=2, kernel_size=3)
+        self.stem2 = ResidualUnit(ch[0], ch[0], strides=1, subunits=1)
         self.down = nn.ModuleList(
-            ResidualUnit(3, ch[i], ch[i + 1], strides=2, subunits=2, act="PRELU", norm="INSTANCE")
+            ResidualUnit(ch[i], ch[i + 1], strides=2, subunits=2)
             for i in range(len(ch) - 1)
         )
         # decoder: from the bottleneck back to 1/2 resolution with skip connections
         self.up = nn.ModuleList()
         for i in range(len(ch) - 1, 0, -1):
-            self.up.append(Convolution(3, ch[i] + ch[i - 1], ch[i - 1], kernel_size=3,
-                                       act="PRELU", norm="INSTANCE"))
+            self.up.append(Convolution(ch[i] + ch[i - 1], ch[i - 1], kernel_size=3))
         self.fine = None
         if feature_stride == 1:
             self.fine = nn.Sequential(
-                Convolution(3, in_channels, fine_channels, kernel_size=3, act="PRELU", norm="INSTANCE"),
-                Convolution(3, fine_channels, fine_channels, kernel_size=3, act="PRELU", norm="INSTANCE"),
+                Convolution(in_channels, fine_channels, kernel_size=3),
+                Convolution(fine_channels, fine_channels, kernel_size=3),
             )
             # 1x1x1 only at full resolution: 3x3x3 convolutions of dense_channels there cost
             # ~10x the whole rest of the network on a CPU
@@ -73,7 +72,7 @@ class ImageEncoder(nn.Module):
             )
         else:
             self.dense_out = nn.Sequential(
-                Convolution(3, ch[0], dense_channels, kernel_size=3, act="PRELU", norm="INSTANCE"),
+                Convolution(ch[0], dense_channels, kernel_size=3),
                 nn.Conv3d(dense_channels, dense_channels, kernel_size=1),
             )
         self.global_proj = nn.Sequential(

@@ -9,6 +9,7 @@ checkpoint; only its name/path and output width are stored in config.json.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from pathlib import Path
@@ -109,3 +110,33 @@ class FrozenTextEncoder:
 
     def cache_size(self) -> int:
         return len(self._cache)
+
+    def cached_texts(self) -> list[str]:
+        with self._lock:
+            return list(self._cache)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    def fingerprint(self) -> str:
+        """Identity of the embeddings this encoder produces, without loading it: the name, the
+        truncation length and, for a local folder, its config, tokenizer files and the size and
+        header (names, shapes, dtypes) of its weights files."""
+        h = hashlib.sha256(f"{self.name.lower()}|{self.max_length}".encode())
+        try:
+            path = Path(resolve_text_encoder_path(self.name))
+        except CheckpointError:
+            return "unavailable"
+        if path.is_dir():
+            for name in ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+                f = path / name
+                if f.is_file():
+                    h.update(name.encode() + f.read_bytes())
+            for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+                with open(f, "rb") as fh:
+                    head = fh.read(8)
+                    n = int.from_bytes(head, "little") if f.suffix == ".safetensors" else 0
+                    h.update(f"{f.name}|{f.stat().st_size}".encode() + head
+                             + (fh.read(n) if 0 < n < (100 << 20) else b""))
+        return h.hexdigest()

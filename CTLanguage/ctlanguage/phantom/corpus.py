@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ExportError, InputError
+from ..errors import InputError
 from ..exports.atomic import check_writable_dir
-from ..files import make_shared
 from ..io import atomic_write
 from ..volume import set_sitk_geometry
 from . import anatomy as an

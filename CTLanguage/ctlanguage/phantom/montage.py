@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..files import make_shared
 
 COLORS = [
     (255, 64, 64), (64, 200, 255), (255, 210, 0), (80, 255, 80), (255, 120, 255), (255, 150, 40),

@@ -9,10 +9,18 @@ Importing this package is cheap; torch and transformers load when a function bel
 from __future__ import annotations
 
 
-def describe(entry):
-    from .backend import describe as _describe
+WEIGHTS_HINT = ("Merlin's weights are not downloaded: run `ctlanguage models download merlin` "
+                "(1.08 GB from Hugging Face, MIT licence; or add --from FILE for a copy you have).")
 
-    return _describe(entry)
+
+def describe(entry):
+    """Capabilities without loading anything (model menus call this for every entry)."""
+    from ... import catalog
+    from ...engine.protocol import Capabilities
+
+    present = (catalog.cached_model_dir(entry) / catalog.WEIGHTS).is_file()
+    return Capabilities(scores=True, calibrated=False, heatmaps=True, device="cpu",
+                        weights_present=present, weights_hint="" if present else WEIGHTS_HINT)
 
 
 def load(entry, device=None, progress=None):

@@ -22,17 +22,8 @@ from ...errors import CheckpointError, InputError
 from ...preprocess import ModelGrid
 from . import model as model_mod
 from . import weights as weights_mod
+from . import WEIGHTS_HINT
 from .preprocess import to_merlin_input
-
-WEIGHTS_HINT = ("Merlin's weights are not downloaded: run `ctlanguage models download merlin` "
-                "(1.08 GB from Hugging Face, MIT licence; or add --from FILE for a copy you have).")
-
-
-def describe(entry) -> Capabilities:
-    present = (catalog.cached_model_dir(entry) / catalog.WEIGHTS).is_file()
-    return Capabilities(scores=True, calibrated=False, heatmaps=True, device="cpu",
-                        weights_present=present, weights_hint="" if present else WEIGHTS_HINT)
-
 
 def pick_device(device=None):
     import torch
