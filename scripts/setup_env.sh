@@ -6,7 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${CTLANGUAGE_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 STAMP="$VENV/.ctlanguage-lock.sha256"
-want="$(sha256sum "$ROOT/requirements.lock.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+want="$(sha256sum "$ROOT/requirements.lock.txt" "$ROOT/requirements-merlin-ref.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating virtual environment $VENV"
   "$PY" -m venv "$VENV"
@@ -25,5 +25,8 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   if "$VENV/bin/python" -m pip check | grep -Ev "$UNUSED" | grep -q .; then
     "$VENV/bin/python" -m pip check; exit 1
   fi
+  # merlin-vlm (the Merlin backend's reference) in its own folder, off the venv's path: see the file
+  rm -rf "$VENV/merlin-ref"
+  "$VENV/bin/python" -m pip install -q --no-deps --target "$VENV/merlin-ref" -r "$ROOT/requirements-merlin-ref.txt"
   echo "$want" > "$STAMP"
 fi

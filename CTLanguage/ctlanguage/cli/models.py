@@ -77,11 +77,17 @@ def cmd_verify(args) -> int:
     for spec in targets:
         try:
             path, entry = catalog.resolve_model(spec, catalog=entries)
+            if path is None:  # another family: its converted folder in the cache (Merlin), if any
+                path = catalog.cached_model_dir(entry)
+                if not (path / catalog.WEIGHTS).is_file():
+                    raise CTLanguageError(f"{entry.id} has no model folder in the cache; run "
+                                          f"`ctlanguage models download {entry.id}`")
             summary = catalog.verify_model_dir(path, entry)
             if args.deep:
                 from ..engine import Engine
 
-                Engine.load(model=str(path), device="cpu")
+                Engine.load(model=entry.id if entry is not None and entry.backend != "grounded"
+                            else str(path), device="cpu")
             name = f"{entry.id} {entry.version}" if entry else str(path)
             if not args.quiet:
                 print(f"ok      {name}: {summary['tensors']} tensors, "
@@ -104,8 +110,17 @@ def cmd_download(args) -> int:
     if entry is None:
         raise CTLanguageError(f"unknown model {args.model!r}; known: {', '.join(e.id for e in entries)}")
     reporter = Reporter(args.quiet)
+    kind = entry.backend or "grounded"
+    fetch = catalog.download
+    if kind != "grounded":  # a backend with its own file format downloads and converts itself
+        from ..backends import backend_module
+
+        fetch = getattr(backend_module(kind), "download", catalog.download)
+    local = {k: v for k, v in (("source", args.source), ("tokenizer", args.tokenizer)) if v}
+    if local and fetch is catalog.download:
+        raise CTLanguageError(f"--from/--tokenizer apply to published models (e.g. merlin), not {entry.id}")
     with reporter.bytes_progress(f"{entry.id} {entry.version}") as cb:
-        path = catalog.download(entry, progress=cb, force=args.force)
+        path = fetch(entry, progress=cb, force=args.force, **local)
     if not args.quiet:
         print(f"ok      {entry.id} {entry.version} verified in {path}")
     return 0
@@ -128,6 +143,11 @@ def register(subparsers) -> None:
     q = sub.add_parser("download", help="download a model into the cache (resumable, sha256-verified)")
     q.add_argument("model", help="catalog id")
     q.add_argument("--force", action="store_true", help="download again even when cached")
+    q.add_argument("--from", dest="source", metavar="FILE", default=None,
+                   help="use a local copy of the published checkpoint instead of downloading it")
+    q.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="local folder with the text model's tokenizer files (Merlin: "
+                        "Clinical-Longformer's vocab.json and merges.txt)")
     q.set_defaults(func=cmd_download)
 
     def _help(args, _p=p) -> int:
