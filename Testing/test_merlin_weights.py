@@ -143,7 +143,7 @@ def test_cli_downloads_lists_verifies_and_takes_a_local_copy(tmp_path, env, serv
     assert main(["--quiet", "models", "--catalog", str(cat), "download", "merlin"]) == 0
     assert main(["models", "--catalog", str(cat), "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert listed[0]["id"] == "merlin" and listed[0]["status"] == "cached"
+    assert listed[0]["id"] == "merlin" and listed[0]["status"] == "weights present" and listed[0]["available"]
     assert main(["--quiet", "models", "--catalog", str(cat), "verify", "merlin"]) == 0
     # a copy the user already has (--from) plus a local tokenizer folder: nothing is fetched
     (tmp_path / "mine.pt").write_bytes(data)
