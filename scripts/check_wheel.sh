@@ -22,6 +22,7 @@ WHEEL="$(ls "$WORK"/dist/ctlanguage-*.whl)"
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 need = ["ctlanguage/_resources/catalog.json", "ctlanguage/_resources/Models/ctlanguage-synth-v2/model.safetensors",
+        "ctlanguage/_resources/Models/ctlanguage-synth-v2/text_embeddings.safetensors",
         "ctlanguage/data/vocabulary.json"]
 missing = [n for n in need if n not in names]
 if missing:

@@ -354,11 +354,14 @@ def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], sour
     frames_src = [datasets[i] for i in used]
     used_set = set(used.tolist())
     further = [ds for i, ds in enumerate(datasets) if i not in used_set]
-    if overlap:  # one contiguous plane per segment: highdicom reads [frame, :, :, segment]
-        planes = np.zeros((n_seg, used.size, sampler.rows, sampler.cols), np.uint8)
+    if overlap:
+        # stored [frame, segment, rows, cols], handed over as a [frame, rows, cols, segment] view:
+        # highdicom reads contiguous [frame, :, :, segment] planes, and its overlap check (a sum
+        # over segments) runs frame by frame in cache, twice as fast as with segment-major planes
+        planes = np.zeros((used.size, n_seg, sampler.rows, sampler.cols), np.uint8)
         for n, (m, idx) in enumerate(zip(masks, cands)):
-            sampler.write_frames(m, idx, planes[n], np.searchsorted(used, idx))
-        pixels = np.moveaxis(planes, 0, -1)
+            sampler.write_frames(m, idx, planes[:, n], np.searchsorted(used, idx))
+        pixels = np.moveaxis(planes, 1, -1)
     else:  # no overlap: a label-map style array is equivalent and far cheaper to validate
         pixels = np.zeros((used.size, sampler.rows, sampler.cols), np.uint8)
         for n, (m, idx) in enumerate(zip(masks, cands)):
