@@ -908,3 +908,17 @@ def test_in_slicer_self_test_flow_runs_on_slicer_core(module_logic, monkeypatch,
             pass
 
     self_test.prompt_flow(Case(), logic)
+
+
+def test_a_negated_prompt_shows_the_finding_only_when_it_is_likely_present():
+    """'no pleural effusion' answers P(absent); its segment is the effusion, shown by P(present)."""
+    from types import SimpleNamespace
+
+    from CTLanguageLib import mrml_glue
+
+    likely_absent = SimpleNamespace(probability=0.9, probability_present=0.1)
+    likely_present = SimpleNamespace(probability=0.1, probability_present=0.9)
+    anatomy = SimpleNamespace(probability=None, probability_present=None)
+    assert not mrml_glue.finding_visible(likely_absent, 0.5)
+    assert mrml_glue.finding_visible(likely_present, 0.5)
+    assert mrml_glue.finding_visible(anatomy, 0.5)

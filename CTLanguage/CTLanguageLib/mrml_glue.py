@@ -293,7 +293,9 @@ def findings_to_segmentation(scene, findings, reference_volume_node, segmentatio
 
 
 def finding_visible(finding, probability_threshold: float | None) -> bool:
-    prob = finding.probability
+    """Whether a finding's segment is shown: its probability of being *present* reaches the
+    threshold (for "no pleural effusion" too: the segment is the effusion, shown when likely)."""
+    prob = finding.probability_present if finding.probability_present is not None else finding.probability
     if probability_threshold is None or prob is None:
         return True
     return float(prob) >= float(probability_threshold)
