@@ -164,3 +164,34 @@ def test_bad_variation_is_one_clear_error(tmp_path, capsys):
     assert code == 0
     rec = json.loads((tmp_path / "cli" / "manifest.jsonl").read_text().splitlines()[0])
     assert rec["seed"] == 30000 and "variation" in rec["phantom"]
+
+
+def test_realistic_held_out_seeds_are_in_no_training_config():
+    """configs/*.json and the shipped model's config.json never draw phantoms from the held-out
+    realistic-variation seeds."""
+    from pathlib import Path
+
+    from ctlanguage.engine import resolve_model_dir
+    from ctlanguage.phantom.variation import HELD_OUT_SEEDS
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "configs").glob("*.json")) + [resolve_model_dir("default") / "config.json"]
+    held, checked = set(HELD_OUT_SEEDS), 0
+
+    def walk(node):
+        nonlocal checked
+        if isinstance(node, dict):
+            ph = node.get("phantom")
+            if isinstance(ph, dict) and "seed" in ph and "n" in ph:
+                assert not held & set(range(int(ph["seed"]), int(ph["seed"]) + int(ph["n"]))), ph
+                checked += 1
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    for f in files:
+        if f.is_file():
+            walk(json.loads(f.read_text()))
+    assert checked >= 3

@@ -87,6 +87,9 @@ PRESETS = {
     "phase": Variation(phase=_REALISTIC_PHASE),
 }
 
+# The held-out "realistic variation" set (docs/phantom.md): never train, calibrate or monitor on it.
+HELD_OUT_SEEDS = range(30000, 30064)
+
 
 def resolve(variation) -> Variation | None:
     """None | preset name | Variation -> Variation (checked) or None."""
