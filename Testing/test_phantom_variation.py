@@ -146,6 +146,17 @@ def test_realistic_preset_is_seeded_and_recorded_in_the_manifest(tmp_path):
                for r in recs)
     plain = write_corpus(str(tmp_path / "d"), n=1, seed=30000, spacing=6.0, montage=False)
     assert "phantom" not in json.loads(open(plain["manifest"]).readline())
+    # scripts/split_manifest.py: one manifest per drawn FOV, the cases' records unchanged
+    import runpy
+    from pathlib import Path
+
+    split = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "split_manifest.py"))["main"]
+    assert split([stats["manifest"], "fov"]) == 0
+    parts = sorted((tmp_path / "c").glob("manifest_fov-*.jsonl"))
+    got = [json.loads(line) for p in parts for line in p.read_text().splitlines()]
+    assert sorted(r["seed"] for r in got) == [30000, 30001]
+    assert {p.name for p in parts} == {f"manifest_fov-{r['phantom']['fov']}.jsonl" for r in recs}
+    assert split([plain["manifest"], "fov"]) == 2
     assert set(PRESETS) >= {"realistic", "fov", "phase"}
 
 
