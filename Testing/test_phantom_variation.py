@@ -123,6 +123,18 @@ def test_hu_shift_noise_kernel_and_slice_thickness():
         return float(np.std(c.volume[core]))
 
     assert liver_sd(40.0) > 2 * liver_sd(6.0)
+
+    def organ_sd(tex, name="liver"):
+        c = generate_case(9, spacing=4.0, orient=False, findings=["liver_cyst"], fov="chest_abdomen",
+                          variation=Variation(noise_sd=(6.0, 6.0), organ_texture=tex))
+        from scipy import ndimage
+        core = ndimage.binary_erosion(c.anatomy_mask(name), iterations=2)
+        cyst = [f.mask for f in c.findings if f.name == "liver_cyst"][0].astype(bool)
+        return float(np.std(c.volume[core & ~cyst])), float(np.std(c.volume[ndimage.binary_erosion(cyst)]))
+
+    (liver_tex, cyst_tex), (liver_flat, cyst_flat) = organ_sd((12.0, 12.0)), organ_sd(None)
+    assert liver_tex > 1.5 * liver_flat and organ_sd((12.0, 12.0), "spleen")[0] > 1.5 * organ_sd(None, "spleen")[0]
+    assert cyst_tex < 1.3 * cyst_flat + 1  # focal lesions are not textured
     sharp = generate_case(9, spacing=4.0, orient=False, variation=Variation(psf_fwhm_factor=(0.8, 0.8)))
     soft = generate_case(9, spacing=4.0, orient=False, variation=Variation(psf_fwhm_factor=(2.2, 2.2)))
     assert soft.meta["psf_fwhm_mm"] > 2.5 * sharp.meta["psf_fwhm_mm"]

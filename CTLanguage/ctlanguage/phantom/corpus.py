@@ -188,6 +188,12 @@ def generate_case(seed: int, spacing=None, orient: bool = True, findings=None, f
 
     A = an.build_anatomy(grid, P, T, r_anat)
     finds = fd.apply_findings(A, plan, r_apply)
+    if vd is not None and vd["organ_texture"] is not None:  # focal lesions keep their own attenuation
+        from .montage import DIFFUSE
+
+        focal = [f.mask for f in finds if f.name not in DIFFUSE]
+        keep = np.logical_or.reduce(focal).astype(bool) if focal else None
+        vr.add_organ_texture(A.hu, A.lab, grid.spacing, vd["organ_texture"], vr.variation_rng(seed, 1), keep)
     counts = np.bincount(A.lab.reshape(-1), minlength=len(an.STRUCTURE_NAMES) + 1)
     visible = {an.STRUCTURE_LABELS[i] for i in range(1, len(counts)) if counts[i] >= 20}
     if counts[1:6].sum() >= 20:

@@ -53,6 +53,7 @@ class Variation:
     noise_sd: tuple | None = None       # HU, after the PSF
     psf_fwhm_factor: tuple | None = None  # in-plane PSF FWHM in units of min(spacing, 2 mm): kernel sharpness
     slice_mm: dict | None = None        # {slice thickness = slice spacing (mm): weight}
+    organ_texture: tuple | None = None  # HU SD of mottled texture in liver, spleen, kidneys, pancreas
 
     def check(self) -> "Variation":
         for name, allowed in (("fov", FOV_KINDS), ("phase", PHASES)):
@@ -82,6 +83,7 @@ PRESETS = {
         noise_sd=(6.0, 40.0),
         psf_fwhm_factor=(0.8, 2.2),
         slice_mm={0.625: 0.1, 1.25: 0.2, 2.5: 0.3, 3.0: 0.15, 5.0: 0.25},
+        organ_texture=(3.0, 12.0),
     ),
     "fov": Variation(fov=_REALISTIC_FOV, slab_slices=(20, 60)),
     "phase": Variation(phase=_REALISTIC_PHASE),
@@ -104,9 +106,10 @@ def resolve(variation) -> Variation | None:
     raise InputError("variation must be None, a preset name or a Variation.")
 
 
-def variation_rng(seed: int) -> np.random.Generator:
-    """The case's variation stream: disjoint from the 7 streams generate_case spawns from the seed."""
-    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(7,)))
+def variation_rng(seed: int, stream: int = 0) -> np.random.Generator:
+    """The case's variation streams (0: drawn values, 1: organ texture): disjoint from the 7
+    streams generate_case spawns from the seed."""
+    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(7 + int(stream),)))
 
 
 def _pick(d: dict, x: float):
@@ -123,7 +126,7 @@ def draw(v: Variation, rng: np.random.Generator) -> dict:
     same value of a factor under every variation that sets that factor with the same range."""
     x = rng.uniform(0, 1, 8)
     out = dict(fov=None, slab_slices=None, slab_center=None, phase=None, phase_hu=None, hu_shift=None, noise_sd=None,
-               psf_fwhm_factor=None, slice_mm=None)
+               psf_fwhm_factor=None, slice_mm=None, organ_texture=None)
     if v.fov is not None:
         out["fov"] = _pick(v.fov, x[0])
         if out["fov"] == "abdomen_slab":
@@ -142,7 +145,36 @@ def draw(v: Variation, rng: np.random.Generator) -> dict:
     if v.phase is not None:
         out["phase"] = _pick(v.phase, x[7])
         out["phase_hu"] = {k: round(val, 2) for k, val in phase_table(out["phase"], rng).items()}
+    if v.organ_texture is not None:  # after every other draw: adding it changes no other value
+        out["organ_texture"] = lerp(v.organ_texture, float(rng.uniform()))
     return out
+
+
+TEXTURED = ("liver", "spleen", "kidney_left", "kidney_right", "pancreas")
+
+
+def add_organ_texture(hu: np.ndarray, lab: np.ndarray, spacing_xyz, sd: float, rng: np.random.Generator,
+                      keep=None) -> None:
+    """Mottled parenchyma in place: white noise low-passed at 1.5-3 mm (Gaussian sigma), scaled to
+    ``sd`` HU, added to the voxels of the TEXTURED organs except where ``keep`` (bool) is set."""
+    from scipy import ndimage
+
+    from .anatomy import LABEL
+
+    m = np.isin(lab, [LABEL[n] for n in TEXTURED])
+    if keep is not None:
+        m &= ~keep
+    if not m.any():
+        return
+    idx = np.argwhere(m)
+    lo, hi = idx.min(0), idx.max(0) + 1
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    sigma_mm = float(rng.uniform(1.5, 3.0))
+    sig = [sigma_mm / float(s) for s in np.asarray(spacing_xyz, float)[::-1]]  # [k, j, i]
+    field = ndimage.gaussian_filter(rng.standard_normal(size=tuple(hi - lo), dtype=np.float32), sig, mode="nearest")
+    field *= np.float32(sd / max(float(field.std()), 1e-6))
+    sub = m[sl]
+    hu[sl][sub] += field[sub]
 
 
 def phase_table(phase: str, rng: np.random.Generator) -> dict[str, float]:
