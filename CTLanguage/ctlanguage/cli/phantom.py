@@ -21,6 +21,11 @@ def register(subparsers) -> None:
                         "~2 mm in-plane and 2-3 mm slices")
     p.add_argument("--no-orient", action="store_true", help="keep the canonical RAS-aligned voxel order")
     p.add_argument("--no-montage", action="store_true", help="skip the PNG montage per case")
+    p.add_argument("--variation", choices=["none", "realistic", "fov", "phase"], default="none",
+                   help="scan-to-scan variation: 'realistic' draws field of view (torso, chest, abdomen, "
+                        "20-60-slice abdominal slabs), contrast phase, HU shift, noise, kernel and slice "
+                        "thickness 0.625-5 mm per case, recorded in the manifest; 'fov' / 'phase': only "
+                        "that factor (default none: the phantom as before)")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
     p.set_defaults(func=handler)
 
@@ -56,7 +61,8 @@ def handler(args: argparse.Namespace) -> int:
             bar.set_postfix_str(msg)
 
     stats = write_corpus(args.out, args.n, seed=args.seed, spacing=spacing, orient=not args.no_orient,
-                         montage=not args.no_montage, workers=max(1, args.workers), progress=progress)
+                         montage=not args.no_montage, workers=max(1, args.workers), progress=progress,
+                         variation=args.variation)
     if bar is not None:
         bar.close()
     if not quiet:

@@ -21,6 +21,7 @@ from ..io import atomic_write
 from ..volume import set_sitk_geometry
 from . import anatomy as an
 from . import findings as fd
+from . import variation as vr
 from .report_writer import write_report
 from .texture import scanner, tissue_table
 
@@ -60,7 +61,9 @@ def _spacing(spacing, rng):
     return sp
 
 
-def _make_grid(P, rng, sp, fov=None):
+def _make_grid(P, rng, sp, fov=None, slab=None):
+    """Canonical grid and its FOV kind.  ``slab=(n_slices, centre fraction)`` for an abdomen_slab;
+    fov "chest_only" is the variation's chest FOV (stops above both kidneys)."""
     u = rng.uniform
     zs = np.linspace(P["z_bif"] - 50, P["z_apex"] + 50, 64)
     a, ba, bp = an.body_radii(P, zs)
@@ -70,7 +73,7 @@ def _make_grid(P, rng, sp, fov=None):
     y0, y1 = -(bpmax + my) + u(-10, 5), bamax + my
     r = rng.random()
     if fov is not None:
-        r = {"chest_abdomen": 0.0, "chest": 0.75, "abdomen": 0.9}[fov]
+        r = {"chest_abdomen": 0.0, "chest": 0.75, "chest_only": 0.75, "abdomen": 0.9, "abdomen_slab": 0.9}[fov]
     if r < 0.7:
         kind = "chest_abdomen"
         z1 = P["z_apex"] + u(5, 35)
@@ -79,12 +82,25 @@ def _make_grid(P, rng, sp, fov=None):
         kind = "chest"
         z1 = P["z_apex"] + u(5, 35)
         z0 = P["z_dome_r"] - u(60, 110)
+        if fov == "chest_only":  # a chest CT ends in the upper abdomen, above the kidneys
+            z0 = max(z0, max(P["z_kidney_l"], P["z_kidney_r"]) + KIDNEY_TOP_MM)
     else:
         kind = "abdomen"
         z1 = P["z_dome_r"] + u(30, 70)
         z0 = P["z_kidney_r"] - u(60, 120)
     n = np.floor((np.array([x1 - x0, y1 - y0, z1 - z0])) / sp).astype(int) + 1
+    if slab is not None:  # n slices around a level between the kidneys and the liver dome
+        kind = "abdomen_slab"
+        n_sl, frac = slab
+        lo, hi = P["z_kidney_r"] - 40, P["z_dome_r"] - 20
+        zc = lo + frac * (hi - lo)
+        z0 = zc - (n_sl - 1) * sp[2] / 2
+        n[2] = n_sl
     return an.Grid((n[2], n[1], n[0]), sp, (x0, y0, z0)), kind
+
+
+# Kidney half-length is at most 52 mm x 1.1 x 1.12 (scales); + tilt margin.
+KIDNEY_TOP_MM = 80.0
 
 
 def orient_transform(shape_kji, rng):
@@ -116,24 +132,43 @@ def apply_orientation(arr: np.ndarray, perm, flips) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(a, (2, 1, 0)))
 
 
-def generate_case(seed: int, spacing=None, orient: bool = True, findings=None, fov=None) -> PhantomCase:
+def generate_case(seed: int, spacing=None, orient: bool = True, findings=None, fov=None,
+                  variation=None) -> PhantomCase:
     """One synthetic torso CT with label map, exact finding masks and a generated report.
 
     spacing: None (random ~2 mm in-plane, 2-3 mm slices), one number (isotropic mm) or (x, y, z).
     orient: randomly permute/flip the voxel axes (affine adjusted exactly).
     findings: optional list of finding keys to force (default: random per seed).
-    fov: optional "chest_abdomen" | "chest" | "abdomen" (default: random per seed).
+    fov: optional "chest_abdomen" | "chest" | "abdomen" (default: random per seed); overrides the
+    variation's field of view.
+    variation: None (default phantom), a preset name ("realistic") or a ``variation.Variation``:
+    field of view incl. abdominal slabs, contrast phase, HU shift, noise, kernel, slice thickness,
+    drawn from the case's own stream and recorded in ``meta["variation"]``.
     """
     if fov not in (None, "chest_abdomen", "chest", "abdomen"):
         raise InputError(f"Unknown field of view {fov!r}; use chest_abdomen, chest or abdomen.")
     seed = int(seed)
+    var = vr.resolve(variation)
+    vd = vr.draw(var, vr.variation_rng(seed)) if var is not None else None
     ss = np.random.SeedSequence(seed)
     r_pat, r_find, r_anat, r_apply, r_scan, r_geo, r_rep = (np.random.default_rng(s) for s in ss.spawn(7))
     P = an.sample_patient(r_pat)
+    if vd is not None and vd["phase"] is not None:
+        P["contrast"] = vd["phase"] != "non_contrast"
     plan = fd.plan_findings(r_find, P, force=findings)
     T = tissue_table(r_pat, P["contrast"])
     sp = _spacing(spacing, r_geo)
-    grid, fov = _make_grid(P, r_geo, sp, fov)
+    slab = None
+    if vd is not None:
+        if vd["phase"] is not None:
+            T.update(vd["phase_hu"])
+        if vd["slice_mm"] is not None:
+            sp = np.array([sp[0], sp[1], vd["slice_mm"]])
+        if fov is None and vd["fov"] is not None:
+            fov = {"chest": "chest_only"}.get(vd["fov"], vd["fov"])
+            if fov == "abdomen_slab":
+                slab = (vd["slab_slices"], vd["slab_center"])
+    grid, fov = _make_grid(P, r_geo, sp, fov, slab)
     nvox = int(np.prod(grid.shape))
     if nvox > 120_000_000:
         raise InputError(f"Spacing {tuple(round(float(v), 2) for v in sp)} mm gives {nvox / 1e6:.0f} M voxels per case "
@@ -141,17 +176,33 @@ def generate_case(seed: int, spacing=None, orient: bool = True, findings=None, f
     thickness = float(sp[2] * r_geo.uniform(1.0, 1.25))
     noise_sd = float(r_geo.uniform(8, 25))
     fwhm = float(r_geo.uniform(1.0, 1.6)) * float(min(sp[0], 2.0))
+    if vd is not None:
+        if vd["slice_mm"] is not None:
+            thickness = float(vd["slice_mm"])
+        if vd["noise_sd"] is not None:
+            noise_sd = float(vd["noise_sd"])
+        if vd["psf_fwhm_factor"] is not None:
+            fwhm = float(vd["psf_fwhm_factor"]) * float(min(sp[0], 2.0))
     perm, flips, Tm = orient_transform(grid.shape, r_geo)
     offset = r_geo.uniform(-150, 150, 3)
 
     A = an.build_anatomy(grid, P, T, r_anat)
     finds = fd.apply_findings(A, plan, r_apply)
+    if vd is not None and vd["organ_texture"] is not None:  # focal lesions keep their own attenuation
+        from .montage import DIFFUSE
+
+        focal = [f.mask for f in finds if f.name not in DIFFUSE]
+        keep = np.logical_or.reduce(focal).astype(bool) if focal else None
+        vr.add_organ_texture(A.hu, A.lab, grid.spacing, vd["organ_texture"], vr.variation_rng(seed, 1), keep)
     counts = np.bincount(A.lab.reshape(-1), minlength=len(an.STRUCTURE_NAMES) + 1)
     visible = {an.STRUCTURE_LABELS[i] for i in range(1, len(counts)) if counts[i] >= 20}
     if counts[1:6].sum() >= 20:
         visible |= {"lung_left", "lung_right"}
-    report = write_report(finds, visible, r_rep, P["contrast"], fov)
+    report = write_report(finds, visible, r_rep, P["contrast"], "abdomen" if fov == "abdomen_slab" else fov,
+                          phase=vd["phase"] if vd is not None else None)
     vol = scanner(A.hu, grid.spacing, thickness, noise_sd, r_scan, fwhm)
+    if vd is not None and vd["hu_shift"] is not None:
+        vol += np.float32(vd["hu_shift"])
     np.clip(vol, -1024, 3071, out=vol)
 
     m = grid.ijk_to_ras()
@@ -172,6 +223,9 @@ def generate_case(seed: int, spacing=None, orient: bool = True, findings=None, f
     meta = dict(spacing=[float(v) for v in sp], slice_thickness=thickness, noise_sd=noise_sd, psf_fwhm_mm=fwhm,
                 contrast=bool(P["contrast"]), fov=fov, oriented=bool(orient), axis_perm=[int(v) for v in perm],
                 axis_flips=[bool(v) for v in flips], visible=sorted(visible))
+    if vd is not None:
+        meta["variation"] = dict(vd, shape_kji=[int(v) for v in grid.shape])
+        meta["fov"] = fov
     return PhantomCase(seed, vol, m, lab, dict(an.STRUCTURE_LABELS), finds, labels, report, meta)
 
 
@@ -207,6 +261,9 @@ def write_case(case: PhantomCase, out_dir: str, montage: bool = True) -> dict:
            "structures": f"{cid}/structures.nii.gz",
            "structure_labels": {str(k): v for k, v in case.structure_labels.items()},
            "findings": recs, "labels": dict(case.labels)}
+    if "variation" in case.meta:  # default cases keep their manifest record unchanged
+        rec["phantom"] = {k: case.meta[k] for k in ("fov", "contrast", "spacing", "slice_thickness", "noise_sd",
+                                                     "psf_fwhm_mm", "variation")}
     if montage:
         from .montage import render_montage, save_png
 
@@ -217,24 +274,26 @@ def write_case(case: PhantomCase, out_dir: str, montage: bool = True) -> dict:
 
 
 def _work(args):
-    seed, out_dir, spacing, orient, montage = args
+    seed, out_dir, spacing, orient, montage, variation = args
     t = time.perf_counter()
-    case = generate_case(seed, spacing=spacing, orient=orient)
+    case = generate_case(seed, spacing=spacing, orient=orient, variation=variation)
     tg = time.perf_counter() - t
     rec = write_case(case, out_dir, montage=montage)
     return rec, tg, time.perf_counter() - t
 
 
 def write_corpus(out_dir: str, n: int, seed: int = 0, spacing=None, orient: bool = True, montage: bool = True,
-                 workers: int = 1, progress=None) -> dict:
+                 workers: int = 1, progress=None, variation=None) -> dict:
     """Write ``n`` cases (seeds ``seed .. seed+n-1``) and ``out_dir/manifest.jsonl``.
 
-    ``progress(fraction, message)`` is called after each case.  Returns timing statistics.
+    ``progress(fraction, message)`` is called after each case.  ``variation``: as in
+    ``generate_case`` (a preset name or a Variation).  Returns timing statistics.
     """
     if n < 0:
         raise InputError("The number of cases must be zero or more.")
+    vr.resolve(variation)  # a bad variation fails before anything is written
     check_writable_dir(out_dir)
-    jobs = [(seed + i, out_dir, spacing, orient, montage) for i in range(n)]
+    jobs = [(seed + i, out_dir, spacing, orient, montage, variation) for i in range(n)]
     recs, tgen, ttot = [], [], []
     t0 = time.perf_counter()
     if workers > 1 and n > 1:

@@ -104,8 +104,10 @@ class _Writer:
         return None
 
 
-def write_report(findings, visible: set, rng: np.random.Generator, contrast: bool, fov: str = "chest_abdomen") -> str:
-    """Compose the report text. ``visible``: structure names present in the field of view."""
+def write_report(findings, visible: set, rng: np.random.Generator, contrast: bool, fov: str = "chest_abdomen",
+                 phase: str | None = None) -> str:
+    """Compose the report text. ``visible``: structure names present in the field of view;
+    ``phase``: contrast phase named in the technique line (None: not named)."""
     w = _Writer(rng)
     by = {}
     for f in findings:
@@ -338,7 +340,9 @@ def write_report(findings, visible: set, rng: np.random.Generator, contrast: boo
     lines["BONES"].append(w.pick(NORMALS["bones"]))
 
     region = {"chest": "chest", "abdomen": "abdomen", "chest_abdomen": "chest and abdomen"}.get(fov, "chest and abdomen")
-    out = [f"TECHNIQUE: CT of the {region}" + (" with intravenous contrast." if contrast else " without intravenous contrast."),
+    with_phase = f" with intravenous contrast in the {phase.replace('_', ' ')} phase." if contrast and phase else None
+    out = [f"TECHNIQUE: CT of the {region}" + (with_phase or (" with intravenous contrast." if contrast
+                                                             else " without intravenous contrast.")),
            "", "FINDINGS:"]
     if fov == "abdomen":
         lines = {("LUNG BASES" if k == "LUNGS AND PLEURA" else k): v for k, v in lines.items()}
