@@ -182,16 +182,6 @@ def measure_cli(model: str, image: str, encoding: str, tmp: str, repeat: int) ->
 
 # ------------------------------------------------------------------------------------ main
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
@@ -208,7 +198,7 @@ def main() -> int:
         child(args)
         return 0
     sys.path.insert(0, str(HERE))
-    from bench_engine import make_volume
+    from bench_engine import cpu_model, make_volume
 
     from ctlanguage.dicom_io import write_dicom_series
     from ctlanguage.io import read_ct
