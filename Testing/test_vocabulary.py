@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+import ctlanguage.segment_codes as C
 from ctlanguage import vocabulary as v
 from ctlanguage.prompts import _tokens
 from ctlanguage.resources import package_data_dir
@@ -121,31 +122,31 @@ def test_codes_are_sourced_and_match_their_source():
 
 
 def test_slicer_terminology_string_format():
-    s = v.slicer_terminology_string("kidney_left")
+    s = C.slicer_terminology_string("kidney_left")
     parts = s.split("~")
     assert len(parts) == 7
     assert parts[0] == "Segmentation category and type - 3D Slicer General Anatomy list"
     assert parts[1] == "SCT^123037004^Anatomical Structure"
     assert parts[2] == "SCT^64033007^Kidney" and parts[3] == "SCT^7771000^Left"
     assert parts[4] == "Anatomic codes - DICOM master list" and parts[5] == "^^"
-    f = v.slicer_terminology_string("pleural_effusion", "right").split("~")
+    f = C.slicer_terminology_string("pleural_effusion", "right").split("~")
     assert f[1] == "SCT^49755003^Morphologically Altered Structure"
     assert f[2] == "SCT^41699000^Effusion" and f[5] == "SCT^91381003^Pleural cavity"
     assert f[6] == "SCT^24028007^Right"
-    b = v.slicer_terminology_string("pleural_effusion", "bilateral").split("~")
+    b = C.slicer_terminology_string("pleural_effusion", "bilateral").split("~")
     assert b[6] == "SCT^51440002^Bilateral"
     # the middle lobe's type already says "right": no extra modifier
-    assert v.slicer_terminology_string("lung_middle_lobe_right").split("~")[3] == "^^"
+    assert C.slicer_terminology_string("lung_middle_lobe_right").split("~")[3] == "^^"
 
 
 def test_slicer_terminology_string_round_trips_through_slicer():
     slicer = pytest.importorskip("slicer")
     logic = slicer.vtkSlicerTerminologiesModuleLogic
     for key, lat in (("liver", None), ("lung_left", None), ("kidney_cyst", "left"), ("ascites", None)):
-        s = v.slicer_terminology_string(key, lat)
+        s = C.slicer_terminology_string(key, lat)
         entry = slicer.vtkSlicerTerminologyEntry()
         assert logic.DeserializeTerminologyEntry(s, entry)
-        assert entry.GetTypeObject().GetCodeValue() == v.dicom_seg_codes(key, lat)["type"][0]
+        assert entry.GetTypeObject().GetCodeValue() == C.dicom_seg_codes(key, lat)["type"][0]
         assert logic.SerializeTerminologyEntry(entry) == s
 
 
@@ -154,16 +155,16 @@ def test_dicom_seg_codes_usable_by_highdicom():
     for key in v.anatomies() + v.findings():
         lats = ("left", "right") if v.get(key).kind == "finding" and v.get(key).sided else (None,)
         for lat in lats:
-            d = v.dicom_seg_codes(key, lat)
+            d = C.dicom_seg_codes(key, lat)
             assert d["category"] and d["type"]
             for field in ("category", "type", "type_modifier", "anatomic_region"):
                 if d[field]:
                     hd.sr.CodedConcept(*d[field])
             if lat:
                 assert d["anatomic_region_modifier"][2].lower() == lat
-    assert v.dicom_seg_codes("emphysema", "left")["complete"] is False
-    assert v.dicom_seg_codes("emphysema", "left")["notes"]
-    assert v.dicom_seg_codes("liver_cyst")["complete"] is True
+    assert C.dicom_seg_codes("emphysema", "left")["complete"] is False
+    assert C.dicom_seg_codes("emphysema", "left")["notes"]
+    assert C.dicom_seg_codes("liver_cyst")["complete"] is True
 
 
 def test_training_phrases_and_ensemble():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import ctlanguage.segment_codes as C
 from ctlanguage import vocabulary as v
 from ctlanguage.prompts import parse_prompt
 from ctlanguage.resources import package_data_dir
@@ -34,7 +35,7 @@ def test_every_total_class_has_our_term_with_totalsegmentators_codes():
     assert v.totalseg_classes() == {name: label for label, name in total.items()}
     for name in total.values():
         assert name in v.all_anatomies(), name
-        codes = v.dicom_seg_codes(name)
+        codes = C.dicom_seg_codes(name)
         row = rows[name]
         for ours, attr in FIELDS.items():
             want = row[f"{attr}.CodeValue"].strip()
@@ -97,8 +98,8 @@ def test_sides_and_groups():
     assert v.get("vertebrae_T12").side is None and v.get("atrial_appendage_left").side == "left"
     # the finding key kidney_cyst is no group: its TotalSegmentator classes stay sided keys
     assert "kidney_cyst" not in v.groups() and v.get("kidney_cyst_left").side == "left"
-    assert v.dicom_seg_codes("kidney_cyst_left")["anatomic_region_modifier"][2] == "Left"
-    assert v.dicom_seg_codes("kidney_cyst_left")["type_modifier"] is None
+    assert C.dicom_seg_codes("kidney_cyst_left")["anatomic_region_modifier"][2] == "Left"
+    assert C.dicom_seg_codes("kidney_cyst_left")["type_modifier"] is None
 
 
 @pytest.mark.parametrize("text,covers,laterality", [

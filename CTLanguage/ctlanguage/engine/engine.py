@@ -300,8 +300,8 @@ class Engine:
     def query_one(self, enc: Encoding, prompt: str, mask_threshold: float = 0.5,
                   compute_masks: bool = True, absent_masks: bool = False,
                   presence_threshold: float = PRESENCE_THRESHOLD) -> Finding:
-        from .. import vocabulary as V
         from ..resample import SourceMapper
+        from ..segment_codes import segment_identity
 
         t0 = time.perf_counter()
         timings = {}
@@ -347,7 +347,7 @@ class Engine:
         timings["to_source"] = time.perf_counter() - t
 
         key = req.anatomies[0] if req.kind == "anatomy" else req.finding
-        ident = V.segment_identity(req.kind, key, req.anatomies, req.laterality)
+        ident = segment_identity(req.kind, key, req.anatomies, req.laterality)
         timings["total"] = time.perf_counter() - t0
         return Finding(
             prompt=prompt, parsed=parsed, kind=req.kind, anatomy=ident["anatomy"],

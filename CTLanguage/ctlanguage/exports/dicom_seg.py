@@ -270,7 +270,7 @@ def segment_codes(f: Any) -> dict:
     raw = None
     if key:
         try:
-            from ..vocabulary import dicom_seg_codes  # type: ignore
+            from ..segment_codes import dicom_seg_codes  # type: ignore
 
             raw = dicom_seg_codes(key, getattr(f, "laterality", None))
         except Exception:  # noqa: BLE001 - vocabulary missing or unknown key

@@ -33,7 +33,7 @@ def terminology_string(f: Any) -> str | None:
     if not key:
         return None
     try:
-        from ..vocabulary import slicer_terminology_string  # type: ignore
+        from ..segment_codes import slicer_terminology_string  # type: ignore
     except Exception:  # noqa: BLE001 - vocabulary not available
         return None
     try:
