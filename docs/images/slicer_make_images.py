@@ -42,7 +42,7 @@ def font(size):
 
 def stand_in_engine(case):
     """Phantom truth masks as the engine's Findings (used only when no model is available)."""
-    from ctlanguage import vocabulary
+    from ctlanguage import segment_codes, vocabulary
     from ctlanguage.engine import Finding
     from ctlanguage.prompts import split_prompts
 
@@ -73,7 +73,7 @@ def stand_in_engine(case):
                 out.append(Finding(prompt=p, parsed=None, kind="finding" if finding else "anatomy", anatomy=key,
                                    finding=finding, laterality=None, probability=prob, prompt_confidence=1.0,
                                    mask=mask, volume_ml=ml, codes=None, color=vocabulary.color(finding or key),
-                                   name=p, terminology=vocabulary.slicer_terminology_string(finding or key)))
+                                   name=p, terminology=segment_codes.slicer_terminology_string(finding or key)))
             return out
 
     return Engine()
