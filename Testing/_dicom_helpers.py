@@ -6,7 +6,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
-from ctlanguage.dicom_io import write_dicom_series
+from ctlanguage.dicom_write import write_dicom_series
 from ctlanguage.volume import LPS_TO_RAS, CTVolume
 
 

@@ -44,7 +44,7 @@ def nifti(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dicom_dir(tmp_path_factory):
-    from ctlanguage.dicom_io import write_dicom_series
+    from ctlanguage.dicom_write import write_dicom_series
 
     d = tmp_path_factory.mktemp("dcm") / "series"
     uid = write_dicom_series(synthetic_volume(SHAPE), d)
@@ -219,7 +219,7 @@ def test_folder_without_dicom(tmp_path, fake, capsys):
 
 
 def test_mr_dicom_is_refused(tmp_path, fake, capsys):
-    from ctlanguage.dicom_io import write_dicom_series
+    from ctlanguage.dicom_write import write_dicom_series
 
     d = tmp_path / "mr"
     vol = synthetic_volume(SHAPE)
@@ -231,7 +231,7 @@ def test_mr_dicom_is_refused(tmp_path, fake, capsys):
 
 
 def test_dicom_series_with_missing_slices(tmp_path, fake, capsys):
-    from ctlanguage.dicom_io import write_dicom_series
+    from ctlanguage.dicom_write import write_dicom_series
 
     d = tmp_path / "gap"
     write_dicom_series(synthetic_volume(SHAPE), d)

@@ -11,7 +11,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from _dicom_helpers import edit_series, files_of, legacy_converted, tilted_series
-from ctlanguage.dicom_io import find_series, read_dicom_series, write_dicom_series
+from ctlanguage.dicom_io import find_series, read_dicom_series
+from ctlanguage.dicom_write import write_dicom_series
 from ctlanguage.errors import ExportError, GeometryError, InputError
 from ctlanguage.io import read_ct
 from ctlanguage.volume import LPS_TO_RAS, CTVolume

@@ -15,7 +15,7 @@ import _fake_engine
 from _dicom_helpers import legacy_converted, tilted_series
 from _export_helpers import MODEL_INFO, synthetic_findings, synthetic_volume
 from ctlanguage.cli import main
-from ctlanguage.dicom_io import write_dicom_series
+from ctlanguage.dicom_write import write_dicom_series
 from ctlanguage.exports import export_all
 from ctlanguage.io import read_ct
 

@@ -199,7 +199,7 @@ def test_seg_frames_of_a_mask_equal_full_sampling(tmp_path):
     import pydicom
 
     from _export_helpers import synthetic_volume
-    from ctlanguage.dicom_io import write_dicom_series
+    from ctlanguage.dicom_write import write_dicom_series
     from ctlanguage.exports.dicom_seg import _frame_sampler, _SeriesSampler
 
     shape = (12, 20, 24)

@@ -31,7 +31,7 @@ def _rot_affine():
 
 @pytest.fixture(scope="module")
 def dicom_case(tmp_path_factory):
-    from ctlanguage.dicom_io import write_dicom_series
+    from ctlanguage.dicom_write import write_dicom_series
     from ctlanguage.io import read_ct
 
     folder = tmp_path_factory.mktemp("dicom") / "series"

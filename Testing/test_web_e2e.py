@@ -340,7 +340,7 @@ def test_web_session_lists_models_and_switches_only_to_models_on_disk(tmp_path):
 def test_web_session_uploads_exports_and_cleanup(tmp_path):
     import zipfile
 
-    from ctlanguage.dicom_io import write_dicom_series
+    from ctlanguage.dicom_write import write_dicom_series
     from ctlanguage.io import write_volume
 
     s = _web_session(tmp_path, max_upload_mb=1)

@@ -200,7 +200,7 @@ def main() -> int:
     sys.path.insert(0, str(HERE))
     from bench_engine import cpu_model, make_volume
 
-    from ctlanguage.dicom_io import write_dicom_series
+    from ctlanguage.dicom_write import write_dicom_series
     from ctlanguage.io import read_ct
 
     load0 = os.getloadavg()

@@ -106,7 +106,7 @@ def _truth_labels(case) -> dict:
 
 def cmd_demo(args) -> int:
     from .. import io as ctio
-    from ..dicom_io import write_dicom_series
+    from ..dicom_write import write_dicom_series
     from ..exports.atomic import check_writable_dir
     from .query import (Reporter, findings_table, load_model, mask_threshold, print_json,
                         query_and_export, split_prompt_args, stdout_console)
