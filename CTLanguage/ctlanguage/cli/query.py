@@ -180,14 +180,12 @@ def check_output_parent(out: str | Path, exports: bool = False) -> None:
 def query_and_export(model: LoadedModel, enc: Any, volume: Any, prompts: list[str], out: Path,
                      reporter: Reporter, mask_threshold: float = 0.5, input_path: str | None = None,
                      extra: dict | None = None):
+    from ..cohort import answer_prompts
     from ..exports import export_all
 
     t0 = time.perf_counter()
     with reporter.step(f"querying {len(prompts)} prompt{'s' * (len(prompts) != 1)}") as cb:
-        findings = []
-        for i, prompt in enumerate(prompts):
-            findings.extend(model.engine.query(enc, prompt, mask_threshold=mask_threshold, volume=volume))
-            cb((i + 1) / len(prompts), prompt[:40])
+        findings = answer_prompts(model.engine, enc, volume, prompts, mask_threshold, progress=cb)
     t_query = time.perf_counter() - t0
     t1 = time.perf_counter()
     with reporter.step("writing exports") as cb:
