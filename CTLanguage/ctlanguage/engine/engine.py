@@ -279,14 +279,12 @@ class Engine:
             else:
                 finding, laterality = key, lat
                 covers = tuple(V.resolve_anatomies(key, lat))
-            sim_conf = (sim - FALLBACK_SIM_LOW) / (FALLBACK_SIM_HIGH - FALLBACK_SIM_LOW)
-            confidence = float(np.clip(sim_conf, 0.0, 1.0)) * FALLBACK_MAX_CONFIDENCE
+            confidence = _similarity_confidence(sim)
         elif kind == "anatomy" and parsed.unknown_tokens and confidence < 1.0:
             # "small round opacity in the lung": an anatomy plus words the parser does not know;
             # a finding of that anatomy close in the text space answers the prompt better
             phrase, key, lat, sim = self.nearest_phrase(parsed.text)
-            sim_conf = float(np.clip((sim - FALLBACK_SIM_LOW) / (FALLBACK_SIM_HIGH - FALLBACK_SIM_LOW),
-                                     0.0, 1.0)) * FALLBACK_MAX_CONFIDENCE
+            sim_conf = _similarity_confidence(sim)
             if V.get(key).kind == "finding" and sim_conf > max(confidence, MIN_UNDERSTOOD_CONFIDENCE):
                 side = laterality if laterality in ("left", "right") else lat
                 judged = tuple(V.resolve_anatomies(key, side))
@@ -412,6 +410,12 @@ def _load_backend(entry, path, device, progress, warm_text: bool):
         return backend_module(kind).load(entry, device=device, progress=progress, model_dir=path,
                                          warm_text=warm_text)
     return backend_module(kind).load(entry, device=device, progress=progress)
+
+
+def _similarity_confidence(sim: float) -> float:
+    """Prompt confidence of a match found by text-embedding similarity (cosine ``sim``)."""
+    scaled = (sim - FALLBACK_SIM_LOW) / (FALLBACK_SIM_HIGH - FALLBACK_SIM_LOW)
+    return float(np.clip(scaled, 0.0, 1.0)) * FALLBACK_MAX_CONFIDENCE
 
 
 def _same_group(a, b) -> bool:
