@@ -324,14 +324,14 @@ class Engine:
             per_anat = dict(score_ans.scores)
             if per_anat:
                 probability_present = combine_sides(per_anat.values(), req.laterality)
-                probability = answer_value(probability_present, bool(parsed.negated))
+                probability = answer_value(probability_present, bool(parsed.negated), score_ans.calibrated)
         timings["heads"] = time.perf_counter() - t
 
         t = time.perf_counter()
         mapper = SourceMapper()
         mask = volume_ml = None
-        suppressed = (req.kind == "finding" and not absent_masks and probability_present is not None
-                      and probability_present < presence_threshold)
+        suppressed = (req.kind == "finding" and not absent_masks
+                      and _judged_absent(score_ans, probability_present, presence_threshold))
         if compute_masks and suppressed:
             mask, volume_ml = np.zeros(enc.volume.shape, dtype=np.uint8), 0.0
         elif compute_masks:
@@ -410,6 +410,16 @@ def _load_backend(entry, path, device, progress, warm_text: bool):
         return backend_module(kind).load(entry, device=device, progress=progress, model_dir=path,
                                          warm_text=warm_text)
     return backend_module(kind).load(entry, device=device, progress=progress)
+
+
+def _judged_absent(score_ans, present, presence_threshold: float) -> bool:
+    """A calibrated probability below ``presence_threshold``, or an uncalibrated score below its
+    backend's own zero-shot decision point; a score without one judges nothing."""
+    if score_ans is None or present is None:
+        return False
+    if score_ans.calibrated:
+        return present < presence_threshold
+    return score_ans.decision_score is not None and present < score_ans.decision_score
 
 
 def _similarity_confidence(sim: float) -> float:

@@ -98,6 +98,9 @@ class Answer:
     scores: dict = field(default_factory=dict)   # concrete anatomy key -> probability or score
     calibrated: bool = False
     calibration: Optional[str] = None
+    # uncalibrated scores: the score at which the backend's zero-shot rule calls a finding present
+    # (e.g. 0.0 for "positive minus negated similarity"); None: the score cannot judge presence
+    decision_score: Optional[float] = None
 
 
 @runtime_checkable

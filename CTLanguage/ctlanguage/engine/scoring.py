@@ -103,9 +103,12 @@ def combine_sides(values: Sequence[float], laterality: Optional[str]) -> float:
     return min(vals) if laterality == "bilateral" and len(vals) > 1 else max(vals)
 
 
-def answer_value(p_present: float, negated: bool) -> float:
-    """The number a prompt's question asks for: P(absent) for a negated prompt."""
-    return 1.0 - p_present if negated else p_present
+def answer_value(p_present: float, negated: bool, calibrated: bool = True) -> float:
+    """The number a prompt's question asks for: P(absent) for a negated prompt; for an
+    uncalibrated score, the score of absence is its negative (1 - s would look like a probability)."""
+    if not negated:
+        return p_present
+    return 1.0 - p_present if calibrated else -p_present
 
 
 def score_label(calibrated: bool, calibration: Optional[str], negated: bool = False) -> str:
