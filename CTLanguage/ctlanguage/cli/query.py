@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -337,7 +336,9 @@ class _AllowDownload(argparse.Action):
     """--allow-download: the user's consent, passed to backends as CTLANGUAGE_ALLOW_DOWNLOADS=1."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        os.environ["CTLANGUAGE_ALLOW_DOWNLOADS"] = "1"
+        from ..catalog import allow_downloads
+
+        allow_downloads()
         setattr(namespace, self.dest, True)
 
 

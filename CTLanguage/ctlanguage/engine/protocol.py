@@ -39,6 +39,8 @@ class Capabilities:
     device: str = "cpu"              # "cpu" | "gpu-recommended" | "gpu"
     weights_present: bool = True
     weights_hint: str = ""           # one sentence: how to get the weights when absent
+    fetches_own_weights: bool = False  # its package downloads them on first use, only with the
+                                       # user's consent (CTLANGUAGE_ALLOW_DOWNLOADS=1)
 
     def summary(self) -> list[str]:
         out = []
