@@ -175,7 +175,7 @@ def cmd_demo(args) -> int:
 
     # 4. + 5. prompts and exports
     findings, result = query_and_export(model, enc, volume, prompts, results, reporter,
-                                        mask_threshold=threshold,
+                                        mask_threshold=threshold, absent_masks=args.absent_masks,
                                         input_path=str(dicom_dir),
                                         extra={"demo": {"phantom_seed": args.seed}})
     timings[f"query ({len(prompts)} prompts)"] = result.timings["query"]
