@@ -34,7 +34,7 @@ from .encoding import Encoding
 from .finding import Finding, check_threshold
 from .progress import check_cancel, report, scaled
 from .protocol import ROLES, AnatomyMasks, Backend, ConceptMatcher, ModelInfo, Request
-from .scoring import answer_value, combine_sides
+from .scoring import answer_value, combine_sides, judged_absent
 from .threads import TorchThreads
 
 log = logging.getLogger(__name__)
@@ -330,8 +330,9 @@ class Engine:
         t = time.perf_counter()
         mapper = SourceMapper()
         mask = volume_ml = None
-        suppressed = (req.kind == "finding" and not absent_masks
-                      and _judged_absent(score_ans, probability_present, presence_threshold))
+        suppressed = (req.kind == "finding" and not absent_masks and score_ans is not None
+                      and judged_absent(probability_present, score_ans.calibrated, presence_threshold,
+                                        score_ans.decision_score))
         if compute_masks and suppressed:
             mask, volume_ml = np.zeros(enc.volume.shape, dtype=np.uint8), 0.0
         elif compute_masks:
@@ -361,6 +362,7 @@ class Engine:
             score_model=score_ans.model if score_ans is not None and per_anat else None,
             calibrated=bool(score_ans and score_ans.calibrated and per_anat),
             calibration=score_ans.calibration if score_ans is not None and per_anat else None,
+            decision_score=score_ans.decision_score if score_ans is not None and per_anat else None,
             mask_suppressed=bool(suppressed), timings=timings, _logit=mask_ans.logit,
             _grid=mask_ans.grid, _volume=enc.volume, _mapper=mapper)
 
@@ -410,16 +412,6 @@ def _load_backend(entry, path, device, progress, warm_text: bool):
         return backend_module(kind).load(entry, device=device, progress=progress, model_dir=path,
                                          warm_text=warm_text)
     return backend_module(kind).load(entry, device=device, progress=progress)
-
-
-def _judged_absent(score_ans, present, presence_threshold: float) -> bool:
-    """A calibrated probability below ``presence_threshold``, or an uncalibrated score below its
-    backend's own zero-shot decision point; a score without one judges nothing."""
-    if score_ans is None or present is None:
-        return False
-    if score_ans.calibrated:
-        return present < presence_threshold
-    return score_ans.decision_score is not None and present < score_ans.decision_score
 
 
 def _similarity_confidence(sim: float) -> float:
