@@ -205,11 +205,11 @@ def test_calcifications_are_dense_and_inside_their_structures(monkeypatch):
     assert c.volume[d].min() >= 200  # >= 130 HU calcium threshold, with margin
     lab = c.structures[d]
     allowed = an.anatomy_labels("lung_left") + an.anatomy_labels("lung_right") + [
-        an.LABEL[n] for n in ("spleen", "liver", "heart", "body")]
+        an.LABEL[n] for n in ("spleen", "liver", "heart", "pericardium", "body")]
     assert np.isin(lab, allowed).all()
     for kind, names in (("lung_granuloma", an.anatomy_labels(f"lung_{placed['lung_granuloma']['side']}")),
                         ("spleen_granuloma", [an.LABEL["spleen"]]), ("liver_granuloma", [an.LABEL["liver"]]),
-                        ("coronary", [an.LABEL["heart"]])):
+                        ("coronary", [an.LABEL["heart"], an.LABEL["pericardium"]])):
         assert np.isin(lab, names).sum() >= placed[kind]["voxels"], kind
     # cartilage foci: body label, in the anterior chest wall outside the thoracic cavity
     kk, jj, ii = np.nonzero(d & (c.structures == an.LABEL["body"]))

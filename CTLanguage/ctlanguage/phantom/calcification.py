@@ -6,6 +6,8 @@ None of them changes a label or a finding mask.  Vascular calcification is the
 to cases that have that finding, so that a case without it never shows calcified arteries while its
 report says "No vascular calcification".  Granulomas and coronary calcification are named in the
 report (``report_writer.INCIDENTAL``); costal cartilage calcification, as in practice, is not.
+Coronary foci sit on the heart surface (labels heart / pericardium: the arteries run in the
+epicardial fat inside the pericardial sac).
 All foci are painted at >= 200 HU before the scanner model (>= 130 HU is the usual calcium threshold).
 """
 
@@ -50,9 +52,16 @@ def cartilage_mask(A) -> np.ndarray:
     return m
 
 
+def _point(A, idx: np.ndarray) -> list:
+    """Centre (mm, canonical frame) of the middle voxel of a flat index list."""
+    k, j, i = np.unravel_index(int(idx[len(idx) // 2]), A.grid.shape)
+    return [float(A.grid.x[i]), float(A.grid.y[j]), float(A.grid.z[k])]
+
+
 def calcify(A, findings: list, kinds, rng: np.random.Generator, cartilage: np.ndarray | None = None) -> dict:
-    """Paint the requested kinds into ``A.hu``; returns {kind: info} for what was placed
-    (count, voxels, and for granulomas the lobe / organ).  Finding voxels are never touched.
+    """Paint the requested kinds into ``A.hu``; returns {kind: info} for what was placed (count,
+    voxels, point = one focus voxel in mm, and for granulomas the lobe / organ).  Finding voxels
+    are never touched.
     ``cartilage``: costal cartilage mask (default: ``cartilage_mask(A)``; pass the warped one)."""
     labf = A.lab.reshape(-1)
     busy = np.zeros(labf.size, bool)
@@ -66,7 +75,7 @@ def calcify(A, findings: list, kinds, rng: np.random.Generator, cartilage: np.nd
         n = int(6 + u[0] * 34)
         idx = _balls(A, _centres(A, np.flatnonzero(cart), n, rng), rng.uniform(1.0, 3.0, n), cart, (250, 700), rng)
         if idx.size:
-            out["costal_cartilage"] = dict(count=n, voxels=int(idx.size))
+            out["costal_cartilage"] = dict(count=n, voxels=int(idx.size), point=_point(A, idx))
     if "lung_granuloma" in kinds:
         side = "left" if u[1] < 0.5 else "right"
         lobes = an.anatomy_labels(f"lung_{side}")
@@ -76,7 +85,7 @@ def calcify(A, findings: list, kinds, rng: np.random.Generator, cartilage: np.nd
         idx = _balls(A, cs, rng.uniform(1.0, 3.0, len(cs)), lung, (300, 900), rng)
         if idx.size:
             lobe = an.STRUCTURE_LABELS[int(np.bincount(labf[idx]).argmax())]
-            out["lung_granuloma"] = dict(count=len(cs), voxels=int(idx.size), side=side, lobe=lobe)
+            out["lung_granuloma"] = dict(count=len(cs), voxels=int(idx.size), point=_point(A, idx), side=side, lobe=lobe)
     for kind, organ, nmax in (("spleen_granuloma", "spleen", 8), ("liver_granuloma", "liver", 3)):
         if kind in kinds:
             m = (labf == LABEL[organ]) & free
@@ -84,19 +93,20 @@ def calcify(A, findings: list, kinds, rng: np.random.Generator, cartilage: np.nd
             cs = _centres(A, np.flatnonzero(m), n, rng)
             idx = _balls(A, cs, rng.uniform(0.8, 2.2, len(cs)), m, (250, 800), rng)
             if idx.size:
-                out[kind] = dict(count=len(cs), voxels=int(idx.size), organ=organ)
+                out[kind] = dict(count=len(cs), voxels=int(idx.size), point=_point(A, idx), organ=organ)
     if "coronary" in kinds and any(f.name == "arterial_calcification" for f in findings) and "heart" in A.geo:
         cs = _coronary_points(A.geo["heart"], int(4 + u[5] * 20), rng)
-        heart = (labf == LABEL["heart"]) & free
+        heart = an.isin(A.lab, [LABEL["heart"], LABEL["pericardium"]]).reshape(-1) & free
         idx = _balls(A, cs, rng.uniform(1.0, 2.5, len(cs)), heart, (300, 900), rng)
         if idx.size:
-            out["coronary"] = dict(count=len(cs), voxels=int(idx.size))
+            out["coronary"] = dict(count=len(cs), voxels=int(idx.size), point=_point(A, idx))
     return out
 
 
 def _coronary_points(heart, n: int, rng) -> np.ndarray:
-    """``n`` points just inside the heart surface along the atrioventricular groove (right coronary,
-    circumflex) and the anterior interventricular groove (LAD), in the heart's own frame."""
+    """``n`` points 1 mm outside the heart surface (in the epicardial fat, label pericardium) along
+    the atrioventricular groove (right coronary, circumflex) and the interventricular grooves (LAD,
+    80 %; posterior descending), placed in the heart's own frame."""
     r0, r1, r2 = heart.radii
     pts = []
     for _ in range(n):
@@ -108,5 +118,6 @@ def _coronary_points(heart, n: int, rng) -> np.ndarray:
             t = rng.uniform(-0.1, 0.85)
             w = np.sqrt(max(1 - t * t, 0.0))
             p = np.array([t * r0, 0.0, r2 * w * (-1 if rng.random() < 0.8 else 1)])  # -e3: anterior
-        pts.append(heart.center + heart.rot @ (p * 0.93))
+        normal = heart.rot @ (p / heart.radii ** 2)
+        pts.append(heart.center + heart.rot @ p + normal / np.linalg.norm(normal))
     return np.array(pts)

@@ -236,6 +236,8 @@ def generate_case(seed: int, spacing=None, orient: bool = True, findings=None, f
     for f in finds:
         if f.info.get("centroid") is not None:
             f.info["centroid"] = [float(v) for v in (np.array(f.info["centroid"]) + offset)]
+    for info in (incidental or {}).values():  # calcification points: RAS like the finding centroids
+        info["point"] = [float(v) for v in (np.array(info["point"]) + offset)]
     labels = {k: 0 for k in fd.FINDING_KEYS}
     for f in finds:
         labels[f.name] = 1
