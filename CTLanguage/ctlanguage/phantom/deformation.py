@@ -6,8 +6,9 @@ source voxel nearest to p + u(p).  Each output voxel therefore has exactly one l
 no unlabelled holes), and a finding voxel keeps the label it had, so every mask stays inside its
 anatomy.  The field is a sum of separable cosine products (two bands: 100-220 mm for bending whole
 regions, 40-80 mm for reshaping single organs), scaled to the requested peak displacement unless a
-partial derivative of the displacement would exceed 0.3 (evaluated every 3 mm over the case): the
-Jacobian I + du/dx then has row sums of |du/dx| <= 0.9 < 1, so the map is invertible (no folding).  Nearest-neighbour lookup can
+partial derivative of the displacement would exceed 0.3 (evaluated every 4 mm over the case, so at
+most ~0.315): the Jacobian I + du/dx then has row sums of |du/dx| < 1, so the map is invertible
+(no folding).  Nearest-neighbour lookup can
 open a one-voxel structure where the map compresses; the one-voxel pleural shell is re-derived from
 the warped lungs afterwards (``repair_pleura``).
 """
@@ -15,8 +16,6 @@ the warped lungs afterwards (``repair_pleura``).
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
-
 from . import anatomy as an
 from .anatomy import LABEL
 
@@ -34,9 +33,10 @@ class _Field:
             k.append(2 * np.pi / rng.uniform(lo, hi, (3, n, 3)))
             ph.append(rng.uniform(0, 2 * np.pi, (3, n, 3)))
         self.amp, self.k, self.ph = np.concatenate(amp, 1), np.concatenate(k, 1), np.concatenate(ph, 1)
-        # scale on the field's actual values over the case (sampled every 3 mm): peak |u| = peak_mm
-        # unless a partial derivative would exceed MAX_GRADIENT
-        axes = [np.arange(a, b + 3.0, 3.0) for a, b in box_mm]  # x, y, z
+        # scale on the field's actual values over the case (sampled every 4 mm, which misses a peak
+        # of the 40 mm band by < 5 %): peak |u| = peak_mm unless a partial derivative would exceed
+        # MAX_GRADIENT
+        axes = [np.arange(a, b + 4.0, 4.0) for a, b in box_mm]  # x, y, z
         peak, grad = 1e-9, 1e-9
         for c in range(3):
             peak = max(peak, float(np.abs(self.component(c, *axes)).max()))
@@ -52,11 +52,12 @@ class _Field:
         if deriv is not None:  # d/dx cos(kx + p) = k cos(kx + p + pi/2)
             a = a * k[:, deriv]
             ph[:, deriv] += np.pi / 2
-        fx = np.cos(k[:, None, 0] * x[None] + ph[:, None, 0])             # (t, ni)
-        fy = np.cos(k[:, None, 1] * y[None] + ph[:, None, 1])             # (t, nj)
-        fz = np.cos(k[:, None, 2] * z[None] + ph[:, None, 2]) * a[:, None]  # (t, nk)
-        zy = (fz[:, :, None] * fy[:, None, :]).reshape(len(a), -1)         # (t, nk*nj)
-        return (zy.T @ fx).astype(np.float32).reshape(len(z), len(y), len(x))
+        f32 = np.float32
+        fx = np.cos(k[:, None, 0] * x[None] + ph[:, None, 0]).astype(f32)               # (t, ni)
+        fy = np.cos(k[:, None, 1] * y[None] + ph[:, None, 1]).astype(f32)               # (t, nj)
+        fz = (np.cos(k[:, None, 2] * z[None] + ph[:, None, 2]) * a[:, None]).astype(f32)  # (t, nk)
+        zy = (fz[:, :, None] * fy[:, None, :]).reshape(len(a), -1)                      # (t, nk*nj)
+        return (zy.T @ fx).reshape(len(z), len(y), len(x))
 
 
 def warp(A, findings: list, peak_mm: float, rng: np.random.Generator, extra: dict | None = None) -> dict:
@@ -67,39 +68,57 @@ def warp(A, findings: list, peak_mm: float, rng: np.random.Generator, extra: dic
     if peak_mm <= 0 or not body.any():
         return dict(peak_mm=0.0, moved_fraction=0.0)
     reach = np.ceil((peak_mm + 1) / g.spacing[::-1]).astype(int)  # k, j, i
-    lo = [max(0, int(np.flatnonzero(body.any(axis=tuple(a for a in range(3) if a != d)))[0]) - reach[d]) for d in range(3)]
-    hi = [min(g.shape[d], int(np.flatnonzero(body.any(axis=tuple(a for a in range(3) if a != d)))[-1]) + 1 + reach[d])
-          for d in range(3)]
+    occ = [np.flatnonzero(body.any(axis=tuple(a for a in range(3) if a != d))) for d in range(3)]
+    lo = [max(0, int(occ[d][0]) - reach[d]) for d in range(3)]
+    hi = [min(g.shape[d], int(occ[d][-1]) + 1 + reach[d]) for d in range(3)]
     sl = tuple(slice(a, b) for a, b in zip(lo, hi))
     xs, ys, zs = (g.x[sl[2]].astype(np.float64), g.y[sl[1]].astype(np.float64), g.z[sl[0]].astype(np.float64))
     f = _Field(rng, peak_mm, [(v[0], v[-1]) for v in (xs, ys, zs)])
-    shape = (len(zs), len(ys), len(xs))
-    src = []
+    flat = None
     peak = 0.0
-    for c, (axis, n_ax) in enumerate(((2, g.shape[2]), (1, g.shape[1]), (0, g.shape[0]))):
+    for c, axis in enumerate((2, 1, 0)):  # x, y, z displacement -> source index along i, j, k
         u = f.component(c, xs, ys, zs)
         peak = max(peak, float(np.abs(u).max()))
-        base = np.arange(lo[axis], hi[axis], dtype=np.float32)
-        base = base.reshape([-1 if a == axis else 1 for a in range(3)])
-        s = np.rint(base + u / np.float32(g.spacing[c]))
-        np.clip(s, 0, n_ax - 1, out=s)
-        src.append(s.astype(np.int32))
-    si, sj, sk = src
-    flat = (sk.astype(np.int64) * g.shape[1] + sj) * g.shape[2] + si
+        u /= np.float32(g.spacing[c])
+        u += np.arange(lo[axis], hi[axis], dtype=np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
+        np.rint(u, out=u)
+        np.clip(u, 0, g.shape[axis] - 1, out=u)
+        src = u.astype(np.int32)  # < 2**31 voxels (cases are capped at 120 M)
+        if flat is None:
+            flat = src
+        else:  # flat = (k * nj + j) * ni + i, accumulated as i, then j, then k
+            stride = g.shape[2] if axis == 1 else g.shape[1] * g.shape[2]
+            src *= np.int32(stride)
+            flat += src
     old = A.lab[sl].copy()
     A.lab[sl] = A.lab.reshape(-1)[flat]
     A.hu[sl] = A.hu.reshape(-1)[flat]
     for fd in findings:
-        m = fd.mask
-        new = np.zeros_like(m)
-        new[sl] = m.reshape(-1)[flat]
-        fd.mask = new
+        fd.mask = _warp_sparse(fd.mask, flat, sl, reach)
     for name, arr in (extra or {}).items():
-        new = np.zeros_like(arr)
-        new[sl] = arr.reshape(-1)[flat]
-        extra[name] = new
-    moved = float(np.mean(old[old > 0] != A.lab[sl][old > 0])) if (old > 0).any() else 0.0
-    return dict(peak_mm=round(peak, 3), moved_fraction=round(moved, 4))
+        extra[name] = _warp_sparse(arr, flat, sl, reach)
+    was = old > 0
+    moved = np.count_nonzero(was & (old != A.lab[sl])) / max(1, np.count_nonzero(was))
+    return dict(peak_mm=round(peak, 3), moved_fraction=round(float(moved), 4))
+
+
+def _warp_sparse(arr: np.ndarray, flat: np.ndarray, sl: tuple, reach) -> np.ndarray:
+    """``arr`` (a mask) pulled back through ``flat`` (the source indices of the voxels in ``sl``),
+    evaluated only around the mask's own bounding box (grown by ``reach`` voxels)."""
+    new = np.zeros_like(arr)
+    occ = [np.flatnonzero(arr.any(axis=tuple(a for a in range(3) if a != d))) for d in range(3)]
+    if any(o.size == 0 for o in occ):
+        return new
+    box = []
+    for d in range(3):
+        a = max(int(occ[d][0]) - int(reach[d]), sl[d].start)
+        b = min(int(occ[d][-1]) + 1 + int(reach[d]), sl[d].stop)
+        if b <= a:
+            return new
+        box.append((a, b))
+    sub = tuple(slice(a - sl[d].start, b - sl[d].start) for d, (a, b) in enumerate(box))
+    new[tuple(slice(a, b) for a, b in box)] = arr.reshape(-1)[flat[sub]]
+    return new
 
 
 def repair_pleura(A) -> int:
@@ -108,22 +127,29 @@ def repair_pleura(A) -> int:
     intrapulmonary bronchi stay inside the lobes, as in the unwarped phantom).  Returns the number
     of voxels relabelled."""
     n = 0
-    st = ndimage.generate_binary_structure(3, 1)
     for side in ("left", "right"):
         lobes = an.anatomy_labels(f"lung_{side}")
         pl = LABEL[f"pleural_space_{side}"]
         region = an.isin(A.lab, lobes + [pl])
-        if not region.any():
+        occ = [np.flatnonzero(region.any(axis=tuple(a for a in range(3) if a != d))) for d in range(3)]
+        if any(o.size == 0 for o in occ):
             continue
-        idx = np.argwhere(region)
-        lo, hi = np.maximum(idx.min(0) - 1, 0), idx.max(0) + 2
-        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+        sl = tuple(slice(max(int(o[0]) - 1, 0), min(int(o[-1]) + 2, n_d)) for o, n_d in zip(occ, A.lab.shape))
         lab = A.lab[sl]
         inner = region[sl] | (lab == LABEL["trachea"])
-        core = ndimage.binary_erosion(inner, st, iterations=1, border_value=0)
+        core = inner.copy()  # 6-neighbourhood erosion; beyond the grid edge counts as outside
+        for d in range(3):
+            lo_, hi_ = [slice(None)] * 3, [slice(None)] * 3
+            lo_[d], hi_[d] = slice(1, None), slice(None, -1)
+            core[tuple(hi_)] &= inner[tuple(lo_)]
+            core[tuple(lo_)] &= inner[tuple(hi_)]
+            edge = [slice(None)] * 3
+            for e in (0, -1):
+                edge[d] = e
+                core[tuple(edge)] = False
         fix = ~core & an.isin(lab, lobes)
         lab[fix] = pl
-        n += int(fix.sum())
+        n += int(np.count_nonzero(fix))
     return n
 
 
