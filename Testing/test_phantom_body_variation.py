@@ -222,6 +222,18 @@ def test_calcifications_are_dense_and_inside_their_structures(monkeypatch):
     assert "coronary" not in c2.report.lower()
 
 
+def test_incidental_sentences_assert_no_finding():
+    """The report parser (training labels from text) reads no finding into an incidental sentence."""
+    from ctlanguage.phantom.report_writer import INCIDENTAL
+    from ctlanguage.training.report_parsing import parse_report
+
+    texts = [t.format(n="Three", lobe="left lower lobe", side="left") for one, many in INCIDENTAL.values()
+             for t in one + many]
+    assert len(texts) >= 10
+    for t in texts:
+        assert not any(parse_report("FINDINGS: " + t).labels.values()), t
+
+
 def test_full_preset_manifest_record_and_bad_fields(tmp_path):
     stats = write_corpus(str(tmp_path / "c"), n=1, seed=30021, spacing=6.0, montage=False, variation="full")
     recs = [json.loads(line) for line in open(stats["manifest"])]
