@@ -144,7 +144,8 @@ def generate_case(seed: int, spacing=None, orient: bool = True, findings=None, f
     variation's field of view.
     variation: None (default phantom), a preset name ("realistic") or a ``variation.Variation``:
     field of view incl. abdominal slabs, contrast phase, HU shift, noise, kernel, slice thickness,
-    drawn from the case's own stream and recorded in ``meta["variation"]``.
+    and (preset "full") arms, table, fat, a smooth warp and calcifications, drawn from the case's
+    own streams and recorded in ``meta["variation"]``.
     """
     if fov not in (None, "chest_abdomen", "chest", "abdomen"):
         raise InputError(f"Unknown field of view {fov!r}; use chest_abdomen, chest or abdomen.")
@@ -181,7 +182,7 @@ def generate_case(seed: int, spacing=None, orient: bool = True, findings=None, f
             if fov == "abdomen_slab":
                 slab = (vd["slab_slices"], vd["slab_center"])
     grid, fov = _make_grid(P, r_geo, sp, fov, slab)
-    if bd is not None:  # arms beside the torso / table: widen the grid by whole voxels
+    if bd is not None:  # arms beside the torso / table: a wider grid (positioning.extend_grid)
         pos = positioning.plan(P, bd, vr.variation_rng(seed, 3))
         grid = positioning.extend_grid(grid, P, pos, bd["deform_mm"] or 0.0, rescale=spacing is None)
         sp = grid.spacing.copy()
