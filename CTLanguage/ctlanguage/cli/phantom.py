@@ -21,11 +21,12 @@ def register(subparsers) -> None:
                         "~2 mm in-plane and 2-3 mm slices")
     p.add_argument("--no-orient", action="store_true", help="keep the canonical RAS-aligned voxel order")
     p.add_argument("--no-montage", action="store_true", help="skip the PNG montage per case")
-    p.add_argument("--variation", choices=["none", "realistic", "fov", "phase"], default="none",
+    p.add_argument("--variation", choices=["none", "realistic", "fov", "phase", "full"], default="none",
                    help="scan-to-scan variation: 'realistic' draws field of view (torso, chest, abdomen, "
                         "20-60-slice abdominal slabs), contrast phase, HU shift, noise, kernel and slice "
-                        "thickness 0.625-5 mm per case, recorded in the manifest; 'fov' / 'phase': only "
-                        "that factor (default none: the phantom as before)")
+                        "thickness 0.625-5 mm per case, recorded in the manifest; 'full': 'realistic' plus "
+                        "arms up/down, CT table, fat thickness, a smooth random warp and calcifications; "
+                        "'fov' / 'phase': only that factor (default none: the phantom as before)")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
     p.set_defaults(func=handler)
 

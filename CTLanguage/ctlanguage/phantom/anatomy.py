@@ -483,6 +483,7 @@ def _ribs(A: Anatomy, rng, qc, ca, cba, cbp):
     rib = (ell < 1) & (n >= 0) & (n <= 11) & (phi > np.deg2rad(12)) & (phi < phi_max)
     cart = (ell < 1) & (n >= 0) & (n <= 9) & (phi >= phi_max) & (phi < np.deg2rad(172))
     A.hu[kk[cart], jj[cart], ii[cart]] = rng.uniform(90, 200)
+    A.geo["cartilage"] = (kk[cart], jj[cart], ii[cart])  # costal cartilage voxels (label body)
     A.lab[kk[rib], jj[rib], ii[rib]] = LABEL["ribs"]
     A.hu[kk[rib], jj[rib], ii[rib]] = np.where(ell[rib] > 0.35, T["rib_cortex"], T["bone_marrow"])
     # sternum

@@ -21,6 +21,7 @@ from ..io import atomic_write
 from ..volume import set_sitk_geometry
 from . import anatomy as an
 from . import findings as fd
+from . import calcification, deformation, positioning
 from . import variation as vr
 from .report_writer import write_report
 from .texture import scanner, tissue_table
@@ -143,16 +144,28 @@ def generate_case(seed: int, spacing=None, orient: bool = True, findings=None, f
     variation's field of view.
     variation: None (default phantom), a preset name ("realistic") or a ``variation.Variation``:
     field of view incl. abdominal slabs, contrast phase, HU shift, noise, kernel, slice thickness,
-    drawn from the case's own stream and recorded in ``meta["variation"]``.
+    and (preset "full") arms, table, fat, a smooth warp and calcifications, drawn from the case's
+    own streams and recorded in ``meta["variation"]``.
     """
     if fov not in (None, "chest_abdomen", "chest", "abdomen"):
         raise InputError(f"Unknown field of view {fov!r}; use chest_abdomen, chest or abdomen.")
     seed = int(seed)
     var = vr.resolve(variation)
     vd = vr.draw(var, vr.variation_rng(seed)) if var is not None else None
+    bd = vr.draw_body(var, vr.variation_rng(seed, 2)) if var is not None and var.sets_body() else None
     ss = np.random.SeedSequence(seed)
     r_pat, r_find, r_anat, r_apply, r_scan, r_geo, r_rep = (np.random.default_rng(s) for s in ss.spawn(7))
     P = an.sample_patient(r_pat)
+    if bd is not None:  # habitus: replaces what sample_patient drew (its stream is unchanged)
+        if bd["fat_mm"] is not None:
+            d_fat = bd["fat_mm"] - P["fat"]
+            P["fat"] = bd["fat_mm"]
+            # the chest wall subtracts 0.33 x fat (anterior) and 0.1 x fat (posterior) from the body's
+            # half-depths (anatomy._body_wall): shift them so the thoracic cavity stays where it was
+            P["b_ant"] += 0.33 * d_fat
+            P["b_post"] += 0.1 * d_fat
+        if bd["visceral_fat"] is not None:
+            P["belly"] = bd["visceral_fat"]
     if vd is not None and vd["phase"] is not None:
         P["contrast"] = vd["phase"] != "non_contrast"
     plan = fd.plan_findings(r_find, P, force=findings)
@@ -169,6 +182,10 @@ def generate_case(seed: int, spacing=None, orient: bool = True, findings=None, f
             if fov == "abdomen_slab":
                 slab = (vd["slab_slices"], vd["slab_center"])
     grid, fov = _make_grid(P, r_geo, sp, fov, slab)
+    if bd is not None:  # arms beside the torso / table: a wider grid (positioning.extend_grid)
+        pos = positioning.plan(P, bd, vr.variation_rng(seed, 3))
+        grid = positioning.extend_grid(grid, P, pos, bd["deform_mm"] or 0.0, rescale=spacing is None)
+        sp = grid.spacing.copy()
     nvox = int(np.prod(grid.shape))
     if nvox > 120_000_000:
         raise InputError(f"Spacing {tuple(round(float(v), 2) for v in sp)} mm gives {nvox / 1e6:.0f} M voxels per case "
@@ -194,12 +211,15 @@ def generate_case(seed: int, spacing=None, orient: bool = True, findings=None, f
         focal = [f.mask for f in finds if f.name not in DIFFUSE]
         keep = np.logical_or.reduce(focal).astype(bool) if focal else None
         vr.add_organ_texture(A.hu, A.lab, grid.spacing, vd["organ_texture"], vr.variation_rng(seed, 1), keep)
+    incidental = None
+    if bd is not None:
+        finds, incidental = _patient_variation(A, finds, bd, pos, seed)
     counts = np.bincount(A.lab.reshape(-1), minlength=len(an.STRUCTURE_NAMES) + 1)
     visible = {an.STRUCTURE_LABELS[i] for i in range(1, len(counts)) if counts[i] >= 20}
     if counts[1:6].sum() >= 20:
         visible |= {"lung_left", "lung_right"}
     report = write_report(finds, visible, r_rep, P["contrast"], "abdomen" if fov == "abdomen_slab" else fov,
-                          phase=vd["phase"] if vd is not None else None)
+                          phase=vd["phase"] if vd is not None else None, incidental=incidental)
     vol = scanner(A.hu, grid.spacing, thickness, noise_sd, r_scan, fwhm)
     if vd is not None and vd["hu_shift"] is not None:
         vol += np.float32(vd["hu_shift"])
@@ -217,6 +237,8 @@ def generate_case(seed: int, spacing=None, orient: bool = True, findings=None, f
     for f in finds:
         if f.info.get("centroid") is not None:
             f.info["centroid"] = [float(v) for v in (np.array(f.info["centroid"]) + offset)]
+    for info in (incidental or {}).values():  # calcification points: RAS like the finding centroids
+        info["point"] = [float(v) for v in (np.array(info["point"]) + offset)]
     labels = {k: 0 for k in fd.FINDING_KEYS}
     for f in finds:
         labels[f.name] = 1
@@ -226,7 +248,32 @@ def generate_case(seed: int, spacing=None, orient: bool = True, findings=None, f
     if vd is not None:
         meta["variation"] = dict(vd, shape_kji=[int(v) for v in grid.shape])
         meta["fov"] = fov
+        if bd is not None:
+            meta["variation"].update(bd, patient=A.geo["variation_applied"])
     return PhantomCase(seed, vol, m, lab, dict(an.STRUCTURE_LABELS), finds, labels, report, meta)
+
+
+def _patient_variation(A, finds, bd: dict, pos: dict, seed: int):
+    """Arms, warp, calcifications and table on the built case (in this order: the table is rigid and
+    placed under the warped patient; calcifications are placed on the warped organs, so that they
+    agree with the findings that survive the warp).  Returns (findings, incidental calcifications)."""
+    applied = dict(arm_voxels=positioning.paint_arms(A, pos))
+    if bd["arms"] == "down":
+        applied["arm_gap_mm"] = round(float(pos["arm"]["gap"]), 2)
+    cart = {"cartilage": calcification.cartilage_mask(A)}
+    if bd["deform_mm"] is not None:
+        applied.update(deformation.warp(A, finds, bd["deform_mm"], vr.variation_rng(seed, 5), extra=cart))
+        applied["pleura_relabelled"] = deformation.repair_pleura(A)
+        finds = deformation.refresh_findings(A, finds)
+    incidental = {}
+    if bd["calcification"]:
+        incidental = calcification.calcify(A, finds, bd["calcification"], vr.variation_rng(seed, 4), cart["cartilage"])
+        applied["calcification"] = incidental
+    applied["table_voxels"] = positioning.paint_table(A, pos)
+    if pos["table"]:
+        applied["table"] = {k: round(float(v), 2) for k, v in pos["table_geo"].items()}
+    A.geo["variation_applied"] = applied
+    return finds, incidental
 
 
 # ----------------------------------------------------------------------------- writing

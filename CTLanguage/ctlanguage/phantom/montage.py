@@ -76,7 +76,8 @@ def _panel(gray: np.ndarray, masks: list[tuple[np.ndarray, tuple]], sx: float, s
 
 def render_montage(volume: np.ndarray, ijk_to_ras: np.ndarray, findings=(), title: str = "",
                    point_ras=None, scale: float = 1.0, windows=((40, 400), (-600, 1500))) -> Image.Image:
-    """Two rows (soft-tissue and lung window) x three planes, through the largest finding.
+    """Two rows (soft-tissue and lung window) x three planes, through the largest finding (or
+    through ``point_ras``, a RAS point in mm, when given).
 
     ``findings`` is a sequence of objects with ``mask`` (same grid as ``volume``) and ``name``.
     """
@@ -86,7 +87,13 @@ def render_montage(volume: np.ndarray, ijk_to_ras: np.ndarray, findings=(), titl
         fm, _ = to_canonical(f.mask, ijk_to_ras)
         fms.append((fm.astype(bool), COLORS[n % len(COLORS)], f))
     nz, ny, nx = vol.shape
-    if fms:
+    if point_ras is not None:
+        ijk = np.linalg.solve(np.asarray(ijk_to_ras, float), np.append(np.asarray(point_ras, float), 1.0))[:3]
+        ijk = np.clip(np.rint(ijk).astype(int), 0, np.array(volume.shape[::-1]) - 1)
+        pm = np.zeros(volume.shape, bool)
+        pm[ijk[2], ijk[1], ijk[0]] = True
+        c = np.argwhere(to_canonical(pm, ijk_to_ras)[0])[0]
+    elif fms:
         # centre on the largest focal finding (diffuse/organ-wide ones only if nothing else)
         focal = [t for t in fms if t[2].name not in DIFFUSE] or fms
         big = max(focal, key=lambda t: int(t[0].sum()))

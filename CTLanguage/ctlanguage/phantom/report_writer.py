@@ -56,6 +56,20 @@ NORMALS = {
     "peritoneum": ["No ascites.", "There is no free fluid in the abdomen.", "No free intraperitoneal fluid."],
     "bones": ["No aggressive osseous lesion.", "The visualized bones are unremarkable.", "No acute osseous abnormality."],
 }
+# incidental calcifications (calcification.py): named in FINDINGS, never a finding label.
+# {kind: (sentences for one focus, sentences for several)}; {n}, {lobe}, {side} are filled in.
+INCIDENTAL = {
+    "lung_granuloma": (["A calcified granuloma in the {lobe}.", "Small calcified granuloma in the {lobe}, benign."],
+                       ["{n} calcified granulomas in the {side} lung, benign.", "Scattered calcified granulomas in the {side} lung."]),
+    "spleen_granuloma": (["A punctate calcified granuloma in the spleen."],
+                         ["Punctate splenic calcifications, consistent with old granulomatous disease.",
+                          "Calcified granulomas in the spleen."]),
+    "liver_granuloma": (["A punctate calcified granuloma in the liver.", "Small hepatic calcification, likely a calcified granuloma."],
+                        ["A few punctate hepatic calcifications (calcified granulomas)."]),
+    "coronary": (["Coronary artery calcification."], ["Coronary artery calcification.", "Calcification of the coronary arteries."]),
+}
+INCIDENTAL_SECTION = {"lung_granuloma": "LUNGS AND PLEURA", "spleen_granuloma": "ABDOMEN", "liver_granuloma": "ABDOMEN",
+                      "coronary": "HEART AND MEDIASTINUM"}
 UNCERTAIN = ["possible", "probable", "suspected", "likely"]
 UNCERTAIN_TAIL = ["cannot be excluded", "is not excluded", "is suspected"]
 
@@ -69,7 +83,8 @@ LOBE_TEXT = {
 def phrasings_used() -> dict:
     """Every noun phrase and normal sentence the generator can emit (for held-out evaluation)."""
     return {"findings": {k: list(v) for k, v in PHRASES.items()}, "normals": {k: list(v) for k, v in NORMALS.items()},
-            "uncertainty": UNCERTAIN + UNCERTAIN_TAIL}
+            "uncertainty": UNCERTAIN + UNCERTAIN_TAIL,
+            "incidental": {k: list(one) + list(many) for k, (one, many) in INCIDENTAL.items()}}
 
 
 def _size(mm: float, rng) -> str:
@@ -105,9 +120,10 @@ class _Writer:
 
 
 def write_report(findings, visible: set, rng: np.random.Generator, contrast: bool, fov: str = "chest_abdomen",
-                 phase: str | None = None) -> str:
+                 phase: str | None = None, incidental: dict | None = None) -> str:
     """Compose the report text. ``visible``: structure names present in the field of view;
-    ``phase``: contrast phase named in the technique line (None: not named)."""
+    ``phase``: contrast phase named in the technique line (None: not named); ``incidental``:
+    {kind: info} of calcifications placed by calcification.calcify (None: none)."""
     w = _Writer(rng)
     by = {}
     for f in findings:
@@ -337,6 +353,14 @@ def write_report(findings, visible: set, rng: np.random.Generator, contrast: boo
             impression.append(f"{_cap(sz)} {noun}.")
         else:
             Ab.append(w.pick(NORMALS["peritoneum"]))
+    for kind in INCIDENTAL:
+        info = (incidental or {}).get(kind)
+        if info:
+            n = int(info.get("count", 1))
+            one, many = INCIDENTAL[kind]
+            text = w.pick(one if n == 1 else many)
+            lobe = LOBE_TEXT.get(info.get("lobe"), f"{info.get('side', '')} lung")
+            lines[INCIDENTAL_SECTION[kind]].append(text.format(n=_cap(_count_word(n)), lobe=lobe, side=info.get("side", "")))
     lines["BONES"].append(w.pick(NORMALS["bones"]))
 
     region = {"chest": "chest", "abdomen": "abdomen", "chest_abdomen": "chest and abdomen"}.get(fov, "chest and abdomen")

@@ -12,7 +12,7 @@ phases after Yuh & Cohan, AJR 1999).  These are coarse round numbers, not a phys
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -54,6 +54,13 @@ class Variation:
     psf_fwhm_factor: tuple | None = None  # in-plane PSF FWHM in units of min(spacing, 2 mm): kernel sharpness
     slice_mm: dict | None = None        # {slice thickness = slice spacing (mm): weight}
     organ_texture: tuple | None = None  # HU SD of mottled texture in liver, spleen, kidneys, pancreas
+    # patient and table (drawn from a second stream, so the fields above draw as before)
+    arms: dict | None = None            # {"up": w, "down": w}: arms raised out of the FOV or beside the torso
+    table: float | None = None          # probability that the CT table (couch) is in the image
+    fat_mm: tuple | None = None         # subcutaneous fat thickness (mm)
+    visceral_fat: tuple | None = None   # abdominal AP enlargement ("belly" factor): intra-abdominal fat
+    deform_mm: tuple | None = None      # peak displacement (mm) of a smooth random warp of the whole case
+    calcification: dict | None = None   # {kind: probability}, kinds in CALCIFICATION_KINDS
 
     def check(self) -> "Variation":
         for name, allowed in (("fov", FOV_KINDS), ("phase", PHASES)):
@@ -67,7 +74,30 @@ class Variation:
         lo, hi = self.slab_slices
         if not (1 <= lo <= hi):
             raise InputError("Variation slab_slices must be (low, high) with 1 <= low <= high.")
+        if self.arms is not None and (not self.arms or any(k not in ("up", "down") for k in self.arms)
+                                      or any(w < 0 for w in self.arms.values()) or sum(self.arms.values()) <= 0):
+            raise InputError(f"Variation arms must weight some of up, down; got {self.arms!r}.")
+        if self.table is not None and not (0.0 <= float(self.table) <= 1.0):
+            raise InputError("Variation table is a probability between 0 and 1.")
+        for name, (a, b) in (("fat_mm", (0.0, 80.0)), ("visceral_fat", (0.8, 1.6)), ("deform_mm", (0.0, 12.0))):
+            r = getattr(self, name)
+            if r is not None and not (a <= float(r[0]) <= float(r[1]) <= b):
+                raise InputError(f"Variation {name} must be (low, high) within {a:g}-{b:g}; got {r!r}.")
+        if self.calcification is not None and (any(k not in CALCIFICATION_KINDS for k in self.calcification)
+                                               or any(not (0 <= p <= 1) for p in self.calcification.values())):
+            raise InputError(f"Variation calcification must map some of {', '.join(CALCIFICATION_KINDS)} to "
+                             f"probabilities; got {self.calcification!r}.")
         return self
+
+    def sets_body(self) -> bool:
+        """Whether any patient/table field is set (they draw from stream 2; see draw_body)."""
+        return any(getattr(self, n) is not None for n in BODY_FIELDS)
+
+
+BODY_FIELDS = ("arms", "table", "fat_mm", "visceral_fat", "deform_mm", "calcification")
+# incidental calcifications (not findings; the report names them) and coronary calcification, which is
+# placed only in cases that have the arterial_calcification finding (vascular calcification = that finding)
+CALCIFICATION_KINDS = ("costal_cartilage", "lung_granuloma", "spleen_granuloma", "liver_granuloma", "coronary")
 
 
 _REALISTIC_FOV = {"chest_abdomen": 0.35, "chest": 0.25, "abdomen": 0.15, "abdomen_slab": 0.25}
@@ -88,6 +118,17 @@ PRESETS = {
     "fov": Variation(fov=_REALISTIC_FOV, slab_slices=(20, 60)),
     "phase": Variation(phase=_REALISTIC_PHASE),
 }
+# "full": "realistic" (same draws per seed) + patient position, table, habitus, warp and calcifications
+PRESETS["full"] = replace(
+    PRESETS["realistic"],
+    arms={"up": 0.7, "down": 0.3},
+    table=0.85,
+    fat_mm=(3.0, 60.0),
+    visceral_fat=(0.9, 1.45),
+    deform_mm=(2.0, 8.0),
+    calcification={"costal_cartilage": 0.5, "lung_granuloma": 0.2, "spleen_granuloma": 0.1,
+                   "liver_granuloma": 0.05, "coronary": 0.7},
+)
 
 # The held-out "realistic variation" set (docs/phantom.md): never train, calibrate or monitor on it.
 HELD_OUT_SEEDS = range(30000, 30064)
@@ -107,8 +148,9 @@ def resolve(variation) -> Variation | None:
 
 
 def variation_rng(seed: int, stream: int = 0) -> np.random.Generator:
-    """The case's variation streams (0: drawn values, 1: organ texture): disjoint from the 7
-    streams generate_case spawns from the seed."""
+    """The case's variation streams (0: drawn values, 1: organ texture, 2: patient/table values,
+    3: patient/table geometry, 4: calcifications, 5: warp field): disjoint from the 7 streams
+    generate_case spawns from the seed."""
     return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(7 + int(stream),)))
 
 
@@ -147,6 +189,28 @@ def draw(v: Variation, rng: np.random.Generator) -> dict:
         out["phase_hu"] = {k: round(val, 2) for k, val in phase_table(out["phase"], rng).items()}
     if v.organ_texture is not None:  # after every other draw: adding it changes no other value
         out["organ_texture"] = lerp(v.organ_texture, float(rng.uniform()))
+    return out
+
+
+def draw_body(v: Variation, rng: np.random.Generator) -> dict:
+    """The patient/table values of one case (stream 2), keyed as the Variation fields; like
+    :func:`draw`, every field consumes the same numbers whether it is set or not."""
+    x = rng.uniform(0, 1, 16)
+    out = dict(arms=None, table=None, fat_mm=None, visceral_fat=None, deform_mm=None, calcification=None)
+    lerp = lambda r, t: float(r[0] + t * (r[1] - r[0]))  # noqa: E731
+    if v.arms is not None:
+        out["arms"] = _pick(v.arms, x[0])
+    if v.table is not None:
+        out["table"] = bool(x[1] < float(v.table))
+    if v.fat_mm is not None:
+        out["fat_mm"] = lerp(v.fat_mm, x[2])
+    if v.visceral_fat is not None:
+        out["visceral_fat"] = lerp(v.visceral_fat, x[3])
+    if v.deform_mm is not None:
+        out["deform_mm"] = lerp(v.deform_mm, x[4])
+    if v.calcification is not None:
+        out["calcification"] = sorted(k for i, k in enumerate(CALCIFICATION_KINDS)
+                                      if x[5 + i] < float(v.calcification.get(k, 0.0)))
     return out
 
 
