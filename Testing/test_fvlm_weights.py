@@ -176,7 +176,7 @@ def test_cli_download_list_and_query(env, files, capsys):
     rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
     row = rows["fvlm"]
     assert row["available"] and row["capabilities"] == ["scores (uncalibrated)"]
-    assert row["device"] == "gpu-recommended" and row["download_size"].startswith("~0.8 GB")
+    assert row["device"] == "cpu" and row["download_size"].startswith("~0.8 GB")
     assert rows["totalseg+fvlm"]["pipeline"] == {"anatomy": "totalseg", "masks": "fvlm", "scores": "fvlm"}
     assert main(["models", "verify", "fvlm"]) == 0
     capsys.readouterr()

@@ -22,7 +22,7 @@ def describe(entry):
     from ...engine.protocol import Capabilities
 
     present = (catalog.cached_model_dir(entry) / catalog.WEIGHTS).is_file()
-    return Capabilities(scores=True, calibrated=False, device="gpu-recommended",
+    return Capabilities(scores=True, calibrated=False, device="cpu",
                         weights_present=present, weights_hint="" if present else WEIGHTS_HINT)
 
 

@@ -78,7 +78,7 @@ class FVLMBackend:
         self.tokenizer = tokenizer
         self.device = device
         self.info = info
-        self.capabilities = Capabilities(scores=True, calibrated=False, device="gpu-recommended")
+        self.capabilities = Capabilities(scores=True, calibrated=False, device="cpu")
         self._text: dict = {}
 
     # ---- image ------------------------------------------------------------------------------
