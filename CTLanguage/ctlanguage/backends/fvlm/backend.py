@@ -6,7 +6,7 @@ region fVLM was evaluated on for it (:data:`FINDINGS`; lung findings and pleural
 whole lung, so both sides get the same number) with the authors' prompt pair
 ``"{X}."`` / ``"Not {X}."``: probability = softmax(cosine / temperature) of the positive text,
 i.e. sigmoid((cos_pos - cos_neg) / temp). The temperature is the model's own training value, so
-the number is a model probability, not calibrated on any site's cases (``ctlanguage calibrate``).
+the number is a model probability, not calibrated on any site's cases.
 """
 
 from __future__ import annotations
