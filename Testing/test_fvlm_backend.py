@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import _fvlm_helpers as H
-from ctlanguage.backends.fvlm import backend as B
 from ctlanguage.backends.fvlm import preprocess as P
 from ctlanguage.engine import Encoding, Engine, Request
 from ctlanguage.errors import InputError
