@@ -7,7 +7,8 @@ Answers: masks are logits on a model grid of half the source resolution (a ``pre
 with the source orientation; the engine maps and thresholds them like any model's): a smooth blob
 per anatomy, placed from the anatomy key (asymmetric, so an axis flip anywhere would show), whose
 size grows as the mask threshold drops.
-Finding scores are fixed per finding key (``SCORES``, else 0.25), uncalibrated. Text outside the
+Finding scores are fixed per finding key (``SCORES``, else 0.25), uncalibrated, with a zero-shot
+decision point of 0.5 (below it a finding is judged absent and gets no mask by default). Text outside the
 vocabulary goes to the nearest vocabulary phrase by string similarity (``nearest_phrase``).
 
 ``install(monkeypatch)`` makes the "grounded" family load this backend, so ``Engine.load(folder)``
@@ -32,6 +33,7 @@ from ctlanguage.preprocess import ModelGrid
 
 SCORES = {"liver_lesion": 0.83, "pleural_effusion": 0.21}
 DEFAULT_SCORE = 0.25
+DECISION_SCORE = 0.5   # its zero-shot rule: present above 0.5 (as fVLM's "X" vs "Not X" softmax)
 
 
 @dataclass
@@ -105,7 +107,7 @@ class FakeBackend:
         if request.kind == "finding" and request.want_scores:
             scores = {a: SCORES.get(request.finding, DEFAULT_SCORE) for a in request.anatomies}
         return Answer(model=self.info.id, logit=logit, grid=state.grid if logit is not None else None,
-                      scores=scores, calibrated=False)
+                      scores=scores, calibrated=False, decision_score=DECISION_SCORE)
 
     def restore(self, metadata: dict, tensors) -> FakeState:
         if "grid" not in metadata or "mean_hu" not in tensors:

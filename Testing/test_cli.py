@@ -504,3 +504,26 @@ def test_table_marks_negation_absence_and_text_not_understood(tmp_path, fake, ni
     assert pos["mask_suppressed"] and pos["volume_ml"] == 0
     assert not nonsense["understood"] and nonsense["probability"] is None
     assert doc["research_use_only"] is True
+
+
+def test_demo_never_replaces_a_case_folder_it_did_not_write(tmp_path, capsys):
+    """`demo --out X` rewrites X/case on every run; a case folder with someone else's files is
+    refused before anything is written or deleted."""
+    out = tmp_path / "demo"
+    theirs = out / "case" / "dicom" / "IM0001.dcm"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"not ours")
+    code = main(["--quiet", "demo", "--out", str(out), "--seed", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "did not write" in err[0], err
+    assert theirs.read_bytes() == b"not ours" and sorted(p.name for p in out.rglob("*")) == ["IM0001.dcm", "case", "dicom"]
+
+
+def test_query_absent_masks_draws_the_mask_of_a_finding_judged_absent(tmp_path, fake, nifti):
+    for flag, drawn in (([], False), (["--absent-masks"], True)):
+        out = tmp_path / f"o{len(flag)}"
+        assert main(["--quiet", "query", str(nifti), "-p", "left pleural effusion", "--out", str(out),
+                     "--model", str(fake), *flag]) == 0
+        doc = json.loads((out / "findings.json").read_text())
+        (f,) = doc["findings"]
+        assert doc["absent_masks"] is drawn and f["mask_suppressed"] is not drawn and (f["volume_ml"] > 0) is drawn

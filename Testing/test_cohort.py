@@ -148,3 +148,25 @@ def test_ray_local_cluster_gives_the_same_results_as_one_process(phantoms, tmp_p
     for x, y in zip(a, b):
         assert x["case_id"] == y["case_id"]
         assert {k: x[k] for k in keys} == {k: y[k] for k in keys}
+
+
+def test_absent_masks_is_part_of_the_run_and_draws_the_masks(fake, folder, tmp_path, capsys):
+    """--absent-masks: findings judged absent keep their masks; a run made without it is another
+    run (never silently replaced), and run.json files written before the option existed resume."""
+    out = tmp_path / "out"
+    prompt = ["-p", "left pleural effusion"]   # the stand-in scores it 0.21, below its 0.5 rule
+    assert main(["--quiet", "batch", str(folder), *prompt, "--out", str(out), "--model", str(fake)]) == 0
+    (f,) = json.loads((out / "case0" / "findings.json").read_text())["findings"]
+    assert f["mask_suppressed"] and f["volume_ml"] == 0
+    assert main(["--quiet", "batch", str(folder), *prompt, "--out", str(out), "--model", str(fake),
+                 "--absent-masks"]) == 2 and "absent_masks" in capsys.readouterr().err
+    out2 = tmp_path / "out2"
+    assert main(["--quiet", "batch", str(folder), *prompt, "--out", str(out2), "--model", str(fake),
+                 "--absent-masks"]) == 0
+    doc = json.loads((out2 / "case0" / "findings.json").read_text())
+    (g,) = doc["findings"]
+    assert doc["absent_masks"] is True and not g["mask_suppressed"] and g["volume_ml"] > 0
+    run = json.loads((out / "run.json").read_text())
+    del run["spec"]["absent_masks"]                        # as written before the option existed
+    (out / "run.json").write_text(json.dumps(run))
+    assert main(["--quiet", "batch", str(folder), *prompt, "--out", str(out), "--model", str(fake)]) == 0

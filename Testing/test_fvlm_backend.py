@@ -143,3 +143,39 @@ def test_absent_region_and_missing_anatomy(case_small, tiny, one_torch_thread):
         tiny.encode(volume)
     with pytest.raises(InputError, match="none of its regions"):
         tiny.encode_regions(volume, {o: np.zeros(volume.shape, bool) for o in P.REGIONS})
+
+
+def test_uncalibrated_rule_and_site_calibration(case_small, tiny, tmp_path, monkeypatch, one_torch_thread):
+    """Uncalibrated: fVLM's own probability with decision point 0.5, a negated prompt gets the
+    negated score. A site calibration of these weights (the file `ctlanguage calibrate` writes)
+    turns the logit into a probability named after the cohort."""
+    import json
+
+    from ctlanguage import calibration as C
+    from ctlanguage.backends.fvlm.backend import FVLMBackend
+    from ctlanguage.engine.scoring import CALIBRATION_FORMAT, calibrated_probability
+
+    volume, labels = case_small
+    monkeypatch.setenv("CTLANGUAGE_CACHE", str(tmp_path / "cache"))
+    anat = LabelMapAnatomy(lambda v: labels)
+    engine = Engine({"anatomy": anat, "masks": tiny, "scores": tiny})
+    enc = engine.encode(volume)
+    (f,) = engine.query(enc, "emphysema")
+    p = tiny.presence(enc.parts["fvlm"], "emphysema", "x", None)
+    assert not f.calibrated and f.probability == pytest.approx(p, abs=1e-7)
+    assert f.mask_suppressed == (p < 0.5)
+    (g,) = engine.query(enc, "no emphysema")
+    assert g.negated and g.probability == pytest.approx(-p, abs=1e-7)
+    doc = {"format": CALIBRATION_FORMAT, "model_id": tiny.info.id, "model_sha256": tiny.info.sha256,
+           "name": "site A", "n": 12, "temperature": 2.0, "offsets": {"emphysema": 0.3, "_default": 0.0},
+           "per_finding": {"emphysema": {"temperature": 1.5, "offset": 0.3}}}
+    C.write(doc, C.target_file(None, tiny.info.id, tiny.info.sha256))
+    site = FVLMBackend(tiny.net, tiny.tokenizer, tiny.info, "cpu")
+    assert site.capabilities.calibrated and site.calibration.name == "site A"
+    eng2 = Engine({"anatomy": anat, "masks": site, "scores": site})
+    enc2 = eng2.encode(volume)
+    (h,) = eng2.query(enc2, "emphysema")
+    raw = eng2.presence_score(enc2, "emphysema")
+    assert h.calibrated and h.calibration == "calibrated on site A, n=12"
+    assert h.probability == pytest.approx(calibrated_probability(raw, 1.5, 0.3), abs=1e-6)
+    assert json.loads(C.target_file(None, tiny.info.id, tiny.info.sha256).read_text())["name"] == "site A"

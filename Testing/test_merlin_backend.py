@@ -152,3 +152,78 @@ def test_engine_runs_merlin_as_its_scores_backend(merlin, monkeypatch):
     st = enc.parts["merlin"]
     assert d["anatomy_probabilities"] == {
         "pleural_space_left": pytest.approx(merlin.score(st.embedding, "pleural_effusion", "left"))}
+
+
+def test_composed_pipeline_names_each_model_and_judges_absence_by_the_zero_shot_rule(merlin, monkeypatch):
+    """Masks from one backend, Merlin's scores from another: each number and mask names its model;
+    an uncalibrated score judges absence only by Merlin's own rule (score < 0), not by the 0.5
+    meant for probabilities, and a negated prompt gets the negated score, not 1 - score."""
+    from _fake_engine import FakeBackend
+    from ctlanguage.engine import Engine
+
+    monkeypatch.setattr(backend, "to_merlin_input", functools.partial(to_merlin_input, shape_ras=(64, 64, 32)))
+    masks = FakeBackend(model_id="mask-model")
+    eng = Engine({"anatomy": masks, "masks": masks, "scores": merlin}, device="cpu")
+    v = volume(SHAPE, BASE)
+    v.array[0, 0, 0] = -1024.0
+    enc = eng.encode(v)
+    st = enc.parts["merlin"]
+    findings = ("pleural_effusion", "liver_lesion", "emphysema", "ascites", "lung_nodule", "cardiomegaly")
+    judged = []
+    for key in findings:
+        phrase = key.replace("_", " ")
+        s = max(merlin.score(st.embedding, key, side) for side in
+                (("left", "right") if vocabulary.get(key).sided else (None,)))
+        (f,) = eng.query(enc, phrase)
+        assert f.score_model == "merlin" and f.calibrated is False
+        assert f.probability == pytest.approx(s, abs=1e-6)
+        assert f.mask_suppressed == (s < 0.0), (key, s)
+        assert f.mask.any() == (s >= 0.0)
+        if f.mask.any():
+            assert f.mask_model == "mask-model"
+        (g,) = eng.query(enc, f"no {phrase}")
+        assert g.negated and g.probability == pytest.approx(-s, abs=1e-6)
+        (h,) = eng.query(enc, phrase, absent_masks=True)
+        assert h.mask.any() and not h.mask_suppressed
+        judged.append(s < 0.0)
+    assert 0 < sum(judged) < len(judged) or pytest.skip("random weights judged all alike")
+
+
+def test_site_calibration_turns_merlin_scores_into_labelled_probabilities(merlin, monkeypatch, tmp_path):
+    """`ctlanguage calibrate` on a scores-only backend: fitted on raw zero-shot scores, stored for
+    these weights, and the next load answers calibrated probabilities named after the cohort."""
+    import json
+
+    from ctlanguage import calibration as C
+    from ctlanguage.engine import Engine
+    from ctlanguage.engine.scoring import calibrated_probability
+    from ctlanguage.io import write_volume
+
+    monkeypatch.setenv("CTLANGUAGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(backend, "to_merlin_input", functools.partial(to_merlin_input, shape_ras=(64, 64, 32)))
+    rows = []
+    for n in range(6):
+        v = volume(SHAPE, BASE)
+        v.array[...] = v.array * (0.5 + 0.2 * n) + 30.0 * n
+        v.array[0, 0, 0] = -1024.0
+        write_volume(v, tmp_path / f"c{n}.nii.gz")
+        rows.append({"case_id": f"c{n}", "image": f"c{n}.nii.gz", "labels": {"emphysema": n % 2, "ascites": int(n > 2)}})
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    eng = Engine.load(merlin, device="cpu")
+    doc = C.calibrate(eng, tmp_path / "manifest.jsonl", name="site A")
+    assert doc["model_id"] == "merlin" and doc["n"] == 6 and doc["ece_before"] is None
+    target = C.target_file(None, merlin.info.id, merlin.info.sha256)
+    C.write(doc, target)
+
+    again = backend.MerlinBackend(merlin.net, merlin.net.text.tokenizer, merlin.info, torch.device("cpu"))
+    assert again.capabilities.calibrated and again.calibration.name == "site A"
+    eng2 = Engine.load(again, device="cpu")
+    v = volume(SHAPE, BASE)
+    v.array[0, 0, 0] = -1024.0
+    enc = eng2.encode(v)
+    (f,) = eng2.query(enc, "emphysema")
+    raw = eng2.presence_score(enc, "emphysema")
+    per = doc["per_finding"]["emphysema"]
+    assert f.calibrated and f.calibration == "calibrated on site A, n=6"
+    assert f.probability == pytest.approx(calibrated_probability(raw, per["temperature"], per["offset"]), abs=1e-6)
+    assert f.score_label.startswith("probability present (calibrated on site A")

@@ -33,9 +33,16 @@ def test_models_list_shows_backends_and_the_pipeline(capsys, no_totalseg_weights
     table = capsys.readouterr().out
     for needle in ("totalseg+gr", "anatomy:", "runs on", "on disk", "TOTALSEG_WEIGHTS_PATH"):
         assert needle in table
+    published = rows["totalseg+merlin+voxtell"]
+    assert published["pipeline"] == {"anatomy": "totalseg", "masks": "voxtell", "scores": "merlin"}
+    caps = published["capabilities"]
+    assert "scores (uncalibrated)" in caps and "free-text masks" in caps and any(c.startswith("anatomy (1") for c in caps)
+    assert "MIT" in published["license"] and "not stated" in published["license"]
+    assert published["available"] is False
 
 
-def test_pipeline_without_weights_ends_in_one_sentence(tmp_path, capsys, no_totalseg_weights):
+@pytest.mark.parametrize("pipeline", ["totalseg+grounded", "totalseg+merlin+voxtell"])
+def test_pipeline_without_weights_ends_in_one_sentence(tmp_path, capsys, no_totalseg_weights, pipeline):
     from _export_helpers import synthetic_volume
     from ctlanguage.io import write_volume
 
@@ -43,7 +50,7 @@ def test_pipeline_without_weights_ends_in_one_sentence(tmp_path, capsys, no_tota
     write_volume(synthetic_volume((12, 20, 24)), img)
     out = tmp_path / "out"
     code = main(["--quiet", "query", str(img), "-p", "left kidney", "--out", str(out),
-                 "--model", "totalseg+grounded"])
+                 "--model", pipeline])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "TOTALSEG_WEIGHTS_PATH" in err[0], err
     assert not out.exists()

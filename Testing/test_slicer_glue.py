@@ -171,7 +171,17 @@ def test_prompts_to_segments_exact_on_source_grid(fake_session, scene, volume_no
     fake_session.encode_inline(volume_node)
     results = fake_session.run_prompts(volume_node, "liver lesion; fluid around the left lung ; liver")
     assert [r.prompt for r in results] == ["liver lesion", "fluid around the left lung", "liver"]
-    assert all(r.finding.mask.sum() > 0 for r in results)
+    assert all(r.answer.mask.sum() > 0 for r in results)
+    check_segments_match(fake_session, scene, volume_node)
+    # the effusion is judged absent by the stand-in's zero-shot rule (0.21 < 0.5): drawn, listed
+    # and exported with an empty mask; the answer keeps its mask for "draw absent findings"
+    assert [r.finding.mask_suppressed for r in results] == [False, True, False]
+    assert results[1].finding.mask.sum() == 0 and results[1].finding.volume_ml == 0
+    fake_session.set_absent_masks(volume_node, True)
+    assert [r.finding.mask.sum() > 0 for r in results] == [True, True, True]
+    check_segments_match(fake_session, scene, volume_node)
+    fake_session.set_absent_masks(volume_node, False)
+    assert results[1].finding.mask.sum() == 0
     check_segments_match(fake_session, scene, volume_node)
     seg = fake_session.segmentation_node(volume_node)
     s = seg.GetSegmentation().GetSegment(results[0].segment_id)
@@ -212,9 +222,9 @@ def test_table_holds_the_numbers(fake_session, scene, volume_node):
 def test_thresholds_update_without_reencoding(fake_session, scene, volume_node):
     fake_session.encode_inline(volume_node)
     fake_session.run_prompts(volume_node, "liver lesion; fluid around the left lung")
-    before = [r.finding.mask.sum() for r in fake_session.results(volume_node)]
+    before = [r.answer.mask.sum() for r in fake_session.results(volume_node)]
     fake_session.set_thresholds(volume_node, mask_threshold=0.2, probability_threshold=0.5)
-    after = [r.finding.mask.sum() for r in fake_session.results(volume_node)]
+    after = [r.answer.mask.sum() for r in fake_session.results(volume_node)]
     assert all(a > b for a, b in zip(after, before))
     assert encode_count() == 1
     check_segments_match(fake_session, scene, volume_node)
@@ -757,11 +767,14 @@ def test_real_engine_mask_threshold_update_matches_a_fresh_query(real_engine_and
     session.encode_inline(node)
     session.run_prompts(node, "liver; liver lesion")
     session.set_thresholds(node, mask_threshold=0.3, probability_threshold=0.5)
-    fresh = real_engine.query(session.state_for(node).encoding, "liver; liver lesion", mask_threshold=0.3,
-                              absent_masks=True)  # the glue keeps every mask (the slider hides)
-    for r, f in zip(session.results(node), fresh):
-        assert np.array_equal(r.finding.mask, f.mask), r.prompt
-        assert r.finding.probability == f.probability
+    enc = session.state_for(node).encoding
+    answers = real_engine.query(enc, "liver; liver lesion", mask_threshold=0.3, absent_masks=True)
+    drawn = real_engine.query(enc, "liver; liver lesion", mask_threshold=0.3)  # the engine's default rule
+    for r, a, d in zip(session.results(node), answers, drawn):
+        assert np.array_equal(r.answer.mask, a.mask), r.prompt        # every mask is kept
+        assert np.array_equal(r.finding.mask, d.mask), r.prompt       # drawn as the engine judges
+        assert r.finding.mask_suppressed == d.mask_suppressed
+        assert r.finding.probability == a.probability
     check_segments_match(session, scene, node)
 
 

@@ -61,7 +61,11 @@ def remote_catalog(tmp_path, monkeypatch, server):  # noqa: F811
         {"id": "remote-pipeline", "version": "1.0", "license": "CC-BY-4.0", "description": "composed",
          "pipeline": {"anatomy": "remote-model", "masks": "remote-model", "scores": "remote-model"}},
         {"id": "other-family", "version": "1.0", "backend": "no-such-family", "license": "MIT", "size": 2_000_000_000},
+        {"id": "anatomy-package", "version": "2.18.0", "backend": "totalsegmentator", "license": "Apache-2.0"},
     ]
+    monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(tmp_path / "no-totalseg-weights"))
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "ts-home"))
+    monkeypatch.delenv("CTLANGUAGE_ALLOW_DOWNLOADS", raising=False)
     path = tmp_path / "catalog.json"
     path.write_text(json.dumps({"format": "ctlanguage-catalog/1", "models": models}))
     monkeypatch.setenv("CTLANGUAGE_CATALOG", str(path))
@@ -76,7 +80,8 @@ def test_models_not_on_disk_say_how_to_get_them(remote_catalog):
     assert "ctlanguage models download remote-model" in remote.hint and "not on disk" in remote.details()
     assert remote.notice == ""  # not a synthetic-anatomy model
     pipeline = by_id["remote-pipeline"]
-    assert not pipeline.available and not pipeline.downloadable
+    assert not pipeline.available and pipeline.downloadable and pipeline.missing == ("remote-model",)
+    assert not pipeline.consent_download
     assert "scores (calibrated)" in pipeline.details() and "ctlanguage models download remote-model" in pipeline.hint
     other = by_id["other-family"]
     assert not other.available and other.can_do == () and "no-such-family" in other.hint
@@ -148,7 +153,7 @@ def selector(monkeypatch, remote_catalog):
 
 def test_selector_lists_models_and_reports_the_selection(selector):
     s = selector
-    assert [d for _l, d in s.sel.combo.items] == ["remote-model", "remote-pipeline", "other-family"]
+    assert [d for _l, d in s.sel.combo.items] == ["remote-model", "remote-pipeline", "other-family", "anatomy-package"]
     assert s.sel.spec() == "remote-model" and s.changed == ["remote-model"]  # the saved choice
     assert s.label.text == s.sel.current().details() and "not on disk" in s.label.text
     assert s.sel.combo.tooltips[0] == s.sel.choices[0].details()
@@ -194,3 +199,34 @@ def test_models_that_cannot_be_downloaded_here_say_why(selector):
     s.sel.combo.setCurrentIndex(2)
     s.sel.download(None)
     assert not s.asked and "no-such-family" in s.infos[-1]
+
+
+def test_downloading_a_pipeline_fetches_its_missing_member(selector):
+    s = selector
+    s.sel.combo.setCurrentIndex(1)
+    s.sel.download(None)
+    assert len(s.asked) == 1 and not s.errors, s.errors
+    values = [c.args[0] for c in s.dialog.setValue.call_args_list]
+    assert values and values[-1] == 1000
+    assert {c.spec: c for c in catalog_ui.model_choices()}["remote-model"].where == "downloaded"
+
+
+@pytest.mark.parametrize("agree", [False, True])
+def test_a_package_that_fetches_its_own_weights_asks_for_consent_first(selector, agree):
+    """TotalSegmentator downloads its weights itself on first use: the panel asks, and only a yes
+    sets the consent its backend reads (for this Slicer session); nothing else is downloaded."""
+    import os
+
+    pytest.importorskip("totalsegmentator")
+    s = selector
+    s.sel.combo.setCurrentIndex(3)
+    choice = s.sel.current()
+    assert choice.consent_download and not choice.downloadable and choice.missing == ("anatomy-package",)
+    s.answer["ok"] = agree
+    s.sel.download(None)
+    assert len(s.asked) == 1 and "downloads its own weights" in s.asked[0] and "Apache-2.0" in s.asked[0]
+    assert (os.environ.get("CTLANGUAGE_ALLOW_DOWNLOADS") == "1") == agree
+    assert not s.dialog.setValue.called and not (s.cache / "models").exists()
+    if agree:
+        assert "will download its weights when it first runs" in s.infos[-1]
+    os.environ.pop("CTLANGUAGE_ALLOW_DOWNLOADS", None)

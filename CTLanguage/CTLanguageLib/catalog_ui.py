@@ -91,23 +91,43 @@ def clear_cache() -> int:
 
 
 def download_model(model_id: str, progress=None) -> str:
-    """Download, verify and unpack a catalog model; ``progress(done_bytes, total_bytes, message)``."""
+    """Download, verify and unpack a catalog model, or the members of a pipeline that CTLanguage
+    can fetch (``catalog.fetch``, as `ctlanguage models download`); ``progress(done_bytes,
+    total_bytes, message)``. Returns the (last) model folder."""
     cat = _catalog()
     entry = cat.find_entry(model_id)
     if entry is None:
         raise ValueError(f"Unknown model '{model_id}'.")
-    try:
-        return str(cat.download(entry, progress=progress))
-    except Exception as exc:
-        raise ValueError(f"Download of {model_id} failed: {exc}. Behind a proxy, set HTTPS_PROXY; offline, "
-                         "download the archive elsewhere and use 'Add local checkpoint…'.") from exc
+    todo = [entry] if not entry.pipeline else [
+        m for m in (cat.find_entry(i) for i in dict.fromkeys(entry.pipeline.values()))
+        if m is not None and cat.fetchable(m) and m.id in set(entry_choice(entry, cat.load_catalog()).missing)]
+    path = ""
+    for member in todo:
+        try:
+            path = str(cat.fetch(member, progress=progress))
+        except Exception as exc:
+            raise ValueError(f"Download of {member.id} failed: {exc}. Behind a proxy, set HTTPS_PROXY; offline, "
+                             "download it elsewhere and use 'Add local checkpoint…' (or `ctlanguage models "
+                             f"download {member.id} --from FILE`).") from exc
+    return path
 
 
 def download_question(choice: ModelChoice) -> str:
-    """What the user is asked before a download starts."""
+    """What the user is asked before a download starts (or a package is allowed to fetch its own)."""
     size = f"{choice.size / 1e6:.1f} MB" if choice.size else "an unknown amount of data"
-    return (f"Download {choice.label.split(' (')[0]} ({size}, licence {choice.license or 'unknown'}) into "
-            f"{cache_folder()}?\n\n{choice.details()}")
+    name = choice.label.split(" (")[0]
+    lines = []
+    if choice.downloadable:
+        lines.append(f"Download {name} ({size}, licence {choice.license or 'unknown'}) into {cache_folder()}?")
+    if choice.consent_download:
+        lines.append(f"{', '.join(choice.missing)}: its package downloads its own weights the first time it "
+                     f"runs. OK allows that download for this Slicer session (licence {choice.license or 'unknown'}).")
+    return "\n".join(lines) + f"\n\n{choice.details()}"
+
+
+def allow_package_downloads() -> None:
+    """The user agreed: packages that fetch their own weights (TotalSegmentator) may do so."""
+    _catalog().allow_downloads()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,11 +196,16 @@ class ModelSelector:
         import slicer
 
         choice = self.current()
-        if choice.available or not choice.downloadable:
+        if choice.available or not (choice.downloadable or choice.consent_download):
             slicer.util.infoDisplay(f"{choice.label}: {'already on disk' if choice.available else choice.hint}.")
             return
         if not slicer.util.confirmOkCancelDisplay(download_question(choice)):
             return
+        if choice.consent_download:
+            allow_package_downloads()
+            if not choice.downloadable:
+                slicer.util.infoDisplay(f"{', '.join(choice.missing)} will download its weights when it first runs.")
+                return
         dialog = qt.QProgressDialog(f"Downloading {choice.spec}…", "Cancel", 0, 1000, parent)
         dialog.setWindowModality(qt.Qt.WindowModal)
         dialog.show()

@@ -48,6 +48,7 @@ def _context(session, volume_node, path: str):
         raise ValueError(f"Output folder '{folder}' does not exist or is not writable.")
     volume = mrml_glue.volume_node_to_ctvolume(volume_node)
     extra = {"mask_threshold": session.mask_threshold, "probability_threshold": session.probability_threshold,
+             "absent_masks": session.absent_masks,
              "prompts": [r.prompt for r in results], "research_use_only": True,
              "exported_from": "3D Slicer CTLanguage module"}
     return volume, [r.finding for r in results], extra

@@ -91,6 +91,10 @@ class Logic:
         """Re-threshold the current findings (no re-encoding, no query)."""
         self._session.set_thresholds(volumeNode, maskThreshold, probabilityThreshold)
 
+    def setAbsentMasks(self, volumeNode, on: bool) -> None:
+        """Draw and export the masks of findings judged absent too (default: empty)."""
+        self._session.set_absent_masks(volumeNode, on)
+
     def results(self, volumeNode) -> list:
         return self._session.results(volumeNode) if volumeNode is not None else []
 

@@ -293,8 +293,9 @@ def findings_to_segmentation(scene, findings, reference_volume_node, segmentatio
 
 
 def finding_visible(finding, probability_threshold: float | None) -> bool:
-    """Whether a finding's segment is shown: its probability of being *present* reaches the
-    threshold (for "no pleural effusion" too: the segment is the effusion, shown when likely)."""
+    """Whether a finding's segment is shown: its number for being *present* reaches the threshold
+    (for "no pleural effusion" too: the segment is the effusion, shown when likely). A display
+    filter only; whether the mask is drawn at all is the engine's rule (``session.shown``)."""
     prob = finding.probability_present if finding.probability_present is not None else finding.probability
     if probability_threshold is None or prob is None:
         return True

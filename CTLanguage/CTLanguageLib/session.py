@@ -5,9 +5,11 @@ pytest suite use :class:`CTLanguageSession` directly on a ``vtkMRMLScene`` from 
 
 A session holds: the loaded engine (per model id + device), one encoding per input volume node,
 and the list of current results (finding + segment id). The engine answers every prompt with its
-mask, also for findings it judges absent; the probability threshold only hides segments. A new
-mask threshold re-thresholds each finding's stored logits (``Finding.with_threshold``: no query,
-no re-encoding) and replaces the segments' masks in place. Errors that a user can cause are
+mask; a finding judged absent at the probability threshold (the engine's rule,
+``Finding.judged_absent``) is drawn and exported with an empty mask unless ``absent_masks`` is on
+(:meth:`CTLanguageSession.shown`), so the scene, the table and every export agree. A new
+mask or probability threshold re-thresholds each finding's stored logits
+(``Finding.with_threshold``: no query, no re-encoding) and replaces the segments' masks in place. Errors that a user can cause are
 raised as ``ValueError`` with one specific sentence.
 """
 
@@ -30,6 +32,7 @@ class Result:
     finding: object
     segment_id: str
     visible: bool = True
+    answer: object = None         # the engine's answer with its mask; ``finding`` is it as drawn
 
 
 @dataclass
@@ -51,6 +54,7 @@ class CTLanguageSession:
         self.device: str | None = None
         self.mask_threshold = DEFAULT_MASK_THRESHOLD
         self.probability_threshold = DEFAULT_PROBABILITY_THRESHOLD
+        self.absent_masks = False   # True: findings judged absent keep their masks
         self.history: list[str] = []
         self.states: dict[str, SessionState] = {}
         self.job: EncodingJob | None = None
@@ -176,7 +180,7 @@ class CTLanguageSession:
         state = self.state_for(volume_node)
         if state.encoding is None:
             raise ValueError("Encode the volume first (press Encode).")
-        try:  # every mask is computed: the probability threshold hides unlikely findings' segments
+        try:  # every mask is computed and kept; shown() empties those judged absent
             findings = self.engine().query(state.encoding, text, mask_threshold=self.mask_threshold,
                                            absent_masks=True)
         except Exception as exc:
@@ -186,17 +190,30 @@ class CTLanguageSession:
         for f in findings:
             old = by_prompt.get(f.prompt)
             visible = mrml_glue.finding_visible(f, self.probability_threshold)
+            drawn = self.shown(f)
             if old is not None:
-                mrml_glue.add_finding_segment(seg, f, volume_node, segment_id=old.segment_id,
+                mrml_glue.add_finding_segment(seg, drawn, volume_node, segment_id=old.segment_id,
                                               visible=visible and old.visible)
-                old.finding = f
+                old.finding, old.answer = drawn, f
             else:
-                sid = mrml_glue.add_finding_segment(seg, f, volume_node, visible=visible)
-                by_prompt[f.prompt] = Result(prompt=f.prompt, finding=f, segment_id=sid)
+                sid = mrml_glue.add_finding_segment(seg, drawn, volume_node, visible=visible)
+                by_prompt[f.prompt] = Result(prompt=f.prompt, finding=drawn, segment_id=sid, answer=f)
                 state.results.append(by_prompt[f.prompt])
         self._remember([f.prompt for f in findings])
         self.update_table(volume_node)
         return state.results
+
+    def shown(self, finding):
+        """The finding as drawn, listed and exported: one judged absent at the probability
+        threshold gets an empty mask (marked ``mask_suppressed``) unless ``absent_masks``."""
+        if not self.absent_masks and finding.judged_absent(self.probability_threshold):
+            return finding.without_mask()
+        return finding
+
+    def set_absent_masks(self, volume_node, on: bool) -> None:
+        """Draw (and export) the masks of findings judged absent, or leave them empty (default)."""
+        self.absent_masks = bool(on)
+        self.set_thresholds(volume_node)
 
     def set_thresholds(self, volume_node, mask_threshold: float | None = None,
                        probability_threshold: float | None = None) -> None:
@@ -217,13 +234,16 @@ class CTLanguageSession:
         seg = self.segmentation_node(volume_node)
         if seg is None or not state.results:
             return
-        if mask_changed:  # each finding keeps its logits: a new mask without another query
-            for r in state.results:
-                try:
-                    r.finding = r.finding.with_threshold(self.mask_threshold)
-                except Exception as exc:
-                    raise ValueError(str(exc)) from exc
-                mrml_glue.set_segment_mask(seg, r.segment_id, r.finding.mask, volume_node)
+        for r in state.results:  # each answer keeps its logits: a new mask without another query
+            try:
+                if mask_changed:
+                    r.answer = r.answer.with_threshold(self.mask_threshold)
+                drawn = self.shown(r.answer)
+            except Exception as exc:
+                raise ValueError(str(exc)) from exc
+            if mask_changed or drawn.mask_suppressed != r.finding.mask_suppressed:
+                mrml_glue.set_segment_mask(seg, r.segment_id, drawn.mask, volume_node)
+            r.finding = drawn
         display = seg.GetDisplayNode()
         for r in state.results:
             if display is not None and seg.GetSegmentation().GetSegment(r.segment_id) is not None:

@@ -39,18 +39,25 @@ ProgressFn = Callable[[float, str], None]
 
 
 # ------------------------------------------------------------------------------ scores
-def active_calibration(engine) -> Calibration:
-    """The calibration the engine's scores backend applies now (the model's own, or a site's)."""
-    cal = getattr(engine.roles["scores"], "calibration", None)
-    if not isinstance(cal, Calibration):
+def scores_backend(engine):
+    """The engine's scores backend, if its scores can be calibrated (it gives raw presence scores)."""
+    sb = engine.roles["scores"]
+    if not (sb.capabilities.scores and callable(getattr(sb, "presence", None))):
         raise CTLanguageError(f"The model {engine.model_id} has no presence score that can be calibrated.")
-    return cal
+    return sb
+
+
+def active_calibration(engine) -> Optional[Calibration]:
+    """The calibration the engine's scores backend applies now (the model's own or a site's;
+    None: its scores are raw, e.g. Merlin's zero-shot score before any site calibration)."""
+    cal = getattr(scores_backend(engine), "calibration", None)
+    return cal if isinstance(cal, Calibration) else None
 
 
 def raw_presence_scores(engine, encoding, findings) -> dict:
     """{finding: raw presence logit} of one encoded case (max over sides for a sided finding):
     the one place calibration asks the model for a score."""
-    active_calibration(engine)   # refuses models whose scores cannot be calibrated
+    scores_backend(engine)   # refuses models whose scores cannot be calibrated
     return {f: engine.presence_score(encoding, f) for f in findings}
 
 
@@ -184,18 +191,19 @@ def calibrate(engine, manifest: str | Path, name: Optional[str] = None, *, score
               progress: Optional[ProgressFn] = None, min_per_class: int = MIN_PER_CLASS) -> dict:
     """Score the cohort, fit, and return the calibration document (not yet written)."""
     manifest = Path(manifest)
-    info = engine.describe()
+    info = scores_backend(engine).info   # in a pipeline: the model whose numbers are calibrated
+    before = active_calibration(engine)
     pairs, n_cases = collect_scores(engine, manifest, progress=progress, scorer=scorer)
     params = fit(pairs, min_per_class)
     return {
-        "format": CALIBRATION_FORMAT, "model_id": info["id"], "model_sha256": info["sha256"],
+        "format": CALIBRATION_FORMAT, "model_id": info.id, "model_sha256": info.sha256 or "",
         "name": name or manifest.resolve().parent.name, "n": int(n_cases),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "score": "raw presence logit z (before the model's own calibration); "
                  "p = sigmoid(z / temperature + offset)",
         "manifest": str(manifest),
         **params,
-        "ece_before": ece(active_calibration(engine), pairs),
+        "ece_before": ece(before, pairs) if before is not None else None,   # raw scores: no ECE
         "ece_after": ece(as_calibration(params), pairs),
     }
 

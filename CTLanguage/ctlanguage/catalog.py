@@ -266,6 +266,48 @@ def resolve_model(spec: str | os.PathLike | None = "default", *,
 
 # ----------------------------------------------------------------------------- download
 
+ALLOW_DOWNLOADS_ENV = "CTLANGUAGE_ALLOW_DOWNLOADS"   # the user's consent for packages that fetch weights
+
+
+def allow_downloads() -> None:
+    """Record the user's consent (CLI --allow-download, the Slicer question) for this process and
+    its children: backends whose packages download their own weights read it."""
+    os.environ[ALLOW_DOWNLOADS_ENV] = "1"
+
+
+def fetchable(entry: ModelEntry) -> bool:
+    """Whether CTLanguage itself can download this entry's weights (:func:`fetch`)."""
+    kind = entry.backend or "grounded"
+    if entry.pipeline:
+        return False
+    if kind == "grounded":
+        return bool(entry.url) and not entry.embedded
+    from .backends import backend_module
+
+    if not entry.url:         # the user brings the file (fVLM: `models download fvlm --from FILE`)
+        return False
+    try:
+        return callable(getattr(backend_module(kind), "download", None))
+    except CTLanguageError:   # an optional family that is not installed
+        return False
+
+
+def fetch(entry: ModelEntry, *, progress: ProgressFn | None = None, force: bool = False, **local) -> Path:
+    """Get an entry's weights the way its family does (one path for the CLI and Slicer): our
+    verified archive download for grounded models, else the family's own ``download`` (e.g.
+    Merlin: published pickle -> safetensors; ``local`` = its ``source``/``tokenizer`` files)."""
+    kind = entry.backend or "grounded"
+    if kind != "grounded":
+        from .backends import backend_module
+
+        own = getattr(backend_module(kind), "download", None)
+        if callable(own):
+            return own(entry, progress=progress, force=force, **local)
+    if local:
+        raise CTLanguageError(f"--from/--tokenizer apply to published models (e.g. merlin), not {entry.id}")
+    return download(entry, progress=progress, force=force)
+
+
 def download(entry: ModelEntry, *, progress: ProgressFn | None = None, force: bool = False,
              timeout: float = 30.0, chunk: int = 1 << 16) -> Path:
     """Download, verify and unpack ``entry`` into the cache; returns the model folder.

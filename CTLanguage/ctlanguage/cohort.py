@@ -16,7 +16,7 @@ import io as _io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -44,6 +44,7 @@ class RunSpec:
     prompts: tuple
     mask_threshold: float = 0.5
     presence_threshold: float = 0.5
+    absent_masks: bool = False          # masks also for findings judged absent
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -52,7 +53,8 @@ class RunSpec:
 
     def differences(self, other: dict) -> list[str]:
         mine = self.to_dict()
-        return [k for k in mine if mine[k] != other.get(k)]
+        defaults = {f.name: f.default for f in fields(self)}   # runs recorded before a field existed
+        return [k for k in mine if mine[k] != other.get(k, defaults[k])]
 
 
 # ------------------------------------------------------------------------------------ cases
@@ -191,11 +193,12 @@ def finished(out: Path, case: Case, spec: RunSpec) -> Optional[dict]:
 
 # ----------------------------------------------------------------------------- one case
 def answer_prompts(engine, enc, volume, prompts: Sequence[str], mask_threshold: float = 0.5,
-                   presence_threshold: float = 0.5, progress: Optional[Callable] = None) -> list:
+                   presence_threshold: float = 0.5, progress: Optional[Callable] = None,
+                   absent_masks: bool = False) -> list:
     findings = []
     for i, prompt in enumerate(prompts):
         findings.extend(engine.query(enc, prompt, mask_threshold=mask_threshold, volume=volume,
-                                     presence_threshold=presence_threshold))
+                                     presence_threshold=presence_threshold, absent_masks=absent_masks))
         if progress:
             progress((i + 1) / len(prompts), prompt[:40])
     return findings
@@ -212,11 +215,12 @@ def run_case(engine, case: Case, out: Path, spec: RunSpec) -> dict:
         enc = engine.encode(volume)
         tq = time.perf_counter()
         findings = answer_prompts(engine, enc, volume, spec.prompts, spec.mask_threshold,
-                                  spec.presence_threshold)
+                                  spec.presence_threshold, absent_masks=spec.absent_masks)
         export_all(volume, findings, out / case.case_id, model=engine.describe(),
                    input_path=str(case.image), mask_threshold=spec.mask_threshold,
                    extra={"timing_s": {"query": round(time.perf_counter() - tq, 3)},
-                          "requested_prompts": list(spec.prompts), "case_id": case.case_id})
+                          "requested_prompts": list(spec.prompts), "absent_masks": spec.absent_masks,
+                          "case_id": case.case_id})
         doc = json.loads((out / case.case_id / "findings.json").read_text(encoding="utf-8"))
         return summary_row(case, "ok", time.perf_counter() - t0, doc, output=out / case.case_id)
     except CTLanguageError as exc:

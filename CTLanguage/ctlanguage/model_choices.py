@@ -23,7 +23,9 @@ class ModelChoice:
     where: str = ""          # embedded | downloaded | not downloaded | local folder | weights present ...
     notice: str = ""         # a demo model's measured limits (what the loaded model's info says)
     hint: str = ""           # how to get the weights when they are not on disk
-    downloadable: bool = False
+    downloadable: bool = False   # CTLanguage can download what is missing (catalog.fetch)
+    consent_download: bool = False  # a member's package downloads its weights once the user agrees
+    missing: tuple = ()      # ids of the member models whose weights are not on disk
 
     def details(self, notice: bool = True) -> str:
         """Several lines for the panel (and the combo's tool tip): what it can do, licence, size,
@@ -72,6 +74,7 @@ def entry_choice(entry, entries) -> ModelChoice:
         caps, hint = [], str(exc)
     else:
         hint = " ".join(c.weights_hint for c in caps if not c.weights_present and c.weights_hint)
+    absent = [(m, c) for m, c in zip(members, caps) if not c.weights_present]
     can_do = tuple(dict.fromkeys(s for c in caps for s in c.summary()))
     device = max((c.device for c in caps), key=lambda d: list(DEVICE_TEXT).index(d) if d in DEVICE_TEXT else 0,
                  default="cpu")
@@ -88,7 +91,10 @@ def entry_choice(entry, entries) -> ModelChoice:
     return ModelChoice(spec=entry.id, label=f"{entry.id} {entry.version} ({where})", available=available,
                        description=entry.description, license=entry.license, can_do=can_do, size=entry.size,
                        device=device, where=where, notice=_notice(members), hint=hint,
-                       downloadable=grounded and not entry.embedded and bool(entry.url))
+                       downloadable=(grounded and not entry.embedded and bool(entry.url)) or any(
+                           cat.fetchable(m) for m, c in absent if not c.fetches_own_weights),
+                       consent_download=any(c.fetches_own_weights for _m, c in absent),
+                       missing=tuple(m.id for m, _c in absent))
 
 
 def catalog_choices(entries=None) -> list:

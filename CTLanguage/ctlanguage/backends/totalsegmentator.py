@@ -38,13 +38,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .. import catalog
 from .. import vocabulary as V
 from ..engine.progress import report
 from ..engine.protocol import Answer, Capabilities, ModelInfo
 from ..errors import CancelledError, CTLanguageError, GeometryError, InputError
 
 FAMILY = "totalsegmentator"
-ALLOW_ENV = "CTLANGUAGE_ALLOW_DOWNLOADS"
+ALLOW_ENV = catalog.ALLOW_DOWNLOADS_ENV
 WEIGHTS_ENV = "TOTALSEG_WEIGHTS_PATH"
 ROI_MAX_CLASSES = 30          # prompts needing at most this many classes run with roi_subset
 EXPECTED_S = {(True, "cpu"): 70.0, (False, "cpu"): 600.0, (True, "gpu"): 15.0, (False, "gpu"): 40.0}
@@ -403,7 +404,7 @@ def describe(entry):
                             weights_hint="TotalSegmentator is not installed: pip install 'ctlanguage[totalseg]'.")
     present = not missing_weights(folder, fast=True)
     return Capabilities(anatomy=masked_keys(), device="cpu", weights_present=present,
-                        weights_hint="" if present else weights_hint(folder))
+                        weights_hint="" if present else weights_hint(folder), fetches_own_weights=True)
 
 
 def load(entry, device=None, progress=None, **settings) -> TotalSegmentatorBackend:

@@ -36,7 +36,7 @@ def cmd_batch(args) -> int:
     model = load_model(args.model, args.device, reporter)
     info = model.info
     spec = cohort.RunSpec(model_id=info["id"], model_sha256=info["sha256"], prompts=tuple(prompts),
-                          mask_threshold=threshold)
+                          mask_threshold=threshold, absent_masks=args.absent_masks)
     cohort.prepare_run(out, spec, force=args.force)
     rows, todo = [], []
     for c in cases:

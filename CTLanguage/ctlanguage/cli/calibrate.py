@@ -35,12 +35,13 @@ def run(args) -> int:
     read_manifest(args.data)             # a bad manifest fails before the model is loaded
     engine = Engine.load(args.model, device=args.device)
     doc = C.calibrate(engine, args.data, name=args.name)
-    info = engine.describe()
-    target = Path(args.out) if args.out else C.target_file(info.get("path"), info["id"], info["sha256"])
+    info = C.scores_backend(engine).info
+    target = Path(args.out) if args.out else C.target_file(info.path, info.id, info.sha256 or "")
     C.write(doc, target)
     if not getattr(args, "quiet", False):
         own = sum(v["fit"] == "own" for v in doc["per_finding"].values())
-        print(f"calibrated {doc['model_id']} on {doc['name']!r}, n={doc['n']}: ECE {doc['ece_before']:.3f} -> "
+        before = "raw scores" if doc["ece_before"] is None else f"{doc['ece_before']:.3f}"
+        print(f"calibrated {doc['model_id']} on {doc['name']!r}, n={doc['n']}: ECE {before} -> "
               f"{doc['ece_after']:.3f}; {own} of {len(doc['per_finding'])} findings with their own fit "
               f"(others: shared T={doc['temperature']:.3g})", file=sys.stderr)
         print(json.dumps({"file": str(target), "ece_before": doc["ece_before"], "ece_after": doc["ece_after"]}))

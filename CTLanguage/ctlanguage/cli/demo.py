@@ -104,6 +104,19 @@ def _truth_labels(case) -> dict:
     return dict(v) if isinstance(v, dict) else {}
 
 
+CASE_MARKER = ".ctlanguage-demo-case"   # the demo replaces only a case folder it wrote itself
+
+
+def _check_case_dir_is_ours(case_dir: Path) -> None:
+    from ..errors import InputError
+
+    if case_dir.is_dir() and any(case_dir.iterdir()) and not (case_dir / CASE_MARKER).is_file():
+        raise InputError(f"{case_dir} holds files that `ctlanguage demo` did not write; "
+                         "choose another --out folder")
+    if case_dir.exists() and not case_dir.is_dir():
+        raise InputError(f"{case_dir} exists and is not a folder; choose another --out folder")
+
+
 def cmd_demo(args) -> int:
     from .. import io as ctio
     from ..dicom_write import write_dicom_series
@@ -118,6 +131,7 @@ def cmd_demo(args) -> int:
     check_writable_dir(out)
     case_dir = out / "case"
     results = out / "results"
+    _check_case_dir_is_ours(case_dir)
     timings: dict[str, float] = {}
 
     # 1. synthetic case
@@ -129,6 +143,7 @@ def cmd_demo(args) -> int:
         cb(0.6, "writing NIfTI")
         volume = _phantom_volume(case)
         case_dir.mkdir(parents=True, exist_ok=True)
+        (case_dir / CASE_MARKER).write_text(json.dumps({"written_by": "ctlanguage demo"}) + "\n")
         ctio.write_volume(volume, case_dir / "ct.nii.gz")
         report = _truth_text(case)
         if report:
@@ -160,7 +175,7 @@ def cmd_demo(args) -> int:
 
     # 4. + 5. prompts and exports
     findings, result = query_and_export(model, enc, volume, prompts, results, reporter,
-                                        mask_threshold=threshold,
+                                        mask_threshold=threshold, absent_masks=args.absent_masks,
                                         input_path=str(dicom_dir),
                                         extra={"demo": {"phantom_seed": args.seed}})
     timings[f"query ({len(prompts)} prompts)"] = result.timings["query"]

@@ -111,20 +111,12 @@ def cmd_download(args) -> int:
     if entry is None:
         raise CTLanguageError(f"unknown model {args.model!r}; known: {', '.join(e.id for e in entries)}")
     reporter = Reporter(args.quiet)
-    kind = entry.backend or "grounded"
-    fetch = catalog.download
-    if kind != "grounded":  # a backend with its own file format downloads and converts itself
-        from ..backends import backend_module
-
-        fetch = getattr(backend_module(kind), "download", catalog.download)
+    if args.accept_licence and (entry.backend or "grounded") != "fvlm":
+        raise CTLanguageError(f"--accept-licence applies to models that ask for it (fvlm), not {entry.id}")
     local = {k: v for k, v in (("source", args.source), ("tokenizer", args.tokenizer),
                                ("accept_licence", args.accept_licence)) if v}
-    if local and fetch is catalog.download:
-        raise CTLanguageError(f"--from/--tokenizer apply to published models (e.g. merlin), not {entry.id}")
-    if args.accept_licence and kind != "fvlm":
-        raise CTLanguageError(f"--accept-licence applies to models that ask for it (fvlm), not {entry.id}")
     with reporter.bytes_progress(f"{entry.id} {entry.version}") as cb:
-        path = fetch(entry, progress=cb, force=args.force, **local)
+        path = catalog.fetch(entry, progress=cb, force=args.force, **local)
     if not args.quiet:
         print(f"ok      {entry.id} {entry.version} verified in {path}")
     return 0

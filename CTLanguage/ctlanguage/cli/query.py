@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -179,20 +178,22 @@ def check_output_parent(out: str | Path, exports: bool = False) -> None:
 
 def query_and_export(model: LoadedModel, enc: Any, volume: Any, prompts: list[str], out: Path,
                      reporter: Reporter, mask_threshold: float = 0.5, input_path: str | None = None,
-                     extra: dict | None = None):
+                     extra: dict | None = None, absent_masks: bool = False):
     from ..cohort import answer_prompts
     from ..exports import export_all
 
     t0 = time.perf_counter()
     with reporter.step(f"querying {len(prompts)} prompt{'s' * (len(prompts) != 1)}") as cb:
-        findings = answer_prompts(model.engine, enc, volume, prompts, mask_threshold, progress=cb)
+        findings = answer_prompts(model.engine, enc, volume, prompts, mask_threshold, progress=cb,
+                                  absent_masks=absent_masks)
     t_query = time.perf_counter() - t0
     t1 = time.perf_counter()
     with reporter.step("writing exports") as cb:
         result = export_all(volume, findings, out, model=model.info, input_path=input_path,
                             mask_threshold=mask_threshold,
                             extra={"timing_s": {"query": round(t_query, 3)},
-                                   "requested_prompts": list(prompts), **(extra or {})},
+                                   "requested_prompts": list(prompts), "absent_masks": bool(absent_masks),
+                                   **(extra or {})},
                             progress=cb)
     result.timings.update(query=t_query, export=time.perf_counter() - t1)
     return findings, result
@@ -309,7 +310,7 @@ def cmd_query(args) -> int:
     model = load_model(args.model, args.device, reporter)
     enc = get_encoding(model, volume, args.encoding, reporter)
     findings, result = query_and_export(model, enc, volume, prompts, Path(args.out), reporter,
-                                        mask_threshold=threshold,
+                                        mask_threshold=threshold, absent_masks=args.absent_masks,
                                         input_path=str(args.image))
     if args.json:
         print_json(json.loads(result.files["findings.json"].read_text(encoding="utf-8")))
@@ -337,7 +338,9 @@ class _AllowDownload(argparse.Action):
     """--allow-download: the user's consent, passed to backends as CTLANGUAGE_ALLOW_DOWNLOADS=1."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        os.environ["CTLANGUAGE_ALLOW_DOWNLOADS"] = "1"
+        from ..catalog import allow_downloads
+
+        allow_downloads()
         setattr(namespace, self.dest, True)
 
 
@@ -346,6 +349,10 @@ def add_threshold_arg(p) -> None:
     p.add_argument("--mask-threshold", default="0.5", metavar="X",
                    help="probability above which a voxel is in the mask, strictly between 0 and 1 "
                         "(default 0.5)")
+    p.add_argument("--absent-masks", action="store_true",
+                   help="draw masks also for findings judged absent (default: a finding whose "
+                        "probability is below 0.5, or whose uncalibrated score is below its model's "
+                        "zero-shot decision point, gets an empty mask)")
 
 
 def add_json_arg(p, what: str) -> None:

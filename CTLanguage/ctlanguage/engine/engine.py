@@ -34,7 +34,7 @@ from .encoding import Encoding
 from .finding import Finding, check_threshold
 from .progress import check_cancel, report, scaled
 from .protocol import ROLES, AnatomyMasks, Backend, ConceptMatcher, ModelInfo, Request
-from .scoring import answer_value, combine_sides
+from .scoring import answer_value, combine_sides, judged_absent
 from .threads import TorchThreads
 
 log = logging.getLogger(__name__)
@@ -324,14 +324,15 @@ class Engine:
             per_anat = dict(score_ans.scores)
             if per_anat:
                 probability_present = combine_sides(per_anat.values(), req.laterality)
-                probability = answer_value(probability_present, bool(parsed.negated))
+                probability = answer_value(probability_present, bool(parsed.negated), score_ans.calibrated)
         timings["heads"] = time.perf_counter() - t
 
         t = time.perf_counter()
         mapper = SourceMapper()
         mask = volume_ml = None
-        suppressed = (req.kind == "finding" and not absent_masks and probability_present is not None
-                      and probability_present < presence_threshold)
+        suppressed = (req.kind == "finding" and not absent_masks and score_ans is not None
+                      and judged_absent(probability_present, score_ans.calibrated, presence_threshold,
+                                        score_ans.decision_score))
         if compute_masks and suppressed:
             mask, volume_ml = np.zeros(enc.volume.shape, dtype=np.uint8), 0.0
         elif compute_masks:
@@ -361,6 +362,7 @@ class Engine:
             score_model=score_ans.model if score_ans is not None and per_anat else None,
             calibrated=bool(score_ans and score_ans.calibrated and per_anat),
             calibration=score_ans.calibration if score_ans is not None and per_anat else None,
+            decision_score=score_ans.decision_score if score_ans is not None and per_anat else None,
             mask_suppressed=bool(suppressed), timings=timings, _logit=mask_ans.logit,
             _grid=mask_ans.grid, _volume=enc.volume, _mapper=mapper)
 

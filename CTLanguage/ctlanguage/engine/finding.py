@@ -9,7 +9,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import PromptError
-from .scoring import score_label
+from .scoring import judged_absent, score_label
 
 
 def check_threshold(threshold: float) -> float:
@@ -51,6 +51,7 @@ class Finding:
     understood: bool = True              # False: no concept matched well enough; no mask, no number
     suggestions: tuple = ()              # nearest vocabulary phrases when not understood
     mask_suppressed: bool = False        # a finding judged absent: its mask is left empty
+    decision_score: Optional[float] = None  # uncalibrated score: its model's zero-shot decision point
     timings: dict = field(default_factory=dict)
     _logit: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
     _grid: Any = field(default=None, repr=False, compare=False)
@@ -79,6 +80,24 @@ class Finding:
         mask = self._mapper.mask(self._logit, self._grid, self._volume, t)
         vol = float(np.count_nonzero(mask)) * self._volume.voxel_volume_ml
         return dataclasses.replace(self, mask=mask, volume_ml=vol, mask_threshold=t)
+
+    def judged_absent(self, presence_threshold: float = 0.5) -> bool:
+        """The engine's rule (``scoring.judged_absent``) at ``presence_threshold``."""
+        return self.kind == "finding" and judged_absent(self.probability_present, self.calibrated,
+                                                        presence_threshold, self.decision_score)
+
+    def without_mask(self) -> "Finding":
+        """This finding with an empty mask, marked suppressed (judged absent); its logits stay,
+        so ``with_mask()`` draws it again."""
+        if self.mask is None:
+            return dataclasses.replace(self, mask_suppressed=True)
+        return dataclasses.replace(self, mask=np.zeros_like(self.mask), volume_ml=0.0, mask_suppressed=True)
+
+    def with_mask(self) -> "Finding":
+        """The mask of a finding whose mask was suppressed (from its logits at its threshold)."""
+        if not self.mask_suppressed or self._logit is None:
+            return self
+        return dataclasses.replace(self, mask_suppressed=False).with_threshold(self.mask_threshold)
 
     def to_dict(self) -> dict:
         """JSON-ready summary (without the mask)."""

@@ -39,6 +39,8 @@ class Capabilities:
     device: str = "cpu"              # "cpu" | "gpu-recommended" | "gpu"
     weights_present: bool = True
     weights_hint: str = ""           # one sentence: how to get the weights when absent
+    fetches_own_weights: bool = False  # its package downloads them on first use, only with the
+                                       # user's consent (CTLANGUAGE_ALLOW_DOWNLOADS=1)
 
     def summary(self) -> list[str]:
         out = []
@@ -98,6 +100,9 @@ class Answer:
     scores: dict = field(default_factory=dict)   # concrete anatomy key -> probability or score
     calibrated: bool = False
     calibration: Optional[str] = None
+    # uncalibrated scores: the score at which the backend's zero-shot rule calls a finding present
+    # (e.g. 0.0 for "positive minus negated similarity"); None: the score cannot judge presence
+    decision_score: Optional[float] = None
 
 
 @runtime_checkable

@@ -103,9 +103,24 @@ def combine_sides(values: Sequence[float], laterality: Optional[str]) -> float:
     return min(vals) if laterality == "bilateral" and len(vals) > 1 else max(vals)
 
 
-def answer_value(p_present: float, negated: bool) -> float:
-    """The number a prompt's question asks for: P(absent) for a negated prompt."""
-    return 1.0 - p_present if negated else p_present
+def judged_absent(present: Optional[float], calibrated: bool, presence_threshold: float,
+                  decision_score: Optional[float] = None) -> bool:
+    """Whether a finding counts as absent (it then gets no mask by default): a calibrated
+    probability below ``presence_threshold``, or an uncalibrated score below its backend's own
+    zero-shot decision point; an uncalibrated score without one judges nothing."""
+    if present is None:
+        return False
+    if calibrated:
+        return present < presence_threshold
+    return decision_score is not None and present < decision_score
+
+
+def answer_value(p_present: float, negated: bool, calibrated: bool = True) -> float:
+    """The number a prompt's question asks for: P(absent) for a negated prompt; for an
+    uncalibrated score, the score of absence is its negative (1 - s would look like a probability)."""
+    if not negated:
+        return p_present
+    return 1.0 - p_present if calibrated else -p_present
 
 
 def score_label(calibrated: bool, calibration: Optional[str], negated: bool = False) -> str:

@@ -6,7 +6,10 @@ region fVLM was evaluated on for it (:data:`FINDINGS`; lung findings and pleural
 whole lung, so both sides get the same number) with the authors' prompt pair
 ``"{X}."`` / ``"Not {X}."``: probability = softmax(cosine / temperature) of the positive text,
 i.e. sigmoid((cos_pos - cos_neg) / temp). The temperature is the model's own training value, so
-the number is a model probability, not calibrated on any site's cases.
+the number is the model's zero-shot probability, not calibrated on any site's cases: answers say
+``calibrated=False`` with the rule's decision point 0.5 (the positive text as close as the negated
+one). A site calibration (``ctlanguage calibrate``, fitted on the logit
+(cos_pos - cos_neg) / temp) turns it into a calibrated probability named after the cohort.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 from ... import catalog
 from ...engine.progress import check_cancel, report
 from ...engine.protocol import Answer, Capabilities, ModelInfo
+from ...engine.scoring import calibrated_probability, site_calibration
 from ...errors import CheckpointError, InputError
 from ...preprocess import ModelGrid
 from . import NEEDS_ANATOMY, WEIGHTS_HINT
@@ -78,7 +82,9 @@ class FVLMBackend:
         self.tokenizer = tokenizer
         self.device = device
         self.info = info
-        self.capabilities = Capabilities(scores=True, calibrated=False, device="cpu")
+        # a site's `ctlanguage calibrate` of these exact weights, else fVLM's own probabilities
+        self.calibration = site_calibration(info.id, info.sha256 or "", Path(info.path) if info.path else None)
+        self.capabilities = Capabilities(scores=True, calibrated=self.calibration is not None, device="cpu")
         self._text: dict = {}
 
     # ---- image ------------------------------------------------------------------------------
@@ -167,23 +173,32 @@ class FVLMBackend:
         temp = float(self.net.temp.detach().cpu())
         return float(((pos_e @ img).mean() - (neg_e @ img).mean()) / temp)
 
+    def probability(self, z: float, finding: str) -> float:
+        """The site calibration's probability, else fVLM's own (sigmoid of the logit)."""
+        if self.calibration is not None:
+            return self.calibration.probability(z, finding)
+        return calibrated_probability(z)
+
     def presence(self, state: FVLMState, finding: str, anatomy: str, side: Optional[str],
                  positives=None, raw: bool = False) -> float:
-        """fVLM's probability for ``finding`` (``raw``: its logit, what calibration fits on).
-        fVLM judges its whole region: ``anatomy``/``side`` do not change the number."""
+        """The number for ``finding`` (``raw``: fVLM's logit, what calibration fits on). fVLM
+        judges its whole region: ``anatomy``/``side`` do not change the number."""
         z = self.logit(state, finding, positives)
         if z is None:
             raise InputError(f"the {FINDINGS[finding][0]} region fVLM judges {finding!r} in is "
                              "absent from this scan's anatomy masks")
-        return z if raw else float(1.0 / (1.0 + np.exp(-z)))
+        return z if raw else self.probability(z, finding)
 
     def answer(self, state: FVLMState, request) -> Answer:
-        ans = Answer(model=self.info.id, calibrated=False)
+        cal = self.calibration
+        ans = Answer(model=self.info.id, calibrated=cal is not None,
+                     calibration=cal.label if cal is not None else None,
+                     decision_score=None if cal is not None else 0.5)
         if request.kind != "finding" or request.finding not in FINDINGS or not request.want_scores:
             return ans
         z = self.logit(state, request.finding)
         if z is not None:
-            p = float(1.0 / (1.0 + np.exp(-z)))
+            p = self.probability(z, request.finding)
             for key in request.anatomies:
                 ans.scores[key] = p
         return ans

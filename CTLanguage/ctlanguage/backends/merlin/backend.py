@@ -2,7 +2,9 @@
 
 score(finding) = mean cosine(image, positive phrasings) - mean cosine(image, negated phrasings),
 with the phrasings every backend scores with (:func:`ctlanguage.phrases.ensemble`). The
-score is in [-2, 2] and *uncalibrated*: Merlin publishes no temperature or threshold for it.
+score is in [-2, 2] and *uncalibrated*: Merlin publishes no temperature or threshold for it. Its
+zero-shot rule calls a finding present when the score is above 0 (closer to the positive phrasings).
+A site calibration (``ctlanguage calibrate --model merlin``) turns it into a probability.
 A heat map applies the same rule to each voxel of the last feature map (the contrastive head is
 linear, so the voxels' mean is the image embedding).
 """
@@ -18,6 +20,7 @@ import numpy as np
 from ... import catalog, phrases, vocabulary
 from ...engine.progress import check_cancel, report
 from ...engine.protocol import Answer, Capabilities, ModelInfo
+from ...engine.scoring import site_calibration
 from ...errors import CheckpointError, InputError
 from ...preprocess import ModelGrid
 from . import model as model_mod
@@ -73,7 +76,10 @@ class MerlinBackend:
         self.net = net.eval().to(device)
         self.device = device
         self.info = info
-        self.capabilities = Capabilities(scores=True, calibrated=False, heatmaps=True, device="cpu")
+        # a site's `ctlanguage calibrate` of these exact weights, else raw zero-shot scores
+        self.calibration = site_calibration(info.id, info.sha256 or "", Path(info.path) if info.path else None)
+        self.capabilities = Capabilities(scores=True, calibrated=self.calibration is not None,
+                                         heatmaps=True, device="cpu")
         self.keep_feature_map = keep_feature_map
         # Clinical-Longformer pads every text to 512 tokens: seconds per phrase on a CPU, so the
         # embeddings are kept on disk per weights hash and computed once per phrase
@@ -135,14 +141,18 @@ class MerlinBackend:
         return float((pos @ embedding).mean() - (neg @ embedding).mean())
 
     def presence(self, state: MerlinState, finding: str, anatomy: str, side: Optional[str],
-                 positives=None) -> float:
-        """The (uncalibrated) score of ``finding``; Merlin judges the whole image, so
-        ``anatomy`` only selects the side of a sided finding."""
+                 positives=None, raw: bool = False) -> float:
+        """The zero-shot score of ``finding`` (a probability once a site calibrated it, unless
+        ``raw``); Merlin judges the whole image, so ``anatomy`` only selects the side."""
         sided = vocabulary.get(finding).sided
-        return self.score(state.embedding, finding, side if sided else None, positives)
+        s = self.score(state.embedding, finding, side if sided else None, positives)
+        return s if raw or self.calibration is None else self.calibration.probability(s, finding)
 
     def answer(self, state: MerlinState, request) -> Answer:
-        ans = Answer(model=self.info.id, calibrated=False)
+        cal = self.calibration
+        ans = Answer(model=self.info.id, calibrated=cal is not None,
+                     calibration=cal.label if cal is not None else None,
+                     decision_score=None if cal is not None else 0.0)
         if request.kind != "finding" or not request.finding or not request.want_scores:
             return ans
         for key in request.anatomies or ("body",):
