@@ -207,10 +207,10 @@ def download(entry, progress=None, force: bool = False, source: str | Path | Non
     if (target / catalog.WEIGHTS).is_file() and not force and source is None:
         catalog.verify_model_dir(target, entry)
         return target
-    if not accept_licence:
-        require_terms()
     if source is None:
         raise CheckpointError(WEIGHTS_HINT)
+    if not accept_licence:
+        require_terms()
     pt = Path(source).expanduser()
     fetched = None
     if tokenizer is not None:
