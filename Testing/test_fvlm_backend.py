@@ -166,6 +166,10 @@ def test_uncalibrated_rule_and_site_calibration(case_small, tiny, tmp_path, monk
     assert f.mask_suppressed == (p < 0.5)
     (g,) = engine.query(enc, "no emphysema")
     assert g.negated and g.probability == pytest.approx(-p, abs=1e-7)
+    # calibration asks for raw logits; findings fVLM gives no number for are left out
+    raw = C.raw_presence_scores(engine, enc, ["emphysema", "liver_lesion"])
+    assert set(raw) == {"emphysema"}
+    assert raw["emphysema"] == pytest.approx(tiny.presence(enc.parts["fvlm"], "emphysema", "x", None, raw=True))
     doc = {"format": CALIBRATION_FORMAT, "model_id": tiny.info.id, "model_sha256": tiny.info.sha256,
            "name": "site A", "n": 12, "temperature": 2.0, "offsets": {"emphysema": 0.3, "_default": 0.0},
            "per_finding": {"emphysema": {"temperature": 1.5, "offset": 0.3}}}
