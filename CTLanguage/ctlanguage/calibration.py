@@ -58,7 +58,13 @@ def raw_presence_scores(engine, encoding, findings) -> dict:
     """{finding: raw presence logit} of one encoded case (max over sides for a sided finding):
     the one place calibration asks the model for a score."""
     scores_backend(engine)   # refuses models whose scores cannot be calibrated
-    return {f: engine.presence_score(encoding, f) for f in findings}
+    out = {}
+    for f in findings:
+        try:
+            out[f] = engine.presence_score(encoding, f)
+        except InputError:   # no number for it on this case (e.g. fVLM: not its finding, region absent)
+            continue
+    return out
 
 
 def sigmoid(z):

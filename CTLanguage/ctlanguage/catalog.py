@@ -284,6 +284,8 @@ def fetchable(entry: ModelEntry) -> bool:
         return bool(entry.url) and not entry.embedded
     from .backends import backend_module
 
+    if not entry.url:         # the user brings the file (fVLM: `models download fvlm --from FILE`)
+        return False
     try:
         return callable(getattr(backend_module(kind), "download", None))
     except CTLanguageError:   # an optional family that is not installed

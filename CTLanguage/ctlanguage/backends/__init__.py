@@ -19,11 +19,12 @@ from ..errors import InputError
 REGISTRY = {
     "grounded": "ctlanguage.backends.grounded",   # the embedded grounded model (ours)
     "merlin": "ctlanguage.backends.merlin",       # Merlin zero-shot finding scores
+    "fvlm": "ctlanguage.backends.fvlm",           # fVLM per-anatomy zero-shot scores
     "totalsegmentator": "ctlanguage.backends.totalsegmentator",   # TotalSegmentator 'total' anatomy
     "voxtell": "ctlanguage.backends.voxtell",     # VoxTell free-text masks (voxtell package)
 }
 # pip extra that provides each family's third-party package (for the error message)
-EXTRAS: dict = {"merlin": "merlin", "totalsegmentator": "totalseg", "voxtell": "voxtell"}
+EXTRAS: dict = {"merlin": "merlin", "fvlm": "fvlm", "totalsegmentator": "totalseg", "voxtell": "voxtell"}
 
 
 def backend_module(kind: str):

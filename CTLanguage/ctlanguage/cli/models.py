@@ -57,7 +57,8 @@ def cmd_list(args) -> int:
         name = e.id + (" *" if i == 0 else "")
         if e.pipeline:
             name += "\n" + ", ".join(f"{r}: {m}" for r, m in e.pipeline.items())
-        t.add_row(name, ", ".join(c.can_do) or "—", e.license or "—", _size(e.size),
+        size = _size(e.size) if e.size else str(e.extra.get("download_size") or "—")
+        t.add_row(name, ", ".join(c.can_do) or "—", e.license or "—", size,
                   DEVICE_TEXT.get(c.device, c.device or "CPU"), c.where)
     Console().print(t)
     for c in choices:
@@ -110,7 +111,10 @@ def cmd_download(args) -> int:
     if entry is None:
         raise CTLanguageError(f"unknown model {args.model!r}; known: {', '.join(e.id for e in entries)}")
     reporter = Reporter(args.quiet)
-    local = {k: v for k, v in (("source", args.source), ("tokenizer", args.tokenizer)) if v}
+    if args.accept_licence and (entry.backend or "grounded") != "fvlm":
+        raise CTLanguageError(f"--accept-licence applies to models that ask for it (fvlm), not {entry.id}")
+    local = {k: v for k, v in (("source", args.source), ("tokenizer", args.tokenizer),
+                               ("accept_licence", args.accept_licence)) if v}
     with reporter.bytes_progress(f"{entry.id} {entry.version}") as cb:
         path = catalog.fetch(entry, progress=cb, force=args.force, **local)
     if not args.quiet:
@@ -139,7 +143,10 @@ def register(subparsers) -> None:
                    help="use a local copy of the published checkpoint instead of downloading it")
     q.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="local folder with the text model's tokenizer files (Merlin: "
-                        "Clinical-Longformer's vocab.json and merges.txt)")
+                        "Clinical-Longformer's vocab.json and merges.txt; fVLM: CXR-BERT's vocab.txt)")
+    q.add_argument("--accept-licence", action="store_true",
+                   help="confirm a model's terms where it asks (fVLM: no licence file, trained on "
+                        "non-commercial CT-RATE data)")
     q.set_defaults(func=cmd_download)
 
     def _help(args, _p=p) -> int:

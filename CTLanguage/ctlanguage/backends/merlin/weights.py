@@ -35,9 +35,11 @@ TOKENIZER_DIR = "tokenizer"
 
 # ----------------------------------------------------------------------------- reading
 
-def read_checkpoint(path: str | Path, size: int | None = None, sha256: str | None = None) -> dict:
+def read_checkpoint(path: str | Path, size: int | None = None, sha256: str | None = None,
+                    containers: tuple = ("state_dict",)) -> dict:
     """Tensors of a pickled checkpoint, after the size/sha256 checks, with weights_only=True.
-    Accepts a flat ``{name: tensor}`` dict or ``{"state_dict": {...}, ...}``."""
+    Accepts a flat ``{name: tensor}`` dict or ``{<one of containers>: {...}, ...}`` (the other
+    entries, e.g. optimizer state, are dropped)."""
     import pickle
 
     import torch
@@ -59,8 +61,10 @@ def read_checkpoint(path: str | Path, size: int | None = None, sha256: str | Non
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{p.name} is not a plain tensor checkpoint; refusing it ({first})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    for key in containers:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"{p.name} does not hold a state dict")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
