@@ -210,17 +210,33 @@ class _SeriesSampler:
             return np.flatnonzero(inside)
         return np.array([i for i, s in enumerate(self.samplers) if s(mask).any()], np.int64)
 
+    def window(self, extent) -> tuple[int, int, int, int]:
+        """(row0, row1, col0, col1), half-open: the part of every frame where a mask with this
+        extent can be non-zero; columns widened to multiples of 8 (whole bytes of a packed row).
+        The whole frame on the per-instance path."""
+        if self.fast is None or extent.box is None:
+            return 0, self.rows, 0, self.cols
+        perm, _, rows_idx, cols_idx = self.fast
+        out = []
+        for ix, span in ((rows_idx, extent.box[perm[1]]), (cols_idx, extent.box[perm[2]])):
+            hit = np.flatnonzero((ix >= span.start) & (ix < span.stop))
+            out += [int(hit[0]), int(hit[-1]) + 1] if hit.size else [0, 0]
+        r0, r1, c0, c1 = out
+        return r0, r1, c0 // 8 * 8, min(-(-c1 // 8) * 8, self.cols)
+
     def write_frames(self, mask: np.ndarray, frames: np.ndarray, out: np.ndarray,
-                     rows_of_out: np.ndarray) -> None:
+                     rows_of_out: np.ndarray, window: tuple[int, int, int, int] | None = None) -> None:
         """Sample ``frames`` of the mask as 0/1 into ``out[rows_of_out[n]]`` (uint8 [F, rows,
-        cols]). One pass over each frame, no temporary stack."""
+        cols]; with ``window`` (row0, row1, col0, col1), only that part of each frame, and
+        ``out`` is [F, row1 - row0, col1 - col0]). One pass over each frame, no temporary stack."""
+        r0, r1, c0, c1 = window or (0, self.rows, 0, self.cols)
         if self.fast is not None:
             perm, fixed_idx, rows_idx, cols_idx = self.fast
             v = mask.transpose(perm)
-            rs, cs = _as_slice(rows_idx), _as_slice(cols_idx)
+            rs, cs = _as_slice(rows_idx[r0:r1]), _as_slice(cols_idx[c0:c1])
             planes = (v[fixed_idx[f]][rs][:, cs] for f in frames.tolist())
         else:
-            planes = (self.samplers[f](mask) for f in frames.tolist())
+            planes = (self.samplers[f](mask)[r0:r1, c0:c1] for f in frames.tolist())
         for src, r in zip(planes, rows_of_out.tolist()):
             np.not_equal(src, 0, out=out[r].view(bool))
 
@@ -303,20 +319,27 @@ def segment_codes(f: Any) -> dict:
 
 # ------------------------------------------------------------------------------- writer
 
-def _sample_segments(sampler: _SeriesSampler, masks, cands) -> list[dict]:
+def _sample_segments(sampler: _SeriesSampler, masks, extents, cands) -> list[dict]:
     """Per segment: {source instance index: its frame as little-endian packed bits} for the
-    frames that hold any of its pixels (highdicom's ``omit_empty_frames``)."""
+    frames that hold any of its pixels (highdicom's ``omit_empty_frames``). Only the window of
+    the frames that the mask's bounding box reaches is sampled and packed (with whole-byte rows,
+    a packed frame is its packed rows one after the other)."""
+    rows, cols = sampler.rows, sampler.cols
     out: list[dict] = []
-    for m, idx in zip(masks, cands):
+    for m, e, idx in zip(masks, extents, cands):
         if m is None or idx.size == 0:
             out.append({})
             continue
-        buf = np.zeros((idx.size, sampler.rows, sampler.cols), np.uint8)
-        sampler.write_frames(m, idx, buf, np.arange(idx.size))
-        flat = buf.reshape(idx.size, -1)
-        keep = flat.max(axis=1) > 0
-        packed = np.packbits(flat[keep], axis=1, bitorder="little")
-        out.append(dict(zip(idx[keep].tolist(), packed)))
+        r0, r1, c0, c1 = sampler.window(e) if cols % 8 == 0 else (0, rows, 0, cols)
+        buf = np.zeros((idx.size, r1 - r0, c1 - c0), np.uint8)
+        sampler.write_frames(m, idx, buf, np.arange(idx.size), (r0, r1, c0, c1))
+        keep = buf.reshape(idx.size, -1).max(axis=1, initial=0) > 0
+        if cols % 8 == 0:
+            packed = np.zeros((int(keep.sum()), rows, cols // 8), np.uint8)
+            packed[:, r0:r1, c0 // 8:c1 // 8] = np.packbits(buf[keep], axis=-1, bitorder="little")
+        else:
+            packed = np.packbits(buf[keep].reshape(int(keep.sum()), -1), axis=-1, bitorder="little")
+        out.append(dict(zip(idx[keep].tolist(), packed.reshape(int(keep.sum()), -1))))
     return out
 
 
@@ -416,7 +439,7 @@ def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], sour
     extents = extents_for(findings, extents)
     # per segment: the frames (instance indices) that can hold its voxels, from its extent
     cands = [sampler.candidate_frames(m, e) for m, e in zip(masks, extents)]
-    frames = _sample_segments(sampler, masks, cands)
+    frames = _sample_segments(sampler, masks, extents, cands)
     # only instances that hold any segment become frames; the others are still listed as
     # referenced instances of the series
     used = np.array(sorted(set().union(*(f.keys() for f in frames))), np.int64)
@@ -458,10 +481,9 @@ def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], sour
             expanded = expand_template(seg, frames, [datasets[i] for i in used], row_of)
         if expanded is None:   # highdicom writes every frame
             planes = np.zeros((used.size, n_seg, rows, cols), np.uint8)
-            for n, fr in enumerate(frames):
-                for i, bits in fr.items():
-                    planes[row_of[i], n] = np.unpackbits(bits, count=rows * cols,
-                                                         bitorder="little").reshape(rows, cols)
+            for n, (m, idx) in enumerate(zip(masks, cands)):
+                idx = idx[np.isin(idx, used)]
+                sampler.write_frames(m, idx, planes[:, n], np.searchsorted(used, idx))
             seg = hd.seg.Segmentation(pixel_array=np.moveaxis(planes, 1, -1), **kwargs)
     except (ValueError, TypeError, AttributeError) as exc:
         raise ExportError(f"could not build the DICOM SEG: {exc}") from None
