@@ -17,6 +17,9 @@ from ctlanguage.exports import ExportFinding
 from ctlanguage.volume import CTVolume
 
 SHAPE = (24, 40, 48)
+# frame sizes off the byte grid: columns not a multiple of 8 (frames packed whole, not row by
+# row), and rows x columns not a multiple of 8 (frames not byte-aligned: highdicom writes all)
+_ODD_SHAPES = {"odd-columns": (12, 20, 42), "odd-frame": (12, 21, 23)}
 _STAMPS = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime",
            "SeriesDate", "SeriesTime")
 
@@ -37,6 +40,8 @@ def _series(tmp_path, kind):
     folder = tmp_path / kind
     if kind == "tilted":
         tilted_series(folder, deg=15.0, shape=(12, 20, 24))
+    elif kind in _ODD_SHAPES:
+        write_dicom_series(synthetic_volume(_ODD_SHAPES[kind]), folder)
     else:
         write_dicom_series(synthetic_volume(SHAPE, _rot_affine() if kind == "oblique" else None), folder)
     vol = read_ct(folder)
@@ -90,7 +95,7 @@ def _without_stamps(ds):
     return ds
 
 
-@pytest.mark.parametrize("kind", ["axial", "oblique", "reoriented", "tilted"])
+@pytest.mark.parametrize("kind", ["axial", "oblique", "reoriented", "tilted", "odd-columns"])
 @pytest.mark.parametrize("n_seg", [1, 4])
 def test_expanded_seg_equals_highdicom_writing_every_frame(tmp_path, kind, n_seg, monkeypatch):
     from ctlanguage.exports import dicom_seg_file
@@ -153,7 +158,7 @@ def test_fast_save_is_byte_identical_to_pydicom(tmp_path):
     assert encode_element(ds, 0x00082112) == fp.getvalue()
 
 
-@pytest.mark.parametrize("kind", ["oblique", "reoriented"])
+@pytest.mark.parametrize("kind", ["oblique", "reoriented", "odd-columns", "odd-frame"])
 def test_seg_frames_land_on_the_source_voxels(tmp_path, kind):
     """Read back by highdicom per source instance, every segment equals its mask on the source
     grid, for an oblique LPS series and for a volume whose axes are permuted and flipped."""
