@@ -184,3 +184,24 @@ def test_seg_frames_land_on_the_source_voxels(tmp_path, kind):
             mask = mask.transpose(1, 2, 0)[::-1]
         assert mask.shape == px.shape[:3]
         np.testing.assert_array_equal(px[by_pos, :, :, n], mask, err_msg=f.prompt)
+
+
+def test_more_than_255_segments(tmp_path, monkeypatch):
+    """The template's label map needs 16 bits past 255 segments; the expansion still equals
+    highdicom writing every frame."""
+    from ctlanguage.exports import dicom_seg_file
+
+    folder, vol = _series(tmp_path, "axial")
+    fs = []
+    for s in range(260):
+        m = np.zeros(vol.shape, np.uint8)
+        j = (s // vol.shape[0]) % (vol.shape[1] - 3)
+        m[s % vol.shape[0], j:j + 3, 5:9] = 1
+        fs.append(ExportFinding(f"segment {s}", m, anatomy="liver"))
+    expanded = []
+    real = dicom_seg_file.expand_template
+    monkeypatch.setattr(dicom_seg_file, "expand_template", lambda *a: expanded.append(real(*a)) or expanded[-1])
+    a = _without_stamps(pydicom.dcmread(_write(tmp_path / "fast.dcm", vol, fs)))
+    assert expanded and expanded[0] is not None
+    b = _without_stamps(pydicom.dcmread(_write(tmp_path / "ref.dcm", vol, fs, via_highdicom_frames=True)))
+    assert int(a.NumberOfFrames) == 260 and a == b

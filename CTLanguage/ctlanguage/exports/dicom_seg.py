@@ -345,17 +345,20 @@ def _sample_segments(sampler: _SeriesSampler, masks, extents, cands) -> list[dic
 
 def _frames_overlap(masks, extents, frames: list[dict]) -> bool:
     """Whether two segments share a frame pixel. Sharing a voxel is necessary (every frame pixel
-    is one voxel), so only pairs that do are compared, on the frames both have, stopping at the
-    first shared pixel."""
-    for a in range(len(masks)):
-        for b in range(a + 1, len(masks)):
-            if masks[a] is None or masks[b] is None:
-                continue
-            if not masks_overlap(masks[a], extents[a], masks[b], extents[b]):
-                continue
-            for i in frames[a].keys() & frames[b].keys():
-                if np.bitwise_and(frames[a][i], frames[b][i]).any():
-                    return True
+    is one voxel), so only pairs whose bounding boxes intersect and that share a voxel are
+    compared, on the frames both have, stopping at the first shared pixel."""
+    have = np.array([m is not None and e.box is not None for m, e in zip(masks, extents)])
+    if have.sum() < 2:
+        return False
+    b = np.array([e.bounds() for e in extents]).reshape(-1, 3, 2)     # [segment, axis, lo/hi]
+    meet = np.all(np.maximum(b[:, None, :, 0], b[None, :, :, 0])
+                  < np.minimum(b[:, None, :, 1], b[None, :, :, 1]), axis=-1)
+    for a, c in np.argwhere(np.triu(meet & have[:, None] & have[None, :], 1)).tolist():
+        if not masks_overlap(masks[a], extents[a], masks[c], extents[c]):
+            continue
+        for i in frames[a].keys() & frames[c].keys():
+            if np.bitwise_and(frames[a][i], frames[c][i]).any():
+                return True
     return False
 
 
@@ -474,7 +477,7 @@ def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], sour
         if any_voxels and not via_highdicom_frames and (rows * cols) % 8 == 0:
             # template: segment 1 on one pixel of every used instance, segment s > 1 on pixel
             # s - 1 of the first one (so every segment has a frame to check the expansion on)
-            template = np.zeros((used.size, rows, cols), np.uint8)
+            template = np.zeros((used.size, rows, cols), np.uint8 if n_seg < 256 else np.uint16)
             template[:, 0, 0] = 1
             template.reshape(used.size, -1)[0, 1:n_seg] = np.arange(2, n_seg + 1)
             seg = hd.seg.Segmentation(pixel_array=template, **kwargs)
