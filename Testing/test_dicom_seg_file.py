@@ -205,3 +205,40 @@ def test_more_than_255_segments(tmp_path, monkeypatch):
     assert expanded and expanded[0] is not None
     b = _without_stamps(pydicom.dcmread(_write(tmp_path / "ref.dcm", vol, fs, via_highdicom_frames=True)))
     assert int(a.NumberOfFrames) == 260 and a == b
+
+
+def test_iod_lookups_are_memoised_only_while_a_seg_is_built(tmp_path, monkeypatch):
+    """highdicom's is_attribute_in_iod is memoised inside the writer (same answers) and is
+    highdicom's own function again afterwards, also after a failed SEG."""
+    from highdicom import _standard_utils as su
+
+    from ctlanguage.errors import ExportError
+    from ctlanguage.exports.dicom_seg import _memoised_iod_lookups, write_dicom_seg
+
+    original = su.is_attribute_in_iod
+    questions = [("NumberOfFrames", "1.2.840.10008.5.1.4.1.1.2", None),
+                 ("PixelData", "1.2.840.10008.5.1.4.1.1.2", ["IconImageSequence"]),
+                 ("NumberOfFrames", "1.2.840.10008.5.1.4.1.1.66.4", None),
+                 ("ContentDate", "1.2.840.10008.5.1.4.1.1.66.4", None),
+                 ("FloatPixelData", "1.2.840.10008.5.1.4.1.1.128", ["IconImageSequence"])]
+    want = [original(*q) for q in questions]
+    assert True in want and False in want
+    with _memoised_iod_lookups():
+        with _memoised_iod_lookups():          # nested (another thread's SEG): one swap
+            assert su.is_attribute_in_iod is not original
+            assert [su.is_attribute_in_iod(*q) for q in questions * 2] == want * 2
+        assert su.is_attribute_in_iod is not original
+    assert su.is_attribute_in_iod is original
+    folder, vol = _series(tmp_path, "axial")
+    _write(tmp_path / "seg.dcm", vol, _findings(vol.shape))
+    assert su.is_attribute_in_iod is original
+    import highdicom as hd
+
+    def fails(*a, **k):
+        assert su.is_attribute_in_iod is not original
+        raise ValueError("highdicom refused")
+
+    monkeypatch.setattr(hd.seg, "Segmentation", fails)
+    with pytest.raises(ExportError, match="highdicom refused"):
+        write_dicom_seg(tmp_path / "bad.dcm", vol, _findings(vol.shape), model=MODEL_INFO)
+    assert su.is_attribute_in_iod is original
