@@ -524,12 +524,19 @@ def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], sour
     with _memoised_iod_lookups():
         try:
             if any_voxels and not via_highdicom_frames and (rows * cols) % 8 == 0:
-                # template: segment 1 on one pixel of every used instance, segment s > 1 on pixel
-                # s - 1 of the first one (so every segment has a frame to check the expansion on)
-                template = np.zeros((used.size, rows, cols), np.uint8 if n_seg < 256 else np.uint16)
+                # template of (at most) two segments: segment 1 on one pixel of every used
+                # instance, segment 2 on another pixel of the first one (the frame the expansion
+                # is checked on); the other segments' descriptions are added afterwards, as
+                # highdicom would (for BINARY its Segment Sequence is the descriptions as given)
+                described = kwargs["segment_descriptions"]
+                template = np.zeros((used.size, rows, cols), np.uint8)
                 template[:, 0, 0] = 1
-                template.reshape(used.size, -1)[0, 1:n_seg] = np.arange(2, n_seg + 1)
-                seg = hd.seg.Segmentation(pixel_array=template, **kwargs)
+                if n_seg > 1:
+                    template[0, 0, 1] = 2
+                seg = hd.seg.Segmentation(pixel_array=template,
+                                          **{**kwargs, "segment_descriptions": described[:2]})
+                if n_seg > 2:
+                    seg.SegmentSequence = described
                 expanded = expand_template(seg, frames, [datasets[i] for i in used], row_of)
             if expanded is None:   # highdicom writes every frame
                 planes = np.zeros((used.size, n_seg, rows, cols), np.uint8)

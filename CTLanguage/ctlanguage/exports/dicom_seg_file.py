@@ -172,15 +172,17 @@ def expand_template(seg: Any, frames: list[dict], sources: list, row_of: dict) -
     template does not have the expected layout (the caller then lets highdicom write every frame).
 
     Template: ``sources`` (the instances that hold any segment) in highdicom's plane order as
-    the frames of segment 1, then one frame for each further segment (for a single segment the
-    template's items are the real ones). ``frames[s - 1]`` maps a
+    the frames of segment 1, then one frame of segment 2 (for a single segment the template's
+    items are the real ones). ``frames[s - 1]`` maps a
     source instance index (``row_of`` gives its position in ``sources``) to the packed bits of
     segment s's frame there. highdicom orders frames by segment, then plane; a frame's item
     differs between segments only in the segment number (Dimension Index Values[0] and
-    Referenced Segment Number), which is checked on the template's frame of every segment."""
+    Referenced Segment Number, fixed-width), which is checked on the template's frame of
+    segment 2."""
     n_seg, n_src = len(frames), len(sources)
+    n_template = min(n_seg, 2)   # segments the template has frames of
     items = seg.get("PerFrameFunctionalGroupsSequence")
-    if items is None or len(items) != n_src + n_seg - 1:
+    if items is None or len(items) != n_src + n_template - 1:
         return None
     uid_row = {str(ds.SOPInstanceUID): r for r, ds in enumerate(sources)}
 
@@ -202,7 +204,7 @@ def expand_template(seg: Any, frames: list[dict], sources: list, row_of: dict) -
         fields = [_segment_fields(b) for b in encoded] if n_seg > 1 else []
         if None in fields:
             return None
-        for s in range(2, n_seg + 1):
+        for s in range(2, n_template + 1):
             p = position.get(source_row(items[n_src + s - 2]))  # type: ignore[arg-type]
             if p is None or _with_segment(encoded[p], fields[p], s) != _encode_item(items[n_src + s - 2], encodings):
                 return None
