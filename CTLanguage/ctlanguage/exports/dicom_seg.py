@@ -535,9 +535,9 @@ def write_dicom_seg(path: str | Path, volume: Any, findings: Sequence[Any], sour
                     template[0, 0, 1] = 2
                 seg = hd.seg.Segmentation(pixel_array=template,
                                           **{**kwargs, "segment_descriptions": described[:2]})
-                if n_seg > 2:
+                if list(seg.SegmentSequence) == list(described[:2]):   # stored as given
                     seg.SegmentSequence = described
-                expanded = expand_template(seg, frames, [datasets[i] for i in used], row_of)
+                    expanded = expand_template(seg, frames, [datasets[i] for i in used], row_of)
             if expanded is None:   # highdicom writes every frame
                 planes = np.zeros((used.size, n_seg, rows, cols), np.uint8)
                 for n, (m, idx) in enumerate(zip(masks, cands)):
