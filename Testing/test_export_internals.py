@@ -195,7 +195,7 @@ def test_key_image_sections_match_full_volume_sums(affine):
 
 def test_seg_frames_of_a_mask_equal_full_sampling(tmp_path):
     """Frames chosen from a mask's extent and written one by one equal sampling the whole series
-    (0/1 planes and label-map values), on the vectorised and the per-instance path."""
+    (0/1 planes), on the vectorised and the per-instance path."""
     import pydicom
 
     from _export_helpers import synthetic_volume
@@ -224,6 +224,14 @@ def test_seg_frames_of_a_mask_equal_full_sampling(tmp_path):
             sampler.write_frames(m, idx, out, rows)
             np.testing.assert_array_equal(out[rows], full[idx].astype(np.uint8))
             assert not out[0].any() and not out[-1].any()
-            lab = np.full_like(out, 9)
-            sampler.write_frames(m, idx, lab, rows, label=4)
-            np.testing.assert_array_equal(lab[rows], np.where(full[idx], 4, 9))
+            # the window of the frames the mask's box reaches: all of its voxels, whole bytes
+            r0, r1, c0, c1 = win = sampler.window(mask_extent(m))
+            if vectorised and blobs == 1:   # one small blob: a real restriction
+                assert (r1 - r0) * (c1 - c0) < full.shape[1] * full.shape[2]
+            assert c0 % 8 == 0 and (c1 % 8 == 0 or c1 == full.shape[2])
+            inside = np.zeros(full.shape[1:], bool)
+            inside[r0:r1, c0:c1] = True
+            assert not full[:, ~inside].any()
+            part = np.zeros((len(idx), r1 - r0, c1 - c0), np.uint8)
+            sampler.write_frames(m, idx, part, np.arange(len(idx)), win)
+            np.testing.assert_array_equal(part, full[idx][:, r0:r1, c0:c1])

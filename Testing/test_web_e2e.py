@@ -248,6 +248,7 @@ def _rest(page, context, server, shots, tmp_path, session_url, errors, prompt):
     csv_text = csv_path.read_text()
     assert prompt in csv_text and ABSENT_PROMPT in csv_text
     assert page.url == session_url, page.url
+    assert page.locator("#export-warning").count() == 0   # a clean export warns of nothing
     with page.expect_download(timeout=60_000) as dl:
         page.click("#downloads a[data-kind='seg_nrrd']")
     assert dl.value.suggested_filename.endswith(".seg.nrrd")
@@ -376,6 +377,16 @@ def test_web_session_uploads_exports_and_cleanup(tmp_path):
     s.encode()
     s.run_prompts("liver lesion")
     assert s.export_file("dicom_seg")[0].stat().st_size > 0
+    assert s.export_warnings == []
+    # the source files gone by export time: no SEG, and the download says why (the warning the
+    # engine's export returned); the other exports are still there
+    for f in s.input.volume.metadata["files"]:
+        Path(f).unlink()
+    s.run_prompts("liver cyst")
+    with pytest.raises(ValueError, match="segmentation.dcm not written: .*can no longer be read"):
+        s.export_file("dicom_seg")
+    assert len(s.export_warnings) == 1 and "can no longer be read" in s.export_warnings[0]
+    assert "liver cyst" in s.export_file("csv")[0].read_text()
     # bad uploads: readable messages, no server path in them
     for files, pattern in [
         ([("broken.nii.gz", b"not a nifti" * 10)], "broken.nii.gz"),

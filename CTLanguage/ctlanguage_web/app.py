@@ -99,6 +99,7 @@ class CTLanguageWebApp:
         s.results = []
         s.selected_row = -1
         s.export_kinds = []
+        s.export_warning = ""
         s.download_base = f"/ctl-download/{self.token}"
         s.model_label = self.session.model_label()
         s.models = self.session.model_choices()
@@ -288,6 +289,7 @@ class CTLanguageWebApp:
             return
         s.results = rows
         s.export_kinds = self.session.export_kinds()
+        s.export_warning = ""   # new results: the next download exports them again
         # show the newest result that has a mask
         new = rows[before:] or rows[-1:]
         for r in new:
@@ -330,12 +332,20 @@ class CTLanguageWebApp:
             try:
                 path, name, mime = await loop.run_in_executor(None, self.session.export_file, kind)
             except ValueError as exc:
+                self._show_export_warning(str(exc))
                 return web.Response(status=409, text=str(exc), content_type="text/plain")
+            self._show_export_warning(" ".join(self.session.export_warnings))
             return web.FileResponse(path, headers={
                 "Content-Disposition": f'attachment; filename="{name}"', "Content-Type": mime,
                 "Cache-Control": "no-store"})
 
         wslink_server.app.router.add_get("/ctl-download/{token}/{kind}", download)
+
+    def _show_export_warning(self, text: str) -> None:
+        """The export's warnings (e.g. the DICOM SEG was not written, and why) in the page: a
+        download is a plain HTTP request, so the page learns of them only through the state."""
+        with self.state:
+            self.state.export_warning = text
 
     def _build_ui(self):
         from .page import build_page

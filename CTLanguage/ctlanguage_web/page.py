@@ -161,6 +161,8 @@ def _download_section(app, html, v):
                variant="tonal", classes="ma-1 download-btn",
                href=("`${download_base}/${k.kind}`",), raw_attrs=["download"],
                __properties=[("data_kind", "data-kind")], data_kind=("k.kind",))
+    v.VAlert(v_if=("export_warning",), text=("export_warning",), type="warning", density="compact",
+             variant="tonal", classes="mt-2", id="export-warning")
 
 
 def no_gutter(server, view_id, slicer_view):

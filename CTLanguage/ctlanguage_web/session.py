@@ -136,6 +136,7 @@ class WebSession:
         self._export_dir: Path | None = None
         self._export_version = -1
         self._export_lock = threading.Lock()
+        self.export_warnings: list[str] = []   # what the last export reported (e.g. no DICOM SEG, why)
 
     # ---- loading -----------------------------------------------------------------------------
     @staticmethod
@@ -444,8 +445,9 @@ class WebSession:
                 self._write_exports([r.finding for r in results])
             fname, download, mime = EXPORTS[kind]
             path = self._export_dir / fname
-            if not path.is_file():
-                raise ValueError(f"The {kind} export is not available for this input.")
+            if not path.is_file():   # e.g. a DICOM SEG the source series cannot carry: say why
+                why = [w for w in self.export_warnings if w.startswith(fname)]
+                raise ValueError(why[0] if why else f"The {kind} export is not available for this input.")
             return path, download, mime
 
     def _write_exports(self, findings) -> None:
@@ -460,10 +462,11 @@ class WebSession:
                  "exported_from": "CTLanguage web demo (trame-slicer)",
                  "present_threshold": PRESENT_THRESHOLD}
         try:
-            export_all(self.input.volume, findings, out, model=self.logic.model_record(),
-                       mask_threshold=self.logic.mask_threshold, extra=extra)
+            result = export_all(self.input.volume, findings, out, model=self.logic.model_record(),
+                                mask_threshold=self.logic.mask_threshold, extra=extra)
         except CTLanguageError as exc:
             raise ValueError(str(exc)) from None
+        self.export_warnings = list(result.warnings)
         with zipfile.ZipFile(out / "masks.zip", "w", zipfile.ZIP_STORED) as zf:
             for p in sorted((out / "masks").glob("*")):
                 zf.write(p, f"masks/{p.name}")
