@@ -17,6 +17,7 @@ from ctlanguage.engine.protocol import Request  # noqa: E402
 from ctlanguage.model import GroundedCTModel, ModelConfig  # noqa: E402
 from ctlanguage.model.image_encoder import coordinate_channels  # noqa: E402
 from ctlanguage.model.seg_head import anatomy_logits, members  # noqa: E402
+from ctlanguage.phrases import canonical_phrase  # noqa: E402
 from ctlanguage.training import losses as L  # noqa: E402
 from ctlanguage.training.dataset import ManifestDataset  # noqa: E402
 from ctlanguage.training.train import run_training  # noqa: E402
@@ -121,6 +122,10 @@ def test_training_with_the_seg_head(trained):
     m = GroundedCTModel.from_pretrained(export, device="cpu")
     assert m.seg_head is not None and m.config.seg_classes == CLASSES
     assert m.config.coord_mode == "inplane" and m.config.calibration["n_cases"] == 4
+    # each anatomy's mask source was chosen on the calibration split (seg head where it is as good)
+    src = m.config.calibration["anatomy_source"]["dice_seg_head_mask_head_n"]
+    assert set(m.config.seg_anatomies) == {a for a, (s, d, n) in src.items()
+                                           if members(a, CLASSES) and not s < d}
 
 
 def test_engine_takes_known_anatomy_and_finding_masks_from_the_seg_head(trained):
@@ -138,10 +143,13 @@ def test_engine_takes_known_anatomy_and_finding_masks_from_the_seg_head(trained)
         from ctlanguage.preprocess import to_model_space
 
         x = torch.from_numpy(to_model_space(vol, b.config.spec).array.astype(np.float32))[None, None]
-        cl, fl = b.model.seg_logits(b.model.encode_image(x).dense)
+        dense = b.model.encode_image(x).dense
+        cl, fl = b.model.seg_logits(dense)
         ref, _ = anatomy_logits(cl[0], ["liver"], CLASSES)
+        alt = b.model.mask_logits(dense, b.embed([canonical_phrase("liver")]))[0]
     ans = b.answer(st, Request(text="liver", kind="anatomy", anatomies=("liver",)))
-    assert np.allclose(ans.logit, ref[0].numpy(), atol=1e-4)
+    want = ref[0] if "liver" in b.config.seg_anatomies else alt[0]
+    assert np.allclose(ans.logit, want.numpy(), atol=1e-4)
     req = Request(text="liver lesion", kind="finding", anatomies=("liver",), finding="liver_lesion")
     ans = b.answer(st, req)
     inside = st.region(["liver"], grounded.RESTRICT_DILATION)

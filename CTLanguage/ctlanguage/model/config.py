@@ -62,6 +62,9 @@ class ModelConfig:
     # (background + these label-map structures) and sigmoid finding channels ([finding, side])
     seg_classes: list = field(default_factory=list)
     seg_findings: list = field(default_factory=list)
+    # anatomies whose masks come from the seg head (None: every one it has); chosen on the
+    # calibration split by training.train.choose_anatomy_source, the mask head answers the rest
+    seg_anatomies: list | None = None
     # zero-shot scoring
     logit_scale_init: float = 10.0
     logit_scale_max: float = 100.0
@@ -150,6 +153,9 @@ class ModelConfig:
             bad("seg_classes must be unique structure keys")
         if any(not isinstance(f, (list, tuple)) or len(f) != 2 for f in self.seg_findings):
             bad("seg_findings must be [finding, side] pairs")
+        if self.seg_anatomies is not None and (not isinstance(self.seg_anatomies, list) or
+                                               any(a not in self.anatomies for a in self.seg_anatomies)):
+            bad("seg_anatomies must be null or a list of the model's anatomies")
         if self.seg_findings and not self.seg_classes:
             bad("seg_findings need seg_classes")
         if self.presence_source not in ("organ", "global"):

@@ -97,6 +97,9 @@ class GroundedCTModel(nn.Module):
         if self.seg_head is None:
             return self.mask_logits(dense, text)
         lg, has = anatomy_logits(self.seg_head(dense)[0], list(anatomies), self.config.seg_classes)
+        chosen = self.config.seg_anatomies
+        if chosen is not None:
+            has = [h and a in chosen for h, a in zip(has, anatomies)]
         if not all(has):
             miss = [i for i, h in enumerate(has) if not h]
             lg[:, miss] = self.mask_logits(dense, text[miss]).float()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..metrics import dice, expected_calibration_error, roc_auc
 from ..model import GroundedCTModel, ModelConfig
+from ..model.seg_head import members
 from . import distributed as D
 from . import losses as L
 from . import phrases as PH
@@ -657,11 +658,42 @@ def _provenance(cfg, config_path, steps, world) -> dict:
             "phases": cfg.get("phases", []), "torch": torch.__version__}
 
 
+@torch.no_grad()
+def choose_anatomy_source(model: GroundedCTModel, dataset: ManifestDataset) -> dict:
+    """Per anatomy, mean Dice (model grid) of the seg head and of the text-conditioned mask head
+    on ``dataset``; sets ``config.seg_anatomies`` to those where the seg head is at least as good.
+    Returns {anatomy: [seg Dice, mask-head Dice, n cases]}."""
+    model.eval()
+    A = model.config.anatomies
+    ta = model.embed_text([canonical_phrase(a) for a in A])
+    scores = {a: [[], []] for a in A}
+    model.config.seg_anatomies = None
+    st = model.config.feature_stride
+    for n in range(len(dataset)):
+        s = dataset.sample(n)
+        dense = model.encode_image(s["image"][None]).dense
+        both = [model.anatomy_mask_logits(dense, A, ta)[0], model.mask_logits(dense, ta)[0]]
+        gt = s["anat_full"].numpy()
+        for k, lg in enumerate(both):
+            if st != 1:
+                lg = F.interpolate(lg[None], scale_factor=st, mode="trilinear", align_corners=False)[0]
+            for i, a in enumerate(A):
+                if gt[i].any():
+                    scores[a][k].append(dice((lg[i] > 0).numpy(), gt[i]))
+    out = {a: [float(np.mean(v[0])) if v[0] else float("nan"), float(np.mean(v[1])) if v[1] else float("nan"),
+               len(v[0])] for a, v in scores.items()}
+    has = {a for a in A if members(a, model.config.seg_classes)}
+    model.config.seg_anatomies = [a for a in A if a in has and not (out[a][0] < out[a][1])]
+    return out
+
+
 def calibrate(model_dir: Path, manifest: Path, device=None) -> dict:
-    """Fit the temperature on a calibration split and rewrite the model folder's config.json."""
+    """Fit the temperature on a calibration split and rewrite the model folder's config.json
+    (with a seg head, first choose each anatomy's mask source on the same split)."""
     model = GroundedCTModel.from_pretrained(model_dir, device=device)
     ds = ManifestDataset(manifest, model.config.spec, model.config.anatomies,
                          feature_stride=model.config.feature_stride)
+    source = choose_anatomy_source(model, ds) if model.seg_head is not None else None
     pred = collect_predictions(model, ds)
     zc, yc, names = case_level(pred["logits"], pred["labels"], pred["items"])
     T, bias = fit_platt(zc, yc, names)
@@ -680,6 +712,10 @@ def calibrate(model_dir: Path, manifest: Path, device=None) -> dict:
         "ece_temperature_only": after_t["ece"], "temperature_only": T_only,
         "ece_after": after["ece"], "auc": after["mean_finding_auc"],
     }
+    if source is not None:
+        model.config.calibration["anatomy_source"] = {
+            "rule": "seg head where its mean Dice on this split is >= the mask head's, else the mask head",
+            "dice_seg_head_mask_head_n": source}
     model.save_pretrained(model_dir)
     log.info("calibration T=%.3f, offsets fitted (ECE %.4f -> %.4f; temperature only %.4f)",
              T, before["ece"], after["ece"], after_t["ece"])
