@@ -166,3 +166,20 @@ def test_v2_style_config_has_no_seg_head(random_model):
     assert m.seg_head is None and m.config.coord_mode == "crop"
     with pytest.raises(ValueError):
         m.seg_logits(torch.zeros(1, 8, 2, 2, 2))
+
+
+def test_feature_grid_targets_equal_average_pooling():
+    """The faster target builders give exactly what avg_pool3d of the binary masks gave."""
+    import torch.nn.functional as F
+
+    from ctlanguage.training.dataset import block_mean, class_fractions
+
+    rng = np.random.default_rng(0)
+    masks = torch.from_numpy((rng.random((3, 8, 6, 4)) > 0.6).astype(np.uint8))
+    masks[1] = 0
+    ref = F.avg_pool3d(masks[None].float(), 2)[0]
+    assert torch.equal(block_mean(masks, 2), ref)
+    cls = rng.integers(-1, 4, (8, 6, 4))        # -1: ignored voxels
+    frac = class_fractions(np.where(cls < 0, -100, cls), 4, 2)
+    onehot = torch.stack([torch.from_numpy(cls == k) for k in range(4)]).float()
+    assert torch.allclose(frac, F.avg_pool3d(onehot[None], 2)[0])
