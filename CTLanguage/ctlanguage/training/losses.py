@@ -1,6 +1,7 @@
 """Training losses (each switchable in the training config).
 
 * seg_loss                Dice + BCE of the text-conditioned mask head (organ and finding phrases)
+* multiclass_seg_loss     softmax CE + Dice of the stage-1 segmentation head (label-map classes)
 * organ_contrastive_loss  organ embedding <-> per-anatomy report sentence (fVLM / CT-GLIP), with
                           optional false-negative calibration (normal-normal and identical-text
                           pairs are positives, row-normalised soft targets) and optional extra
@@ -39,6 +40,21 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
     has = (n_fg[..., 0] > 0.5).float()
     dice_term = (dice * has).sum() / has.sum().clamp_min(1.0)
     return dice_weight * dice_term + bce_weight * bce.mean()
+
+
+def multiclass_seg_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """logits [B,K+1,...], target [B,K+1,...] class fractions per voxel (class 0 background; all
+    zero where the voxel is ignored) -> soft-label CE + soft Dice averaged over the (case,
+    foreground class) pairs present in the target."""
+    logits, t = logits.float().flatten(2), target.float().flatten(2)
+    w = t.sum(1)                                           # [B,P] 1 where labelled, 0 ignored
+    ce = -(t * F.log_softmax(logits, dim=1)).sum(1).sum() / w.sum().clamp_min(1.0)
+    p = torch.softmax(logits, dim=1) * w[:, None]
+    inter = (p * t).sum(-1)[:, 1:]
+    denom = (p.sum(-1) + t.sum(-1))[:, 1:]
+    dice = 1.0 - (2.0 * inter + smooth) / (denom + smooth)
+    has = (t.sum(-1)[:, 1:] > 0.5).float()
+    return ce + (dice * has).sum() / has.sum().clamp_min(1.0)
 
 
 def soft_target_matrix(text_ids, normal, anatomy, fn_calibration: bool) -> torch.Tensor:

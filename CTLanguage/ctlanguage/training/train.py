@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..metrics import dice, expected_calibration_error, roc_auc
 from ..model import GroundedCTModel, ModelConfig
+from ..model.seg_head import members
 from . import distributed as D
 from . import losses as L
 from . import phrases as PH
@@ -34,7 +35,7 @@ DEFAULT_LOSSES = {
     "seg": 1.0, "organ_contrastive": 0.5, "fn_calibration": True, "abnormality_dictionary": True,
     "dictionary_negatives": 64, "presence": 1.0, "consistency": 0.0, "global_clip": 0.0,
     "absent_finding_prompts": 6, "anatomy_prompts": 0, "unsided_prompt_prob": 0.25,
-    "presence_pos_weight": None, "pool_predicted_masks": 0.0,
+    "presence_pos_weight": None, "pool_predicted_masks": 0.0, "seg_head": 0.0, "finding_seg": 0.0,
 }
 DEFAULT_TRAIN = {
     "steps": 200, "batch_size": 2, "lr": 2e-3, "weight_decay": 1e-4, "warmup_steps": 20,
@@ -55,6 +56,8 @@ class TrainingObjective(nn.Module):
         self.judged = [a for a in PH.judged_anatomies() if a in model.config.anatomies]
         self.judged_idx = [model.config.anatomies.index(a) for a in self.judged]
         self.item_judged = [self.judged.index(a) if a in self.judged else -1 for _, _, a in self.items]
+        item_of = {(f, s): i for i, (f, s, _) in enumerate(self.items)}
+        self.seg_items = [item_of.get(tuple(fs)) for fs in model.config.seg_findings]
 
     # --- phrase plans ------------------------------------------------------------------
     def _seg_prompts(self, batch, rng):
@@ -121,6 +124,15 @@ class TrainingObjective(nn.Module):
         dense = feats.dense
         parts = {}
         B = img.shape[0]
+        if m.seg_head is not None and (cfg["seg_head"] > 0 or cfg["finding_seg"] > 0):
+            cl, fl = m.seg_logits(dense)   # losses on the feature grid against soft targets
+            if cfg["seg_head"] > 0:
+                parts["seg_head"] = L.multiclass_seg_loss(cl, batch["seg"].to(dev))
+            known = batch["find_known"]
+            sel = [(c, i) for c, i in enumerate(self.seg_items) if i is not None and bool(known[:, i].all())]
+            if cfg["finding_seg"] > 0 and fl is not None and sel:
+                tgt = batch["find"][:, [i for _, i in sel]].to(dev)
+                parts["finding_seg"] = L.seg_loss(fl[:, [c for c, _ in sel]], tgt)
         if cfg["seg"] > 0:
             prompts, targets = self._seg_prompts(batch, rng)
             if prompts:
@@ -138,7 +150,7 @@ class TrainingObjective(nn.Module):
                 # 0.57 with predicted ones (step 1600 of v2)
                 with torch.no_grad():
                     tj = m.embed_text([canonical_phrase(a) for a in self.judged])
-                    masks = (m.mask_logits(dense.detach(), tj) > 0).to(dense.dtype)
+                    masks = (m.anatomy_mask_logits(dense.detach(), self.judged, tj) > 0).to(dense.dtype)
             emb = m.organ_embeddings(dense, masks, anatomies=self.judged)    # [B,J,E]
         if cfg["organ_contrastive"] > 0:
             texts, normal, anat = self._report_texts(batch, rng)
@@ -215,6 +227,7 @@ def collect_predictions(model: GroundedCTModel, dataset: ManifestDataset, heldou
     f_prompts = [canonical_phrase(f, s) for f, s, _ in items]
     ta = model.embed_text(a_prompts)
     tf = model.embed_text(f_prompts)
+    chan_f = model.finding_channels([(f, s) for f, s, _ in items]) if model.seg_head is not None else None
     ens = [PH.ensemble_for(f, s) for f, s, _ in items]
     pe = [model.embed_text(list(p)) for p, _ in ens]
     ne = [model.embed_text(list(n)) for _, n in ens]
@@ -228,8 +241,11 @@ def collect_predictions(model: GroundedCTModel, dataset: ManifestDataset, heldou
         s = dataset.sample(n)
         x = s["image"][None]
         feats = model.encode_image(x)
-        la = model.mask_logits(feats.dense, ta)[0]
+        la = model.anatomy_mask_logits(feats.dense, anatomies, ta)[0]
         lf = model.mask_logits(feats.dense, tf)[0]
+        if model.seg_head is not None and chan_f and any(ch is not None for ch in chan_f):
+            fl = model.seg_logits(feats.dense)[1][0]
+            lf = torch.stack([fl[ch] if ch is not None else lf[i] for i, ch in enumerate(chan_f)])
         st = model.config.feature_stride
         up = (lambda z: z) if st == 1 else \
             (lambda z: F.interpolate(z[None], scale_factor=st, mode="trilinear", align_corners=False)[0])
@@ -463,6 +479,22 @@ def ensure_corpus(spec: dict, base: Path) -> Path:
     return manifest
 
 
+def _init_from(model, directory, base: Path) -> None:
+    """Start from another checkpoint's weights (checksums verified): every tensor whose name and
+    shape match is copied; new modules (e.g. the seg head) keep their initialisation."""
+    from ..model.checkpoint import load_state_dict, verify_checksums
+
+    d = Path(directory)
+    d = d if d.is_absolute() else base / d
+    verify_checksums(d)
+    src = load_state_dict(d / "model.safetensors")
+    own = model.state_dict()
+    same = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(same, strict=False)
+    log.info("initialised %d of %d tensors from %s (new or reshaped: %s)", len(same), len(own), d,
+             sorted(set(own) - set(same))[:8])
+
+
 def _make_scheduler(optimizer, warmup: int, total: int):
     def f(step):
         if step < warmup:
@@ -506,7 +538,8 @@ def _run(cfg, tcfg, lcfg, base, out, rank, world, device, config_path, resume, q
     two_views = float(lcfg["consistency"]) > 0
     fs = model_cfg.feature_stride
     train_ds = ManifestDataset(manifests["train"], spec, model_cfg.anatomies, augment=True,
-                               seed=seed, two_views=two_views, feature_stride=fs)
+                               seed=seed, two_views=two_views, feature_stride=fs,
+                               seg_classes=model_cfg.seg_classes, crop=cfg.get("crop"))
     val_ds = ManifestDataset(manifests["val"], spec, model_cfg.anatomies, feature_stride=fs) \
         if "val" in manifests and D.is_main() else None
 
@@ -523,6 +556,8 @@ def _run(cfg, tcfg, lcfg, base, out, rank, world, device, config_path, resume, q
     start = _load_training_state(out, model, optimizer, scheduler) if resume else 0
     if start and D.is_main():
         log.info("resuming from step %d", start)
+    if not start and cfg.get("init_from"):
+        _init_from(model, cfg["init_from"], base)
     use_amp = bool(tcfg["amp"]) and device.type == "cuda"
     bs = int(tcfg["batch_size"])
     n = len(train_ds)
@@ -623,11 +658,42 @@ def _provenance(cfg, config_path, steps, world) -> dict:
             "phases": cfg.get("phases", []), "torch": torch.__version__}
 
 
+@torch.no_grad()
+def choose_anatomy_source(model: GroundedCTModel, dataset: ManifestDataset) -> dict:
+    """Per anatomy, mean Dice (model grid) of the seg head and of the text-conditioned mask head
+    on ``dataset``; sets ``config.seg_anatomies`` to those where the seg head is at least as good.
+    Returns {anatomy: [seg Dice, mask-head Dice, n cases]}."""
+    model.eval()
+    A = model.config.anatomies
+    ta = model.embed_text([canonical_phrase(a) for a in A])
+    scores = {a: [[], []] for a in A}
+    model.config.seg_anatomies = None
+    st = model.config.feature_stride
+    for n in range(len(dataset)):
+        s = dataset.sample(n)
+        dense = model.encode_image(s["image"][None]).dense
+        both = [model.anatomy_mask_logits(dense, A, ta)[0], model.mask_logits(dense, ta)[0]]
+        gt = s["anat_full"].numpy()
+        for k, lg in enumerate(both):
+            if st != 1:
+                lg = F.interpolate(lg[None], scale_factor=st, mode="trilinear", align_corners=False)[0]
+            for i, a in enumerate(A):
+                if gt[i].any():
+                    scores[a][k].append(dice((lg[i] > 0).numpy(), gt[i]))
+    out = {a: [float(np.mean(v[0])) if v[0] else float("nan"), float(np.mean(v[1])) if v[1] else float("nan"),
+               len(v[0])] for a, v in scores.items()}
+    has = {a for a in A if members(a, model.config.seg_classes)}
+    model.config.seg_anatomies = [a for a in A if a in has and not (out[a][0] < out[a][1])]
+    return out
+
+
 def calibrate(model_dir: Path, manifest: Path, device=None) -> dict:
-    """Fit the temperature on a calibration split and rewrite the model folder's config.json."""
+    """Fit the temperature on a calibration split and rewrite the model folder's config.json
+    (with a seg head, first choose each anatomy's mask source on the same split)."""
     model = GroundedCTModel.from_pretrained(model_dir, device=device)
     ds = ManifestDataset(manifest, model.config.spec, model.config.anatomies,
                          feature_stride=model.config.feature_stride)
+    source = choose_anatomy_source(model, ds) if model.seg_head is not None else None
     pred = collect_predictions(model, ds)
     zc, yc, names = case_level(pred["logits"], pred["labels"], pred["items"])
     T, bias = fit_platt(zc, yc, names)
@@ -646,6 +712,10 @@ def calibrate(model_dir: Path, manifest: Path, device=None) -> dict:
         "ece_temperature_only": after_t["ece"], "temperature_only": T_only,
         "ece_after": after["ece"], "auc": after["mean_finding_auc"],
     }
+    if source is not None:
+        model.config.calibration["anatomy_source"] = {
+            "rule": "seg head where its mean Dice on this split is >= the mask head's, else the mask head",
+            "dice_seg_head_mask_head_n": source}
     model.save_pretrained(model_dir)
     log.info("calibration T=%.3f, offsets fitted (ECE %.4f -> %.4f; temperature only %.4f)",
              T, before["ece"], after["ece"], after_t["ece"])
