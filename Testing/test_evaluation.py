@@ -181,3 +181,27 @@ def test_evaluate_pictures_show_the_numbers_of_the_tables(tmp_path_factory, rand
     assert shown["dice"] == {k: v["dice"] for k, v in m["structures"].items() if v["dice"] is not None}
     for k, d in shown["dice"].items():
         assert f"| {k} | {E._f(d)} |" in md
+
+
+def test_a_scores_model_that_covers_some_findings_is_evaluated_on_those(tiny_manifest):
+    """A scores backend with no number for most findings (fVLM scores 8): evaluation measures the
+    findings it scores and leaves the others out instead of failing or counting them as 0."""
+    import _fake_engine
+    from ctlanguage.engine import Engine
+    from ctlanguage.engine.protocol import Answer
+    from ctlanguage.evaluation import evaluate_model
+
+    covered = {"pleural_effusion", "cardiomegaly", "emphysema"}
+
+    class Partial(_fake_engine.FakeBackend):
+        def answer(self, state, request):
+            ans = super().answer(state, request)
+            if request.finding not in covered:
+                ans = Answer(model=ans.model, logit=ans.logit, grid=ans.grid, calibrated=False)
+            return ans
+
+    eng = Engine(dict.fromkeys(("anatomy", "masks", "scores"), Partial(model_id="partial")), device="cpu")
+    m = evaluate_model(eng, tiny_manifest)
+    scored = {k for k, v in m["findings"].items() if v["n_pos"] + v["n_neg"] > 0}
+    assert scored and scored <= covered
+    assert m["paraphrases"]["n_items_scored"] > 0

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from .errors import CTLanguageError
 from .manifest import read_manifest, read_structures, sided_label
 from .metrics import dice, expected_calibration_error, nanmean, reliability_table, roc_auc
 from .phrases import canonical_phrase as canonical_prompt
@@ -166,6 +167,8 @@ def evaluate_model(model: Any, manifest: str | Path, *, device: Optional[str] = 
             if y is None:
                 continue
             f = ask(canonical_prompt(name), masks=False)
+            if f.probability is None:   # the scores model gives no number for it (e.g. fVLM)
+                continue
             c.probs.setdefault(name, []).append((f.probability, y))
 
         # --- held-out paraphrases (system level: parser + fallback + model)
@@ -183,15 +186,22 @@ def evaluate_model(model: Any, manifest: str | Path, *, device: Optional[str] = 
             y = sided_label(case, key, lat)
             if y is None:
                 continue
+            canon = ask(canonical_prompt(key, lat), masks=False)
+            if canon.probability is None:   # no number for this finding from this model
+                continue
             f = ask(text, masks=False)
             p = f.probability if f.probability is not None else 0.0
             c.para_probs.setdefault(key, []).append((p, y))
-            canon = ask(canonical_prompt(key, lat), masks=False)
             c.para_canon.setdefault(key, []).append((canon.probability, y))
             # model level: the paraphrase itself as the positive phrasing of the presence score
-            c.text_probs.setdefault(key, []).append(
-                (engine.presence_probability(enc, key, lat, positives=[text]), y))
-            c.text_canon.setdefault(key, []).append((engine.presence_probability(enc, key, lat), y))
+            try:
+                pair = (engine.presence_probability(enc, key, lat, positives=[text]),
+                        engine.presence_probability(enc, key, lat))
+            except CTLanguageError:   # no number, or no custom phrasing, from this scores model
+                pair = None
+            if pair is not None:
+                c.text_probs.setdefault(key, []).append((pair[0], y))
+                c.text_canon.setdefault(key, []).append((pair[1], y))
             c.para_parsed_ok.append(f.finding == key and (lat is None or f.laterality == lat))
         del enc, volume
     if progress:

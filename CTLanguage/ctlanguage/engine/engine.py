@@ -401,6 +401,8 @@ class Engine:
             raise CTLanguageError(f"{sb.info.id} cannot give custom-phrasing or raw scores.")
         ans = sb.answer(state, Request(text=finding, kind="finding", anatomies=covers, finding=finding,
                                        laterality=laterality, want_mask=False))
+        if not ans.scores:
+            raise InputError(f"{sb.info.id} gives no score for {finding!r} on this scan")
         return float(max(ans.scores.values()))
 
 
