@@ -98,9 +98,10 @@ def download_model(model_id: str, progress=None) -> str:
     entry = cat.find_entry(model_id)
     if entry is None:
         raise ValueError(f"Unknown model '{model_id}'.")
+    # a member already on disk returns at once from its fetch (verified, nothing downloaded)
     todo = [entry] if not entry.pipeline else [
         m for m in (cat.find_entry(i) for i in dict.fromkeys(entry.pipeline.values()))
-        if m is not None and cat.fetchable(m) and m.id in set(entry_choice(entry, cat.load_catalog()).missing)]
+        if m is not None and cat.fetchable(m)]
     path = ""
     for member in todo:
         try:

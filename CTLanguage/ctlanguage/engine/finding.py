@@ -87,17 +87,11 @@ class Finding:
                                                         presence_threshold, self.decision_score)
 
     def without_mask(self) -> "Finding":
-        """This finding with an empty mask, marked suppressed (judged absent); its logits stay,
-        so ``with_mask()`` draws it again."""
+        """This finding with an empty mask, marked suppressed (judged absent); its logits stay
+        (heat map)."""
         if self.mask is None:
             return dataclasses.replace(self, mask_suppressed=True)
         return dataclasses.replace(self, mask=np.zeros_like(self.mask), volume_ml=0.0, mask_suppressed=True)
-
-    def with_mask(self) -> "Finding":
-        """The mask of a finding whose mask was suppressed (from its logits at its threshold)."""
-        if not self.mask_suppressed or self._logit is None:
-            return self
-        return dataclasses.replace(self, mask_suppressed=False).with_threshold(self.mask_threshold)
 
     def to_dict(self) -> dict:
         """JSON-ready summary (without the mask)."""

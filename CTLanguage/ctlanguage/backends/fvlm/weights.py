@@ -16,13 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ... import catalog
 from ...errors import CheckpointError, CTLanguageError
-from ..merlin.weights import read_checkpoint
+from ..merlin.weights import read_checkpoint, write_converted_folder
 
 FORMAT = "ctlanguage-fvlm/1"
 TOKENIZER_DIR = "tokenizer"
@@ -136,8 +135,6 @@ def convert(checkpoint: str | Path, tokenizer_dir: str | Path, dest: str | Path,
             sha256: str | None = None, url: str | None = None, accept_terms: bool = False) -> dict:
     """Check and convert the published pickle into the model folder ``dest`` (written to a
     temporary sibling, verified, then renamed). Returns its config."""
-    import torch
-    from safetensors.torch import save_file
 
     if not accept_terms:
         require_terms()
@@ -148,38 +145,14 @@ def convert(checkpoint: str | Path, tokenizer_dir: str | Path, dest: str | Path,
     state, dropped = split_unused(state)
     vision, text = configs_from_shapes({k: tuple(v.shape) for k, v in state.items()}, tok)
     state = check_against(state, expected_shapes(vision, text))
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        tensors = {k: v.detach().to(torch.float32).contiguous() if v.is_floating_point()
-                   else v.detach().contiguous() for k, v in state.items()}
-        save_file(tensors, str(tmp / catalog.WEIGHTS), metadata={"format": FORMAT})
-        del tensors
-        (tmp / TOKENIZER_DIR).mkdir()
-        for name in TOKENIZER_FILES + TOKENIZER_OPTIONAL:
-            if (tok / name).is_file():
-                shutil.copyfile(tok / name, tmp / TOKENIZER_DIR / name)
-        config = {"id": model_id, "version": version, "backend": "fvlm", "format": FORMAT,
-                  "vision_config": vision, "text_config": text,
-                  "dropped_unused": {"count": len(dropped), "prefixes": list(UNUSED)},
-                  "terms": TERMS,
-                  "terms_accepted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "source": {"file": Path(checkpoint).name, "url": url,
-                             "size": Path(checkpoint).stat().st_size, "sha256": source_sha,
-                             "sha256_from": "catalog" if sha256 else "computed at conversion"},
-                  "tokenizer_sha256": {p.name: catalog.sha256_file(p)
-                                       for p in sorted((tmp / TOKENIZER_DIR).iterdir())}}
-        (tmp / catalog.CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        sums = [f"{catalog.sha256_file(tmp / n)}  {n}" for n in (catalog.WEIGHTS, catalog.CONFIG)]
-        (tmp / catalog.SUMS).write_text("\n".join(sums) + "\n", encoding="utf-8")
-        catalog.verify_model_dir(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return config
+    return write_converted_folder(
+        dest, state, fmt=FORMAT, tokenizer_dir=tok, tokenizer_files=TOKENIZER_FILES + TOKENIZER_OPTIONAL,
+        config={"id": model_id, "version": version, "backend": "fvlm", "format": FORMAT,
+                "vision_config": vision, "text_config": text,
+                "dropped_unused": {"count": len(dropped), "prefixes": list(UNUSED)},
+                "terms": TERMS,
+                "terms_accepted": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        checkpoint=checkpoint, url=url, sha256=sha256, source_sha=source_sha)
 
 
 def read_config(folder: str | Path) -> dict:

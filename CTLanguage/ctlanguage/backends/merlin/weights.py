@@ -140,8 +140,6 @@ def convert(checkpoint: str | Path, tokenizer_dir: str | Path, dest: str | Path,
             sha256: str | None = None, url: str | None = None) -> dict:
     """Check and convert the upstream pickle into a model folder ``dest`` (created atomically:
     written to a temporary sibling, verified, then renamed). Returns its config."""
-    import torch
-    from safetensors.torch import save_file
 
     tok = Path(tokenizer_dir)
     text_mod.load_tokenizer(tok)  # fail early if the tokenizer files are missing or unreadable
@@ -149,20 +147,34 @@ def convert(checkpoint: str | Path, tokenizer_dir: str | Path, dest: str | Path,
     source_sha = sha256.lower() if sha256 else catalog.sha256_file(checkpoint)
     cfg = text_config(state, tok)
     state = check_against(state, expected_shapes(cfg))
-    dest = Path(dest)
+    return write_converted_folder(
+        dest, state, fmt=FORMAT, tokenizer_dir=tok,
+        tokenizer_files=text_mod.TOKENIZER_FILES + text_mod.TOKENIZER_OPTIONAL,
+        config={"id": model_id, "version": version, "backend": "merlin", "format": FORMAT, "text_config": cfg},
+        checkpoint=checkpoint, url=url, sha256=sha256, source_sha=source_sha)
+
+
+def write_converted_folder(dest, state: dict, *, fmt: str, tokenizer_dir, tokenizer_files, config: dict,
+                           checkpoint, url, sha256, source_sha: str) -> dict:
+    """Write a converted published model atomically (temporary sibling, verified, renamed into
+    ``dest``): fp32 ``model.safetensors``, the tokenizer files, ``config.json`` = ``config`` + where
+    the weights came from + the tokenizer files' hashes, ``SHA256SUMS``. Returns the config."""
+    import torch
+    from safetensors.torch import save_file
+
+    dest, tok = Path(dest), Path(tokenizer_dir)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         tensors = {k: v.detach().to(torch.float32).contiguous() if v.is_floating_point()
                    else v.detach().contiguous() for k, v in state.items()}
-        save_file(tensors, str(tmp / catalog.WEIGHTS), metadata={"format": FORMAT})
+        save_file(tensors, str(tmp / catalog.WEIGHTS), metadata={"format": fmt})
         del tensors
         (tmp / TOKENIZER_DIR).mkdir()
-        for name in text_mod.TOKENIZER_FILES + text_mod.TOKENIZER_OPTIONAL:
+        for name in tokenizer_files:
             if (tok / name).is_file():
                 shutil.copyfile(tok / name, tmp / TOKENIZER_DIR / name)
-        config = {"id": model_id, "version": version, "backend": "merlin", "format": FORMAT,
-                  "text_config": cfg,
+        config = {**config,
                   "source": {"file": Path(checkpoint).name, "url": url,
                              "size": Path(checkpoint).stat().st_size, "sha256": source_sha,
                              "sha256_from": "catalog" if sha256 else "computed at conversion"},
