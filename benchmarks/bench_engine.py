@@ -143,6 +143,17 @@ def child(args) -> None:
     print("RESULT " + json.dumps(out))
 
 
+def run_child(cmd, env=None):
+    """Run a benchmark child process; its RESULT line as a dict (None after printing its output
+    when it failed)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        return None
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
 def _rss_now_mb() -> float:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -174,12 +185,9 @@ def main() -> int:
         make_s = time.perf_counter() - t
         cmd = [sys.executable, __file__, "--child", path, "--model", args.model,
                "--device", args.device, "--repeat", str(args.repeat)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stdout + proc.stderr)
-            return proc.returncode
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-        r = json.loads(line[len("RESULT "):])
+        r = run_child(cmd)
+        if r is None:
+            return 1
     load1 = os.getloadavg()
     r.update(geo)
     r["machine"] = {"nproc": os.cpu_count(), "cpu": cpu_model(), "python": platform.python_version(),

@@ -20,13 +20,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_engine import _rss_now_mb, cpu_model, make_volume  # noqa: E402
+from bench_engine import _rss_now_mb, cpu_model, make_volume, run_child  # noqa: E402
 
 ASTRA_SIZE = 235_318_802
 ASTRA_SHA256 = "d793f6bb020381d998a40548425f62cf34165c88c98f3fa3c5ef20f6cf23828a"
@@ -114,20 +113,15 @@ def main() -> int:
         geo = make_volume(args.shape, path)
         cmd = [sys.executable, __file__, "--child", path, "--cache", tmp, "--threads", str(args.threads),
                "--repeat", str(args.repeat)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stdout + proc.stderr)
-            return proc.returncode
-        r = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+        r = run_child(cmd)
         # the embedded default on the same file, in its own fresh process (its own peak RSS)
         here = os.path.dirname(os.path.abspath(__file__))
-        proc = subprocess.run([sys.executable, os.path.join(here, "bench_engine.py"), "--child", path,
-                               "--model", "default", "--device", "cpu", "--repeat", "3"],
-                              capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stdout + proc.stderr)
-            return proc.returncode
-        r["embedded"] = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+        embedded = run_child([sys.executable, os.path.join(here, "bench_engine.py"), "--child", path,
+                              "--model", "default", "--device", "cpu", "--repeat", "3"],
+                             env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+        if r is None or embedded is None:
+            return 1
+        r["embedded"] = embedded
     r["text"] = text_cost(args.threads)
     r["score_cached_ms"] = _score_cost_ms()
     r.update(geo)
