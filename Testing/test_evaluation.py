@@ -205,3 +205,29 @@ def test_a_scores_model_that_covers_some_findings_is_evaluated_on_those(tiny_man
     scored = {k for k, v in m["findings"].items() if v["n_pos"] + v["n_neg"] > 0}
     assert scored and scored <= covered
     assert m["paraphrases"]["n_items_scored"] > 0
+
+
+def test_size_filter_leaves_small_structures_and_findings_out(tiny_manifest):
+    """The issue-14 definitions: Dice over structures >= 5 ml and findings >= 1 ml per case; a
+    higher threshold drops exactly the structures below it, and they are counted as skipped."""
+    import _fake_engine
+    from ctlanguage.engine import Engine
+    from ctlanguage.evaluation import evaluate_model, structure_masks
+    from ctlanguage.io import read_ct
+    from ctlanguage.manifest import read_manifest, read_structures
+
+    eng = Engine(dict.fromkeys(("anatomy", "masks", "scores"), _fake_engine.FakeBackend()), device="cpu")
+    case = read_manifest(tiny_manifest)[0]
+    vol = read_ct(tiny_manifest.parent / case["image"])
+    lab, names = read_structures(case, tiny_manifest.parent, vol.shape)
+    ml = {k: float(m.sum()) * vol.voxel_volume_ml for k, m in structure_masks(lab, names, eng.anatomies).items()}
+    cut = sorted(ml.values())[len(ml) // 2]          # about half the structures are smaller
+    m_all = evaluate_model(eng, tiny_manifest, paraphrases=[], min_structure_ml=0.0, min_finding_ml=0.0)
+    m_cut = evaluate_model(eng, tiny_manifest, paraphrases=[], min_structure_ml=cut, min_finding_ml=1e6)
+    assert set(m_all["structures"]) == set(ml)
+    assert set(m_cut["structures"]) == {k for k, v in ml.items() if v >= cut}
+    assert m_cut["size_filter"]["skipped"]["structures"] == sum(v < cut for v in ml.values())
+    assert m_cut["findings"] and all(v["n_dice"] == 0 for v in m_cut["findings"].values())
+    assert m_cut["size_filter"]["skipped"]["findings"] >= 1
+    for name, row in m_cut["findings"].items():   # presence is not filtered
+        assert row["n_pos"] + row["n_neg"] == m_all["findings"][name]["n_pos"] + m_all["findings"][name]["n_neg"]

@@ -76,6 +76,11 @@ def structure_masks(labels: np.ndarray, names: dict, anatomies: Sequence[str]) -
 # ------------------------------------------------------------------------------------------------
 # evaluation of one model
 # ------------------------------------------------------------------------------------------------
+# the issue-14 metric definitions: Dice of structures >= 5 ml and of findings >= 1 ml per case
+MIN_STRUCTURE_ML = 5.0
+MIN_FINDING_ML = 1.0
+
+
 @dataclass
 class _Collect:
     structure_dice: dict = field(default_factory=dict)        # key -> [dice]
@@ -90,17 +95,21 @@ class _Collect:
     text_canon: dict = field(default_factory=dict)            # finding -> [(p, y)] ensemble, same items
     encode_s: list = field(default_factory=list)
     query_ms: list = field(default_factory=list)
+    skipped_small: dict = field(default_factory=lambda: {"structures": 0, "findings": 0})
 
 
 def evaluate_model(model: Any, manifest: str | Path, *, device: Optional[str] = None,
                    paraphrases: Optional[Sequence[dict]] = None, use_paraphrases: bool = True,
                    max_cases: Optional[int] = None, mask_threshold: float = 0.5,
+                   min_structure_ml: float = MIN_STRUCTURE_ML, min_finding_ml: float = MIN_FINDING_ML,
                    progress: Optional[ProgressFn] = None) -> dict:
     """Evaluate ``model`` (an Engine, a model folder, catalog id or "default") on a manifest.
 
     Runs the real engine path per case: read_ct -> Engine.encode -> Engine.query (canonical
     anatomy and finding prompts, then the held-out paraphrases) and compares masks on the source
-    grid with the manifest's structure label map and finding masks."""
+    grid with the manifest's structure label map and finding masks. Structures smaller than
+    ``min_structure_ml`` and findings smaller than ``min_finding_ml`` in a case (e.g. an organ cut
+    to a sliver at the edge of a slab) are left out of the Dice means and counted as skipped."""
     from . import vocabulary as V
     from .engine import Engine
     from .io import read_ct
@@ -141,6 +150,9 @@ def evaluate_model(model: Any, manifest: str | Path, *, device: Optional[str] = 
             gt_struct = structure_masks(labels, names, engine.anatomies)
             del labels
             for key, gt in gt_struct.items():
+                if gt.sum() * volume.voxel_volume_ml < min_structure_ml:
+                    c.skipped_small["structures"] += 1
+                    continue
                 f = ask(canonical_prompt(key))
                 c.structure_dice.setdefault(key, []).append(dice(f.mask, gt))
 
@@ -156,6 +168,9 @@ def evaluate_model(model: Any, manifest: str | Path, *, device: Optional[str] = 
             groups[k] = m if k not in groups else (groups[k] | m)
         for (name, lat), gt in groups.items():
             if name not in findings or not gt.any():
+                continue
+            if gt.sum() * volume.voxel_volume_ml < min_finding_ml:
+                c.skipped_small["findings"] += 1
                 continue
             f = ask(canonical_prompt(name, lat))
             c.finding_dice.setdefault(name, []).append(dice(f.mask, gt))
@@ -176,7 +191,8 @@ def evaluate_model(model: Any, manifest: str | Path, *, device: Optional[str] = 
             key, lat, text = item["key"], item.get("laterality"), item["text"]
             if item.get("kind") == "anatomy":
                 gt = gt_struct.get(key)
-                if gt is None:
+                if gt is None or key not in c.structure_dice or \
+                        gt.sum() * volume.voxel_volume_ml < min_structure_ml:
                     continue
                 f = ask(text)
                 c.para_anat_dice.append(dice(f.mask, gt))
@@ -206,7 +222,10 @@ def evaluate_model(model: Any, manifest: str | Path, *, device: Optional[str] = 
         del enc, volume
     if progress:
         progress(1.0, "Done")
-    return _summarise(engine, manifest, len(cases), c, time.perf_counter() - t_start, mask_threshold)
+    res = _summarise(engine, manifest, len(cases), c, time.perf_counter() - t_start, mask_threshold)
+    res["size_filter"] = {"min_structure_ml": min_structure_ml, "min_finding_ml": min_finding_ml,
+                          "skipped": dict(c.skipped_small)}
+    return res
 
 
 def _auc_table(pairs: dict) -> dict:
@@ -306,6 +325,15 @@ def _f(x, digits=3) -> str:
     return f"{x:.{digits}f}"
 
 
+def _size_note(m: dict) -> str:
+    f = m.get("size_filter")
+    if not f:
+        return ""
+    return (f", for structures of at least {f['min_structure_ml']:g} ml and findings of at least "
+            f"{f['min_finding_ml']:g} ml in a case ({f['skipped']['structures']} structures and "
+            f"{f['skipped']['findings']} findings below that left out)")
+
+
 def metrics_markdown(m: dict, title: Optional[str] = None, figures: Optional[dict] = None) -> str:
     """One model's metrics as Markdown tables; ``figures`` {kind: link} adds the pictures."""
     model = m.get("model", {})
@@ -315,7 +343,7 @@ def metrics_markdown(m: dict, title: Optional[str] = None, figures: Optional[dic
         f"`{str(model.get('sha256'))[:12]}…`, presence from {model.get('presence_source') or 'its'} "
         f"embeddings, {model.get('calibration') or 'uncalibrated'}); "
         f"data `{m['data']['manifest']}` ({m['data']['n_cases']} cases); mask threshold "
-        f"{m.get('mask_threshold')}. Dice is computed on the source voxel grid.", "",
+        f"{m.get('mask_threshold')}. Dice is computed on the source voxel grid{_size_note(m)}.", "",
         "| metric | value |", "|---|---|",
         f"| mean structure Dice | {_f(m.get('mean_structure_dice'))} |",
         f"| mean finding Dice | {_f(m.get('mean_finding_dice'))} |",

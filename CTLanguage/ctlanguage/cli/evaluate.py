@@ -34,6 +34,10 @@ def register(subparsers) -> None:
     p.add_argument("--paraphrases", metavar="JSON",
                    help="held-out paraphrase set (default: the package's data/paraphrases_heldout.json)")
     p.add_argument("--no-paraphrases", action="store_true", help="skip the paraphrase prompt set")
+    p.add_argument("--min-structure-ml", type=float, default=5.0, metavar="ML",
+                   help="leave structures smaller than this in a case out of the Dice (default 5)")
+    p.add_argument("--min-finding-ml", type=float, default=1.0, metavar="ML",
+                   help="leave findings smaller than this in a case out of the Dice (default 1)")
     p.set_defaults(func=run)
 
 
@@ -66,7 +70,8 @@ def run(args) -> int:
         try:
             results[label] = E.evaluate_model(
                 engine, args.data, paraphrases=paraphrases, max_cases=args.max_cases,
-                mask_threshold=args.threshold, progress=bar.update if bar else None)
+                mask_threshold=args.threshold, min_structure_ml=args.min_structure_ml,
+                min_finding_ml=args.min_finding_ml, progress=bar.update if bar else None)
         finally:
             if bar:
                 bar.close()
