@@ -106,7 +106,8 @@ def test_body_baseline_scores_from_the_whole_body_embedding(setup, tmp_path):
                                  losses={"organ_contrastive": 0.0, "global_clip": 1.0}), quiet=True)
     m = GroundedCTModel.from_pretrained(final, device="cpu")
     assert m.config.presence_source == "body"
-    fs = FeatureSet(next((root / "features").glob("*/calib")))
+    fs = FeatureSet(next((root / "features").glob("*/calib-*")))
+    fs.check_encoder(m)                 # stage 2 kept the encoder the features came from
     pred = collect_predictions(m, fs)
     # every finding of a case is judged from the same (body) embedding: liver and lung findings
     # differ only by their text, so permuting the organ queries changes nothing
@@ -118,3 +119,7 @@ def test_body_baseline_scores_from_the_whole_body_embedding(setup, tmp_path):
         idx = [i for i in range(q.shape[0]) if i != body]
         m.organ_pool.query[idx] = q[perm]
     assert np.allclose(collect_predictions(m, fs)["logits"], pred["logits"], atol=1e-5)
+    with torch.no_grad():                # another encoder: its features are refused
+        next(m.image_encoder.parameters()).add_(1.0)
+    with pytest.raises(ValueError, match="another image encoder"):
+        fs.check_encoder(m)

@@ -9,6 +9,7 @@ features are stored as float16 (the only loss: |Δ| ≲ 1e-3 relative), the mode
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,9 +20,20 @@ import torch
 FORMAT = "ctlanguage-features-v1"
 
 
-def cache_dir_for(root: str | Path, weights_sha: str, split: str) -> Path:
-    """<root>/<first 12 hex of the stage-1 weights' sha256>/<split>: features of one encoder."""
-    return Path(root) / weights_sha[:12] / split
+def encoder_fingerprint(model) -> str:
+    """sha256 over the frozen stage-1 tensors (image encoder, seg head) and the model grid: equal
+    for a stage-1 model and every stage-2 model trained on its features."""
+    h = hashlib.sha256(json.dumps(model.config.spec_params, sort_keys=True).encode())
+    for k, v in sorted(model.state_dict().items()):
+        if k.startswith(("image_encoder.", "seg_head.")):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_dir_for(root: str | Path, model, split: str) -> Path:
+    """<root>/<first 12 hex of the encoder fingerprint>/<split>: features of one encoder."""
+    return Path(root) / encoder_fingerprint(model)[:12] / split
 
 
 def _pack(x: torch.Tensor) -> np.ndarray:
@@ -74,6 +86,7 @@ def cache_features(model, manifest: str | Path, out_dir: str | Path, progress=No
         if progress:
             progress(n + 1, len(ds))
     (out / "index.json").write_text(json.dumps({"format": FORMAT, "manifest": str(manifest),
+                                                "encoder": encoder_fingerprint(model),
                                                 "cases": ids}, indent=1))
     return out
 
@@ -82,14 +95,21 @@ class FeatureSet:
     """Cached cases of one or more ``cache_features`` folders (read into memory once)."""
 
     def __init__(self, dirs, preload: bool = True):
-        self.files = []
+        self.files, self.encoders = [], set()
         for d in [dirs] if isinstance(dirs, (str, Path)) else dirs:
             d = Path(d)
             idx = json.loads((d / "index.json").read_text())
             if idx.get("format") != FORMAT:
                 raise ValueError(f"{d} is not a CTLanguage feature cache ({FORMAT})")
             self.files += [d / f"{c}.npz" for c in idx["cases"]]
+            self.encoders.add(idx.get("encoder"))
         self._data = [self._read(f) for f in self.files] if preload else None
+
+    def check_encoder(self, model) -> None:
+        """Refuse a model whose frozen encoder is not the one these features came from."""
+        if self.encoders != {encoder_fingerprint(model)}:
+            raise ValueError("these cached features were computed by another image encoder than "
+                             "this model's")
 
     @staticmethod
     def _read(path: Path) -> dict:

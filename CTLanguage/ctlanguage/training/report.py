@@ -24,10 +24,18 @@ from .dataset import ManifestDataset
 from .train import case_level, collect_predictions, heldout_ensembles, summarize
 
 
-def quick_eval(model_dir: str | Path, manifest: str | Path) -> dict:
+def quick_eval(model_dir: str | Path, manifest: str | Path, features=None) -> dict:
+    """``features``: cache folder(s) of ``manifest`` (training/features.py) to use instead of
+    encoding every case; refused unless the model's frozen encoder computed them."""
     model = GroundedCTModel.from_pretrained(model_dir, device="cpu")
-    ds = ManifestDataset(manifest, model.config.spec, model.config.anatomies,
-                         feature_stride=model.config.feature_stride)
+    if features:
+        from .features import FeatureSet
+
+        ds = FeatureSet(features)
+        ds.check_encoder(model)
+    else:
+        ds = ManifestDataset(manifest, model.config.spec, model.config.anatomies,
+                             feature_stride=model.config.feature_stride)
     pred = collect_predictions(model, ds, heldout=heldout_ensembles())
     res = summarize(pred, model.config.calibration_temperature, model.config.calibration_bias)
     res["calibration_temperature"] = model.config.calibration_temperature
@@ -104,12 +112,14 @@ def main(argv=None):
     ap.add_argument("--out")
     ap.add_argument("--json")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--features", nargs="+", help="cached stage-1 features of the manifest "
+                    "(stage-2 models of one encoder): no encoding")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     results = {}
     for spec in a.models:
         name, d = spec.split("=", 1)
-        results[name] = quick_eval(d, a.manifest)
+        results[name] = quick_eval(d, a.manifest, a.features)
         print(name, {k: round(v, 4) for k, v in results[name].items() if isinstance(v, float)}, flush=True)
     if a.json:
         plain = {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in results.items()}

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from ..model import GroundedCTModel
-from ..model.checkpoint import weights_sha256
 from .features import FeatureSet, cache_dir_for, cache_features, collate_features
 
 log = logging.getLogger(__name__)
@@ -40,10 +39,9 @@ def _abs(p, base: Path) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def feature_sets(cfg: dict, base: Path, model, splits=("train", "calib", "eval")) -> dict:
+def feature_sets(cfg: dict, base: Path, model, splits=("train", "calib", "eval"), quiet=False) -> dict:
     """Cache (once, resumable) and open the features of every manifest named in cfg["data"]."""
     root = _abs(cfg["features"], base)
-    sha = weights_sha256(_abs(cfg["stage1"], base))
     out = {}
     for split in splits:
         manifests = cfg.get("data", {}).get(split)
@@ -52,12 +50,19 @@ def feature_sets(cfg: dict, base: Path, model, splits=("train", "calib", "eval")
         dirs = []
         for m in [manifests] if isinstance(manifests, str) else manifests:
             m = _abs(m, base)
-            d = cache_dir_for(root, sha, m.parent.name)
+            d = cache_dir_for(root, model, split_name(m))
             log.info("features of %s -> %s", m, d)
-            cache_features(model, m, d, progress=_bar(f"features {m.parent.name}"))
+            cache_features(model, m, d, progress=None if quiet else _bar(f"features {m.parent.name}"))
             dirs.append(d)
         out[split] = FeatureSet(dirs)
     return out
+
+
+def split_name(manifest: Path) -> str:
+    """Cache folder name of a manifest: its folder's name + a short hash of its absolute path."""
+    import hashlib
+
+    return f"{manifest.parent.name}-{hashlib.sha1(str(manifest.resolve()).encode()).hexdigest()[:8]}"
 
 
 def _bar(desc):
@@ -114,7 +119,7 @@ def run_stage2(cfg: dict, config_path: str | None = None, resume: bool = True, q
     try:
         model = GroundedCTModel.from_pretrained(_abs(cfg["stage1"], base), device="cpu")
         out.mkdir(parents=True, exist_ok=True)
-        sets = feature_sets(cfg, base, model, splits=("train", "calib"))
+        sets = feature_sets(cfg, base, model, splits=("train", "calib"), quiet=quiet)
         for k, v in cfg.get("model", {}).items():
             setattr(model.config, k, v)
         model.config.seg_anatomies = None          # re-chosen by calibration
