@@ -123,3 +123,23 @@ def test_body_baseline_scores_from_the_whole_body_embedding(setup, tmp_path):
         next(m.image_encoder.parameters()).add_(1.0)
     with pytest.raises(ValueError, match="another image encoder"):
         fs.check_encoder(m)
+
+
+def test_a_new_3x3x3_seg_head_learns_on_cached_class_fractions(setup, tmp_path):
+    root, train, calib, stage1 = setup
+    cfg = _config(root, train, calib, stage1, tmp_path / "s", 2, train_seg_head=True,
+                  model={"seg_head_kernel": 3, "seg_head_hidden": 6},
+                  losses={"seg_head": 1.0, "finding_seg": 1.0})
+    final = run_training(cfg, quiet=True)
+    m = GroundedCTModel.from_pretrained(final, device="cpu")
+    assert m.config.seg_head_kernel == 3 and m.seg_head.trunk[0].kernel_size == (3, 3, 3)
+    before = GroundedCTModel.from_pretrained(stage1, device="cpu")
+    for k, v in _state(before, "image_encoder.").items():
+        assert torch.equal(v, m.state_dict()[k]), k
+    fs = FeatureSet(next((root / "features").glob("*/train-*")))
+    s = fs.sample(0)
+    assert s["seg"].shape[0] == len(CLASSES) + 1
+    assert torch.allclose(s["seg"].sum(0)[s["anat"][0] > 0], torch.tensor(1.0), atol=0.05)
+    with pytest.raises(ValueError, match="train_seg_head"):
+        run_training(_config(root, train, calib, stage1, tmp_path / "t", 1,
+                             model={"seg_head_kernel": 3}), quiet=True)

@@ -63,6 +63,8 @@ class ModelConfig:
     # (background + these label-map structures) and sigmoid finding channels ([finding, side])
     seg_classes: list = field(default_factory=list)
     seg_findings: list = field(default_factory=list)
+    seg_head_kernel: int = 1        # 1 (v3 stage 1) or 3 (a 3x3x3 trunk, seg_head_hidden wide)
+    seg_head_hidden: int = 0        # 0: twice dense_channels
     # anatomies whose masks come from the seg head (None: every one it has); chosen on the
     # calibration split by training.train.choose_anatomy_source, the mask head answers the rest
     seg_anatomies: list | None = None
@@ -159,6 +161,8 @@ class ModelConfig:
         if self.seg_anatomies is not None and (not isinstance(self.seg_anatomies, list) or
                                                any(a not in self.anatomies for a in self.seg_anatomies)):
             bad("seg_anatomies must be null or a list of the model's anatomies")
+        if self.seg_head_kernel not in (1, 3) or not isinstance(self.seg_head_hidden, int) or self.seg_head_hidden < 0:
+            bad("seg_head_kernel must be 1 or 3 and seg_head_hidden a non-negative integer")
         if self.seg_findings and not self.seg_classes:
             bad("seg_findings need seg_classes")
         if self.presence_source not in PRESENCE_SOURCES:

@@ -30,8 +30,8 @@ class GroundedCTModel(nn.Module):
             fine_channels=config.fine_channels, coord_mode=config.coord_mode,
         )
         # stage-1 multi-class segmentation head (absent in v1/v2 checkpoints)
-        self.seg_head = SegHead(config.dense_channels, len(config.seg_classes), len(config.seg_findings)) \
-            if config.seg_classes else None
+        self.seg_head = SegHead(config.dense_channels, len(config.seg_classes), len(config.seg_findings),
+                                config.seg_head_kernel, config.seg_head_hidden) if config.seg_classes else None
         self.text_projection = TextProjection(config.text_dim, config.embed_dim)
         self.mask_head = DynamicMaskHead(config.embed_dim, config.dense_channels, config.mask_head_hidden)
         self.organ_pool = OrganAttentionPool(len(config.anatomies), config.dense_channels,

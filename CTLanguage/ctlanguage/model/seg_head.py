@@ -29,9 +29,17 @@ def members(anatomy: str, seg_classes: list) -> list[int]:
 
 
 class SegHead(nn.Module):
-    def __init__(self, channels: int, n_classes: int, n_findings: int):
+    """``kernel`` 1: the v3 stage-1 head (a 1x1x1 trunk); 3: a 3x3x3 convolution of ``hidden``
+    channels first, so a voxel sees its neighbours (trained in stage 2 on cached features)."""
+
+    def __init__(self, channels: int, n_classes: int, n_findings: int, kernel: int = 1, hidden: int = 0):
         super().__init__()
-        self.trunk = nn.Sequential(nn.Conv3d(channels, channels, 1), nn.PReLU())
+        if kernel == 1:
+            self.trunk = nn.Sequential(nn.Conv3d(channels, channels, 1), nn.PReLU())
+        else:
+            hidden = hidden or 2 * channels
+            self.trunk = nn.Sequential(nn.Conv3d(channels, hidden, kernel, padding=kernel // 2), nn.PReLU(),
+                                       nn.Conv3d(hidden, channels, 1), nn.PReLU())
         self.classes = nn.Conv3d(channels, n_classes + 1, 1)
         self.findings = nn.Conv3d(channels, n_findings, 1) if n_findings else None
         if self.findings is not None:

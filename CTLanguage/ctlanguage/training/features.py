@@ -21,11 +21,11 @@ FORMAT = "ctlanguage-features-v1"
 
 
 def encoder_fingerprint(model) -> str:
-    """sha256 over the frozen stage-1 tensors (image encoder, seg head) and the model grid: equal
-    for a stage-1 model and every stage-2 model trained on its features."""
+    """sha256 over the image encoder's tensors and the model grid: equal for a stage-1 model and
+    every stage-2 model trained on its features."""
     h = hashlib.sha256(json.dumps(model.config.spec_params, sort_keys=True).encode())
     for k, v in sorted(model.state_dict().items()):
-        if k.startswith(("image_encoder.", "seg_head.")):
+        if k.startswith("image_encoder."):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -55,7 +55,7 @@ def cache_features(model, manifest: str | Path, out_dir: str | Path, progress=No
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     ds = ManifestDataset(manifest, cfg.spec, cfg.anatomies, feature_stride=cfg.feature_stride,
-                         preload=False)
+                         preload=False, seg_classes=cfg.seg_classes)
     model.eval()
     ids = []
     for n in range(len(ds)):
@@ -74,6 +74,8 @@ def cache_features(model, manifest: str | Path, out_dir: str | Path, progress=No
             format=np.array(FORMAT), case_id=np.array(cid), report=np.array(s["report"]),
             dense=dense.to(torch.float16).numpy(),
             anat=np.round(s["anat"].numpy() * 255).astype(np.uint8),
+            seg_classes=np.array(json.dumps(list(cfg.seg_classes))),
+            seg=np.round(s["seg"].numpy() * 255).astype(np.uint8) if "seg" in s else np.zeros(0, np.uint8),
             find=np.round(s["find"].numpy() * 255).astype(np.uint8),
             find_known=s["find_known"].numpy(), presence=s["presence"].numpy(),
             full_shape=np.array(s["anat_full"].shape[1:]), n_items=np.array(ff.shape[0]),
@@ -130,6 +132,7 @@ class FeatureSet:
         return dict(case_id=str(z["case_id"]), report=str(z["report"]),
                     dense=torch.from_numpy(z["dense"].astype(np.float32)),
                     anat=torch.from_numpy(z["anat"].astype(np.float32) / 255.0),
+                    **({"seg": torch.from_numpy(z["seg"].astype(np.float32) / 255.0)} if z["seg"].size else {}),
                     find=torch.from_numpy(z["find"].astype(np.float32) / 255.0),
                     find_known=torch.from_numpy(z["find_known"]),
                     presence=torch.from_numpy(z["presence"]),
@@ -142,8 +145,9 @@ def collate_features(samples: list[dict]) -> dict:
 
     shape = [max(s["dense"].shape[-3 + k] for s in samples) for k in range(3)]
     out = {"case_id": [s["case_id"] for s in samples], "report": [s["report"] for s in samples]}
-    for k in ("dense", "anat", "find"):
-        out[k] = torch.stack([_pad_to(s[k], shape) for s in samples])
+    for k in ("dense", "anat", "find", "seg"):
+        if k in samples[0]:
+            out[k] = torch.stack([_pad_to(s[k], shape) for s in samples])
     for k in ("find_known", "presence"):
         out[k] = torch.stack([s[k] for s in samples])
     return out

@@ -31,7 +31,6 @@ from .features import FeatureSet, cache_dir_for, cache_features, collate_feature
 log = logging.getLogger(__name__)
 
 LANGUAGE_MODULES = ("text_projection", "mask_head", "organ_pool")
-FROZEN_MODULES = ("image_encoder", "seg_head")
 
 
 def _abs(p, base: Path) -> Path:
@@ -92,9 +91,10 @@ def reinit_language(model: GroundedCTModel, seed: int) -> None:
         model.log_logit_scale.copy_(fresh.log_logit_scale)
 
 
-def freeze_stage1(model: GroundedCTModel) -> list:
-    """requires_grad False on the encoder and seg head; returns the trainable parameters."""
-    for name in FROZEN_MODULES:
+def freeze_stage1(model: GroundedCTModel, train_seg_head: bool = False) -> list:
+    """requires_grad False on the encoder (and the seg head unless it is trained here); returns
+    the trainable parameters."""
+    for name in ("image_encoder",) if train_seg_head else ("image_encoder", "seg_head"):
         mod = getattr(model, name)
         if mod is not None:
             mod.eval()
@@ -110,8 +110,12 @@ def run_stage2(cfg: dict, config_path: str | None = None, resume: bool = True, q
     base = Path(cfg.get("base_dir", "."))
     out = _abs(cfg.get("output", "runs/stage2"), base)
     tcfg = {**T.DEFAULT_TRAIN, "batch_size": 8, **cfg.get("train", {})}
-    lcfg = {**T.DEFAULT_LOSSES, **cfg.get("losses", {}), "seg_head": 0.0, "finding_seg": 0.0,
-            "consistency": 0.0}
+    # "train_seg_head": the seg head learns too (on the cached class fractions), e.g. a new 3x3x3
+    # one (model.seg_head_kernel); else it stays the stage-1 head, frozen
+    train_seg = bool(cfg.get("train_seg_head", False))
+    lcfg = {**T.DEFAULT_LOSSES, **cfg.get("losses", {}), "consistency": 0.0}
+    if not train_seg:
+        lcfg.update(seg_head=0.0, finding_seg=0.0)
     seed = int(tcfg["seed"])
     threads_before = torch.get_num_threads()
     if tcfg.get("threads"):
@@ -120,13 +124,25 @@ def run_stage2(cfg: dict, config_path: str | None = None, resume: bool = True, q
         model = GroundedCTModel.from_pretrained(_abs(cfg["stage1"], base), device="cpu")
         out.mkdir(parents=True, exist_ok=True)
         sets = feature_sets(cfg, base, model, splits=("train", "calib"), quiet=quiet)
+        head = (model.config.seg_head_kernel, model.config.seg_head_hidden)
         for k, v in cfg.get("model", {}).items():
             setattr(model.config, k, v)
         model.config.seg_anatomies = None          # re-chosen by calibration
         model.config.validate()
         if cfg.get("reinit_language", True):
             reinit_language(model, seed)
-        params = freeze_stage1(model)
+        if (model.config.seg_head_kernel, model.config.seg_head_hidden) != head:
+            if not train_seg:
+                raise ValueError("a new seg head architecture needs \"train_seg_head\": true")
+            from ..model.seg_head import SegHead
+
+            torch.manual_seed(seed)
+            c = model.config
+            model.seg_head = SegHead(c.dense_channels, len(c.seg_classes), len(c.seg_findings),
+                                     c.seg_head_kernel, c.seg_head_hidden)
+        if train_seg and "seg" not in sets["train"].sample(0):
+            raise ValueError("these cached features have no seg-class targets")
+        params = freeze_stage1(model, train_seg)
         objective = T.TrainingObjective(model, lcfg)
         optimizer = torch.optim.AdamW(params, lr=float(tcfg["lr"]), weight_decay=float(tcfg["weight_decay"]))
         steps = int(tcfg["steps"])
@@ -143,7 +159,7 @@ def run_stage2(cfg: dict, config_path: str | None = None, resume: bool = True, q
         running: dict = {}
         t0 = time.time()
         model.train()
-        freeze_stage1(model)
+        freeze_stage1(model, train_seg)
         for step in range(start, steps):
             per_epoch = max(1, n // bs)
             epoch, k = divmod(step, per_epoch)
@@ -189,7 +205,8 @@ def _provenance(cfg: dict, config_path, steps: int) -> dict:
     return {"stage": 2, "stage1": str(cfg["stage1"]), "config_file": str(config_path) if config_path else None,
             "steps": steps, "seed": cfg.get("train", {}).get("seed", 0),
             "data": cfg.get("data", {}), "losses": {**T.DEFAULT_LOSSES, **cfg.get("losses", {})},
-            "reinit_language": bool(cfg.get("reinit_language", True)), "torch": torch.__version__}
+            "reinit_language": bool(cfg.get("reinit_language", True)),
+            "train_seg_head": bool(cfg.get("train_seg_head", False)), "torch": torch.__version__}
 
 
 @torch.no_grad()
@@ -213,3 +230,26 @@ def calibrate_on_features(model: GroundedCTModel, features: FeatureSet, name: st
             "dice_seg_head_mask_head_n": source}
     log.info("stage-2 calibration T=%.3f (ECE %.4f -> %.4f)", temp, before["ece"], after["ece"])
     return model.config.calibration
+
+
+def main(argv=None) -> int:
+    """python -m ctlanguage.training.stage2 --config FILE: cache the features of every split of a
+    stage-2 config (train, calib, eval) once, before several variants train on them."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    torch.set_num_threads(a.threads)
+    cfg = json.loads(Path(a.config).read_text())
+    base = Path(cfg.get("base_dir", "."))
+    model = GroundedCTModel.from_pretrained(_abs(cfg["stage1"], base), device="cpu")
+    for split, fs in feature_sets(cfg, base, model).items():
+        print(f"{split}: {len(fs)} cases in {sorted({str(f.parent) for f in fs.files})}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
