@@ -66,6 +66,12 @@ def test_cached_features_reproduce_the_live_encoder(setup, tmp_path):
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "f").glob("*.npz")}
     cache_features(model, train, tmp_path / "f")
     assert mtimes == {p: p.stat().st_mtime_ns for p in (tmp_path / "f").glob("*.npz")}
+    lean = FeatureSet(tmp_path / "f", full=False, seg=False)   # what training keeps in memory
+    for i in range(len(fs)):
+        a, b = fs.sample(i), lean.sample(i)
+        assert set(a) - set(b) == {"anat_full", "find_full", "seg"}
+        for k in b:
+            assert torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k], k
     batch = collate_features([fs.sample(0), fs.sample(1)])
     assert batch["dense"].shape[0] == 2 and batch["anat"].shape[2:] == batch["dense"].shape[2:]
 

@@ -94,9 +94,13 @@ def cache_features(model, manifest: str | Path, out_dir: str | Path, progress=No
 
 
 class FeatureSet:
-    """Cached cases of one or more ``cache_features`` folders (read into memory once)."""
+    """Cached cases of one or more ``cache_features`` folders (read into memory once).
 
-    def __init__(self, dirs, preload: bool = True):
+    ``full=False`` (training) keeps neither the model-grid ground truth nor, with ``seg=False``,
+    the seg-class fractions in memory, and stores the finding targets sparsely: ~8 MB a case."""
+
+    def __init__(self, dirs, preload: bool = True, full: bool = True, seg: bool = True):
+        self.full, self.seg = full, seg
         self.files, self.encoders = [], set()
         for d in [dirs] if isinstance(dirs, (str, Path)) else dirs:
             d = Path(d)
@@ -113,30 +117,43 @@ class FeatureSet:
             raise ValueError("these cached features were computed by another image encoder than "
                              "this model's")
 
-    @staticmethod
-    def _read(path: Path) -> dict:
+    def _read(self, path: Path) -> dict:
+        drop = set() if self.full else {"anat_full", "find_full", "find_full_index"}
+        if not self.seg:
+            drop.add("seg")
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            out = {k: z[k] for k in z.files if k not in drop}
+        if not self.full:   # finding targets: only the channels that have a voxel
+            f = out.pop("find")
+            nz = np.flatnonzero(f.reshape(f.shape[0], -1).any(1))
+            out.update(find_shape=np.array(f.shape), find_index=nz, find_values=f[nz])
+        return out
 
     def __len__(self):
         return len(self.files)
 
     def sample(self, i: int, aug_seed=None) -> dict:
         z = self._data[i] if self._data is not None else self._read(self.files[i])
-        A = z["anat"].shape[0]
-        shape = tuple(int(v) for v in z["full_shape"])
-        find_full = torch.zeros((int(z["n_items"]),) + shape, dtype=torch.bool)
-        idx = z["find_full_index"].tolist()
-        if idx:
-            find_full[idx] = _unpack(z["find_full"], (len(idx),) + shape)
-        return dict(case_id=str(z["case_id"]), report=str(z["report"]),
-                    dense=torch.from_numpy(z["dense"].astype(np.float32)),
-                    anat=torch.from_numpy(z["anat"].astype(np.float32) / 255.0),
-                    **({"seg": torch.from_numpy(z["seg"].astype(np.float32) / 255.0)} if z["seg"].size else {}),
-                    find=torch.from_numpy(z["find"].astype(np.float32) / 255.0),
-                    find_known=torch.from_numpy(z["find_known"]),
-                    presence=torch.from_numpy(z["presence"]),
-                    anat_full=_unpack(z["anat_full"], (A,) + shape), find_full=find_full)
+        if "find" in z:
+            find = z["find"].astype(np.float32) / 255.0
+        else:
+            find = np.zeros(tuple(z["find_shape"]), np.float32)
+            find[z["find_index"]] = z["find_values"].astype(np.float32) / 255.0
+        out = dict(case_id=str(z["case_id"]), report=str(z["report"]),
+                   dense=torch.from_numpy(z["dense"].astype(np.float32)),
+                   anat=torch.from_numpy(z["anat"].astype(np.float32) / 255.0),
+                   find=torch.from_numpy(find), find_known=torch.from_numpy(z["find_known"]),
+                   presence=torch.from_numpy(z["presence"]))
+        if "seg" in z and z["seg"].size:
+            out["seg"] = torch.from_numpy(z["seg"].astype(np.float32) / 255.0)
+        if "anat_full" in z:
+            shape = tuple(int(v) for v in z["full_shape"])
+            out["anat_full"] = _unpack(z["anat_full"], (z["anat"].shape[0],) + shape)
+            out["find_full"] = torch.zeros((int(z["n_items"]),) + shape, dtype=torch.bool)
+            idx = z["find_full_index"].tolist()
+            if idx:
+                out["find_full"][idx] = _unpack(z["find_full"], (len(idx),) + shape)
+        return out
 
 
 def collate_features(samples: list[dict]) -> dict:

@@ -38,7 +38,8 @@ def _abs(p, base: Path) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def feature_sets(cfg: dict, base: Path, model, splits=("train", "calib", "eval"), quiet=False) -> dict:
+def feature_sets(cfg: dict, base: Path, model, splits=("train", "calib", "eval"), quiet=False,
+                 preload: bool = True) -> dict:
     """Cache (once, resumable) and open the features of every manifest named in cfg["data"]."""
     root = _abs(cfg["features"], base)
     out = {}
@@ -53,7 +54,9 @@ def feature_sets(cfg: dict, base: Path, model, splits=("train", "calib", "eval")
             log.info("features of %s -> %s", m, d)
             cache_features(model, m, d, progress=None if quiet else _bar(f"features {m.parent.name}"))
             dirs.append(d)
-        out[split] = FeatureSet(dirs)
+        train = split == "train"
+        out[split] = FeatureSet(dirs, preload=preload, full=not train,
+                                seg=not train or bool(cfg.get("train_seg_head", False)))
     return out
 
 
@@ -246,7 +249,7 @@ def main(argv=None) -> int:
     cfg = json.loads(Path(a.config).read_text())
     base = Path(cfg.get("base_dir", "."))
     model = GroundedCTModel.from_pretrained(_abs(cfg["stage1"], base), device="cpu")
-    for split, fs in feature_sets(cfg, base, model).items():
+    for split, fs in feature_sets(cfg, base, model, preload=False).items():
         print(f"{split}: {len(fs)} cases in {sorted({str(f.parent) for f in fs.files})}")
     return 0
 
