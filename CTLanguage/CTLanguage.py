@@ -60,6 +60,7 @@ class CTLanguageParameterNode:
     probabilityThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5   # below: hidden (still listed)
     maskThreshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5        # voxel probability -> mask
     showHeatmap: bool = False                                             # selected finding's heat map
+    showAbsentMasks: bool = False                                         # draw masks of absent findings
     outputDirectory: pathlib.Path = pathlib.Path.home()                   # where exports go
 
 
@@ -150,7 +151,7 @@ class CTLanguageWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onParameterNodeModified(self, caller=None, event=None) -> None:
         if self._parameterNode is None:
             return
-        if self.logic.thresholdsDiffer(self._parameterNode.maskThreshold, self._parameterNode.probabilityThreshold):
+        if self.logic.thresholdsDiffer(*self.logic.thresholdValues(self._parameterNode)):
             self._thresholdTimer.start()  # debounce: sliders emit many values while dragged
         self.updateGUIFromState()
 
@@ -158,8 +159,7 @@ class CTLanguageWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.volume() is None:
             return
         with slicer.util.tryWithErrorDisplay("Could not apply the thresholds.", waitCursor=True):
-            self.logic.setThresholds(self.volume(), self._parameterNode.maskThreshold,
-                                     self._parameterNode.probabilityThreshold)
+            self.logic.setThresholds(self.volume(), *self.logic.thresholdValues(self._parameterNode))
         self.updateResultsTable()
 
     def updateGUIFromState(self) -> None:

@@ -674,7 +674,18 @@ def test_module_logic_flow_and_exports(module_logic, scene, volume_node, tmp_pat
     assert params.parameterNode.IsA("vtkMRMLScriptedModuleNode")
     assert params.maskThreshold == 0.5 and params.device == "auto"  # declared defaults
     fields = module.CTLanguageParameterNode.__annotations__
-    assert set(fields) == {"inputVolume", "device", "probabilityThreshold", "maskThreshold", "showHeatmap", "outputDirectory"}
+    assert set(fields) == {"inputVolume", "device", "probabilityThreshold", "maskThreshold", "showHeatmap",
+                           "showAbsentMasks", "outputDirectory"}
+    assert params.showAbsentMasks is False and not logic.thresholdsDiffer(0.3, 0.9, False)
+    # the checkbox's path: the effusion (judged absent by the stand-in) is drawn empty until
+    # absent masks are switched on, and again after they are switched off
+    effusion = logic.runPrompts(volume_node, "fluid around the left lung")[-1]
+    assert effusion.finding.mask_suppressed and effusion.finding.mask.sum() == 0
+    assert logic.thresholdsDiffer(0.3, 0.9, True)
+    logic.setThresholds(volume_node, 0.3, 0.9, True)
+    assert not logic.thresholdsDiffer(0.3, 0.9, True) and logic.results(volume_node)[-1].finding.mask.sum() > 0
+    logic.setThresholds(volume_node, 0.3, 0.9, False)
+    assert logic.results(volume_node)[-1].finding.mask.sum() == 0
 
 
 def test_module_widget_wiring_smoke(module_logic, monkeypatch, scene, volume_node, tmp_path):

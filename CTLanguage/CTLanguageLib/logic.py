@@ -82,13 +82,23 @@ class Logic:
             display.SetAllSegmentsOpacity2DFill(0.35)
         return results
 
-    def thresholdsDiffer(self, maskThreshold: float, probabilityThreshold: float) -> bool:
+    @staticmethod
+    def thresholdValues(params) -> tuple:
+        """(mask threshold, probability threshold, draw absent masks) of the parameter node."""
+        return params.maskThreshold, params.probabilityThreshold, params.showAbsentMasks
+
+    def thresholdsDiffer(self, maskThreshold: float, probabilityThreshold: float, absentMasks=None) -> bool:
         s = self._session
         return (abs(maskThreshold - s.mask_threshold) > 1e-9
-                or abs(probabilityThreshold - s.probability_threshold) > 1e-9)
+                or abs(probabilityThreshold - s.probability_threshold) > 1e-9
+                or (absentMasks is not None and bool(absentMasks) != s.absent_masks))
 
-    def setThresholds(self, volumeNode, maskThreshold: float, probabilityThreshold: float) -> None:
-        """Re-threshold the current findings (no re-encoding, no query)."""
+    def setThresholds(self, volumeNode, maskThreshold: float, probabilityThreshold: float,
+                      absentMasks=None) -> None:
+        """Re-threshold the current findings (no re-encoding, no query); ``absentMasks`` (the
+        "Draw masks of findings judged absent" checkbox) as in :meth:`setAbsentMasks`."""
+        if absentMasks is not None and bool(absentMasks) != self._session.absent_masks:
+            self._session.set_absent_masks(volumeNode, bool(absentMasks))
         self._session.set_thresholds(volumeNode, maskThreshold, probabilityThreshold)
 
     def setAbsentMasks(self, volumeNode, on: bool) -> None:
