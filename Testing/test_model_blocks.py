@@ -124,3 +124,21 @@ def test_model_import_does_not_import_monai_or_transformers():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'monai', 'transformers'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_pointwise3d_is_a_1x1x1_convolution():
+    """Pointwise3d keeps Conv3d's parameters and keys and gives its outputs and gradients."""
+    from ctlanguage.model.blocks import Pointwise3d
+
+    torch.manual_seed(0)
+    pw = Pointwise3d(5, 7)
+    conv = torch.nn.Conv3d(5, 7, 1)
+    conv.load_state_dict(pw.state_dict())
+    assert set(pw.state_dict()) == {"weight", "bias"} and pw.weight.shape == (7, 5, 1, 1, 1)
+    x = torch.randn(2, 5, 3, 4, 6, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    a, b = pw(x), conv(x2)
+    assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-4) and torch.allclose(pw.weight.grad, conv.weight.grad, atol=1e-3)

@@ -107,9 +107,10 @@ def test_stage2_trains_only_the_language_side_and_resumes(setup, tmp_path):
 
 def test_body_baseline_scores_from_the_whole_body_embedding(setup, tmp_path):
     root, train, calib, stage1 = setup
-    final = run_training(_config(root, train, calib, stage1, tmp_path / "g", 2,
-                                 model={"presence_source": "body"},
-                                 losses={"organ_contrastive": 0.0, "global_clip": 1.0}), quiet=True)
+    cfg = _config(root, train, calib, stage1, tmp_path / "g", 2, model={"presence_source": "body"},
+                  losses={"organ_contrastive": 0.0, "global_clip": 1.0})
+    cfg["train"]["voxels_per_case"] = 200          # trained on voxel samples, evaluated on the grid
+    final = run_training(cfg, quiet=True)
     m = GroundedCTModel.from_pretrained(final, device="cpu")
     assert m.config.presence_source == "body"
     fs = FeatureSet(next((root / "features").glob("*/calib-*")))
@@ -149,3 +150,24 @@ def test_a_new_3x3x3_seg_head_learns_on_cached_class_fractions(setup, tmp_path):
     with pytest.raises(ValueError, match="train_seg_head"):
         run_training(_config(root, train, calib, stage1, tmp_path / "t", 1,
                              model={"seg_head_kernel": 3}), quiet=True)
+
+
+def test_voxel_subsample_keeps_every_mask_and_the_pairing(setup, tmp_path):
+    from ctlanguage.training.features import subsample_voxels
+
+    root, train, _, stage1 = setup
+    model = GroundedCTModel.from_pretrained(stage1, device="cpu").eval()
+    cache_features(model, train, tmp_path / "f")
+    s = FeatureSet(tmp_path / "f", full=False).sample(0)
+    sub = subsample_voxels(s, 300, np.random.default_rng(0), per_mask=20)
+    assert sub["dense"].shape == (s["dense"].shape[0], 300, 1, 1) and sub["anat"].shape[1:] == (300, 1, 1)
+    for k in ("anat", "find"):
+        full = s[k].flatten(1)
+        for ch in range(full.shape[0]):
+            n_in = int((full[ch] > 0).sum())
+            assert int((sub[k][ch] > 0).sum()) >= min(20, n_in), (k, ch)
+    # each kept voxel carries its own features and targets (same column of every tensor)
+    dense, anat = s["dense"].flatten(1), s["anat"].flatten(1)
+    for j in range(0, 300, 37):
+        col = (dense == sub["dense"][:, j, 0, 0][:, None]).all(0).nonzero().flatten()
+        assert any(torch.equal(anat[:, c], sub["anat"][:, j, 0, 0]) for c in col)

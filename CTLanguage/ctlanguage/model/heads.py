@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .blocks import Pointwise3d
+
 
 class TextProjection(nn.Module):
     """Trainable map from the frozen LM space to the joint space E (L2-normalised output)."""
@@ -36,7 +38,7 @@ class DynamicMaskHead(nn.Module):
     def __init__(self, embed_dim: int, channels: int, hidden: int = 64):
         super().__init__()
         self.k = hidden
-        self.phi = nn.Sequential(nn.Conv3d(channels, hidden, 1), nn.GELU(), nn.Conv3d(hidden, hidden, 1))
+        self.phi = nn.Sequential(Pointwise3d(channels, hidden), nn.GELU(), Pointwise3d(hidden, hidden))
         self.generator = nn.Sequential(nn.Linear(embed_dim, 256), nn.GELU(), nn.Linear(256, hidden + 1))
         with torch.no_grad():
             self.generator[-1].bias.zero_()
@@ -69,8 +71,8 @@ class OrganAttentionPool(nn.Module):
 
     def __init__(self, n_anatomies: int, channels: int, pool_dim: int, embed_dim: int):
         super().__init__()
-        self.key = nn.Conv3d(channels, pool_dim, 1)
-        self.value = nn.Conv3d(channels, pool_dim, 1)
+        self.key = Pointwise3d(channels, pool_dim)
+        self.value = Pointwise3d(channels, pool_dim)
         self.query = nn.Parameter(torch.randn(n_anatomies, pool_dim) / math.sqrt(pool_dim))
         self.norm = nn.LayerNorm(2 * pool_dim)
         self.proj_w = nn.Parameter(torch.randn(n_anatomies, 2 * pool_dim, embed_dim)

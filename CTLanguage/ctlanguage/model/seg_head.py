@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .blocks import Pointwise3d
+
 _SIDES = ("left", "right")
 
 
@@ -35,13 +37,13 @@ class SegHead(nn.Module):
     def __init__(self, channels: int, n_classes: int, n_findings: int, kernel: int = 1, hidden: int = 0):
         super().__init__()
         if kernel == 1:
-            self.trunk = nn.Sequential(nn.Conv3d(channels, channels, 1), nn.PReLU())
+            self.trunk = nn.Sequential(Pointwise3d(channels, channels), nn.PReLU())
         else:
             hidden = hidden or 2 * channels
             self.trunk = nn.Sequential(nn.Conv3d(channels, hidden, kernel, padding=kernel // 2), nn.PReLU(),
-                                       nn.Conv3d(hidden, channels, 1), nn.PReLU())
-        self.classes = nn.Conv3d(channels, n_classes + 1, 1)
-        self.findings = nn.Conv3d(channels, n_findings, 1) if n_findings else None
+                                       Pointwise3d(hidden, channels), nn.PReLU())
+        self.classes = Pointwise3d(channels, n_classes + 1)
+        self.findings = Pointwise3d(channels, n_findings) if n_findings else None
         if self.findings is not None:
             with torch.no_grad():
                 self.findings.bias.fill_(-4.0)   # findings are rare: start near "absent"

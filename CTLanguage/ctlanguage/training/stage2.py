@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..model import GroundedCTModel
-from .features import FeatureSet, cache_dir_for, cache_features, collate_features
+from .features import FeatureSet, cache_dir_for, cache_features, collate_features, subsample_voxels
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,9 @@ def run_stage2(cfg: dict, config_path: str | None = None, resume: bool = True, q
                                      c.seg_head_kernel, c.seg_head_hidden)
         if train_seg and "seg" not in sets["train"].sample(0):
             raise ValueError("these cached features have no seg-class targets")
+        voxels = int(tcfg.get("voxels_per_case", 0))   # 0: the whole feature grid
+        if voxels and train_seg and model.config.seg_head_kernel != 1:
+            raise ValueError("a 3x3x3 seg head needs the whole grid (train.voxels_per_case 0)")
         params = freeze_stage1(model, train_seg)
         objective = T.TrainingObjective(model, lcfg)
         optimizer = torch.optim.AdamW(params, lr=float(tcfg["lr"]), weight_decay=float(tcfg["weight_decay"]))
@@ -167,7 +170,11 @@ def run_stage2(cfg: dict, config_path: str | None = None, resume: bool = True, q
             per_epoch = max(1, n // bs)
             epoch, k = divmod(step, per_epoch)
             perm = np.random.default_rng([seed, epoch]).permutation(n)
-            batch = collate_features([train.sample(int(perm[(k * bs + j) % n])) for j in range(bs)])
+            samples = [train.sample(int(perm[(k * bs + j) % n])) for j in range(bs)]
+            if voxels:
+                vrng = np.random.default_rng([seed, step, 3])
+                samples = [subsample_voxels(smp, voxels, vrng) for smp in samples]
+            batch = collate_features(samples)
             loss, parts = objective(batch, step_seed=seed * 1000003 + step * 17)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
