@@ -75,6 +75,7 @@ def test_evaluate_cli_single_model(tiny_manifest, random_model, tmp_path):
     assert "liver" in m["structures"] and 0.0 <= m["structures"]["liver"]["dice"] <= 1.0
     assert set(m["findings"]) <= set(__import__("ctlanguage.vocabulary", fromlist=["x"]).findings())
     assert m["paraphrases"]["n_items_scored"] > 0
+    assert 0 <= m["paraphrases"]["n_unanswered"] <= m["paraphrases"]["n_items_scored"]
     assert "auc_drop" in m["paraphrases"] and "model_level" in m["paraphrases"]
     md = (out / "metrics.md").read_text()
     assert "mean finding AUC" in md and "| liver |" in md
@@ -231,3 +232,15 @@ def test_size_filter_leaves_small_structures_and_findings_out(tiny_manifest):
     assert m_cut["size_filter"]["skipped"]["findings"] >= 1
     for name, row in m_cut["findings"].items():   # presence is not filtered
         assert row["n_pos"] + row["n_neg"] == m_all["findings"][name]["n_pos"] + m_all["findings"][name]["n_neg"]
+
+
+def test_paraphrases_without_an_answer_are_counted(tiny_manifest):
+    import _fake_engine
+    from ctlanguage.engine import Engine
+    from ctlanguage.evaluation import evaluate_model
+
+    eng = Engine(dict.fromkeys(("anatomy", "masks", "scores"), _fake_engine.FakeBackend()), device="cpu")
+    items = [{"key": "pleural_effusion", "laterality": None, "text": "fluid around the lungs", "kind": "finding"},
+             {"key": "pleural_effusion", "laterality": None, "text": "zqxv blorp", "kind": "finding"}]
+    m = evaluate_model(eng, tiny_manifest, paraphrases=items)
+    assert m["paraphrases"]["n_items_scored"] == 2 and m["paraphrases"]["n_unanswered"] == 1

@@ -96,6 +96,7 @@ class _Collect:
     encode_s: list = field(default_factory=list)
     query_ms: list = field(default_factory=list)
     skipped_small: dict = field(default_factory=lambda: {"structures": 0, "findings": 0})
+    para_unanswered: int = 0                                  # paraphrases with no probability
 
 
 def evaluate_model(model: Any, manifest: str | Path, *, device: Optional[str] = None,
@@ -206,6 +207,7 @@ def evaluate_model(model: Any, manifest: str | Path, *, device: Optional[str] = 
             if canon.probability is None:   # no number for this finding from this model
                 continue
             f = ask(text, masks=False)
+            c.para_unanswered += f.probability is None   # "not understood": counted, scored as 0
             p = f.probability if f.probability is not None else 0.0
             c.para_probs.setdefault(key, []).append((p, y))
             c.para_canon.setdefault(key, []).append((canon.probability, y))
@@ -267,6 +269,7 @@ def _summarise(engine, manifest, n_cases, c: _Collect, seconds, mask_threshold) 
     canon_mean = nanmean(para_canon_auc[k]["auc"] for k in common)
     para = {
         "n_items_scored": int(sum(len(v) for v in c.para_probs.values())),
+        "n_unanswered": int(c.para_unanswered),
         "per_finding": {k: {"auc": para_auc[k]["auc"], "auc_canonical": para_canon_auc[k]["auc"],
                             "n_pos": para_auc[k]["n_pos"], "n_neg": para_auc[k]["n_neg"]}
                         for k in sorted(para_auc)},
@@ -355,6 +358,8 @@ def metrics_markdown(m: dict, title: Optional[str] = None, figures: Optional[dic
         f"| paraphrase AUC drop (model level: paraphrase as the positive phrasing) | "
         f"{_f(m['paraphrases'].get('model_level', {}).get('auc_drop'))} |",
         f"| paraphrase parser accuracy | {_f(m['paraphrases'].get('parser_accuracy'))} |",
+        f"| paraphrases without an answer (of {m['paraphrases'].get('n_items_scored')}) | "
+        f"{_f(m['paraphrases'].get('n_unanswered'))} |",
         f"| paraphrase anatomy Dice (canonical) | {_f(m['paraphrases'].get('anatomy_dice'))} "
         f"({_f(m['paraphrases'].get('anatomy_dice_canonical'))}) |",
         f"| encode time per case (s) | {_f(m['timing'].get('encode_mean_s'), 2)} |",
