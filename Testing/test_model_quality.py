@@ -66,11 +66,16 @@ def test_held_out_seeds_are_not_in_the_training_corpora():
     from pathlib import Path
 
     cfg = json.loads((resolve_model_dir("default") / "config.json").read_text())
-    data = (cfg.get("training") or {}).get("data") or {}
+    training = cfg.get("training") or {}
+    # a stage-2 model lists its own corpora and those of its stage-1 encoder; a split is one
+    # corpus spec or a list of them
+    specs = [(split, spec) for t in (training, training.get("stage1_training") or {})
+             for split, v in ((t.get("data") or {}).items())
+             for spec in (v if isinstance(v, list) else [v]) if isinstance(spec, dict)]
     root = Path(__file__).resolve().parents[1]
     wanted = set(range(FIRST_SEED, FIRST_SEED + N_CASES))
     checked = 0
-    for split, spec in data.items():
+    for split, spec in specs:
         ph = spec.get("phantom") or {}
         if "seed" in ph and "n" in ph:   # phantom corpora are seeds seed .. seed+n-1
             assert not wanted & set(range(int(ph["seed"]), int(ph["seed"]) + int(ph["n"]))), split

@@ -97,6 +97,7 @@ def test_stage2_trains_only_the_language_side_and_resumes(setup, tmp_path):
     cal = after.config.calibration
     assert cal["n_cases"] == 4 and "cached stage-1 features" in cal["method"]
     assert after.config.training["stage"] == 2 and after.config.training["steps"] == 2
+    assert after.config.training["stage1_training"] == before.config.training   # provenance kept
     # resume: a longer schedule continues from the saved step instead of starting over
     log = tmp_path / "run" / "metrics.jsonl"
     n_before = len(log.read_text().splitlines())

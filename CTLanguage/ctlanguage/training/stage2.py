@@ -6,7 +6,7 @@ logit scale are trained on them for many epochs in minutes on a CPU. ``ctlanguag
 this for a config with ``"stage": 2`` (configs/stage2-*.json, docs/training.md):
 
     {"stage": 2, "stage1": MODEL_DIR, "features": CACHE_ROOT,
-     "data": {"train": [MANIFEST, ...], "calib": MANIFEST},
+     "data": {"train": [MANIFEST or {"manifest", "phantom"}, ...], "calib": ..., "eval": [...]},
      "model": {overrides, e.g. "presence_source"}, "reinit_language": true,
      "losses": {...}, "train": {"steps", "batch_size", "lr", ...}, "output": DIR}
 
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..model import GroundedCTModel
+from .train import ensure_corpus
 from .features import FeatureSet, cache_dir_for, cache_features, collate_features, subsample_voxels
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,10 @@ def feature_sets(cfg: dict, base: Path, model, splits=("train", "calib", "eval")
         if not manifests:
             continue
         dirs = []
-        for m in [manifests] if isinstance(manifests, str) else manifests:
-            m = _abs(m, base)
+        for spec in manifests if isinstance(manifests, list) else [manifests]:
+            # a manifest path, or {"manifest": path, "phantom": {"n", "seed", ...}} as in stage 1
+            # (the phantom corpus is generated when the manifest does not exist yet)
+            m = ensure_corpus(spec if isinstance(spec, dict) else {"manifest": spec}, base)
             d = cache_dir_for(root, model, split_name(m))
             log.info("features of %s -> %s", m, d)
             cache_features(model, m, d, progress=None if quiet else _bar(f"features {m.parent.name}"))
@@ -127,6 +130,7 @@ def run_stage2(cfg: dict, config_path: str | None = None, resume: bool = True, q
         model = GroundedCTModel.from_pretrained(_abs(cfg["stage1"], base), device="cpu")
         out.mkdir(parents=True, exist_ok=True)
         sets = feature_sets(cfg, base, model, splits=("train", "calib"), quiet=quiet)
+        stage1_training = dict(model.config.training or {})
         head = (model.config.seg_head_kernel, model.config.seg_head_hidden)
         for k, v in cfg.get("model", {}).items():
             setattr(model.config, k, v)
@@ -193,12 +197,12 @@ def run_stage2(cfg: dict, config_path: str | None = None, resume: bool = True, q
                     fh.write(json.dumps({"step": done, "time_s": round(time.time() - t0, 1),
                                          **{key: round(v, 4) for key, v in running.items()}}) + "\n")
             if done % int(tcfg["checkpoint_every"]) == 0 or done == steps:
-                model.config.training = _provenance(cfg, config_path, done)
+                model.config.training = _provenance(cfg, config_path, done, stage1_training)
                 T._save_training_state(out, model, optimizer, scheduler, done, cfg)
         if bar is not None:
             bar.close()
         model.eval()
-        model.config.training = _provenance(cfg, config_path, steps)
+        model.config.training = _provenance(cfg, config_path, steps, stage1_training)
         if "calib" in sets:
             calibrate_on_features(model, sets["calib"], str(cfg["data"]["calib"]))
         final = model.save_pretrained(out / "final")
@@ -209,10 +213,11 @@ def run_stage2(cfg: dict, config_path: str | None = None, resume: bool = True, q
         torch.set_num_threads(threads_before)
 
 
-def _provenance(cfg: dict, config_path, steps: int) -> dict:
+def _provenance(cfg: dict, config_path, steps: int, stage1_training: dict | None = None) -> dict:
     from . import train as T
 
-    return {"stage": 2, "stage1": str(cfg["stage1"]), "config_file": str(config_path) if config_path else None,
+    return {"stage": 2, "stage1": str(cfg["stage1"]), "stage1_training": stage1_training or {},
+            "config_file": str(config_path) if config_path else None,
             "steps": steps, "seed": cfg.get("train", {}).get("seed", 0),
             "data": cfg.get("data", {}), "losses": {**T.DEFAULT_LOSSES, **cfg.get("losses", {})},
             "reinit_language": bool(cfg.get("reinit_language", True)),
