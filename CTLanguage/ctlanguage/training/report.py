@@ -31,7 +31,7 @@ def quick_eval(model_dir: str | Path, manifest: str | Path, features=None) -> di
     if features:
         from .features import FeatureSet
 
-        ds = FeatureSet(features)
+        ds = FeatureSet(features, preload=False)   # each case is read once
         ds.check_encoder(model)
     else:
         ds = ManifestDataset(manifest, model.config.spec, model.config.anatomies,
