@@ -22,12 +22,13 @@ def test_models_list_shows_backends_and_the_pipeline(capsys, no_totalseg_weights
     assert main(["models", "list", "--json"]) == 0
     rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
     pipe = rows["totalseg+grounded"]
-    assert pipe["pipeline"] == {"anatomy": "totalseg", "masks": "ctlanguage-synth-v2",
-                                "scores": "ctlanguage-synth-v2"}
+    assert pipe["pipeline"] == {"anatomy": "totalseg", "masks": "ctlanguage-synth-v3",
+                                "scores": "ctlanguage-synth-v3"}
     assert "scores (calibrated)" in pipe["capabilities"] and any(
         c.startswith("anatomy (1") for c in pipe["capabilities"])   # TotalSegmentator's 124 keys
     assert pipe["license"] and pipe["available"] is False and "TOTALSEG_WEIGHTS_PATH" in pipe["how_to_get"]
-    assert rows["ctlanguage-synth-v2"]["available"] and "synthetic" in rows["ctlanguage-synth-v2"]["notice"]
+    for embedded in ("ctlanguage-synth-v3", "ctlanguage-synth-v2"):
+        assert rows[embedded]["available"] and "synthetic" in rows[embedded]["notice"]
     assert rows["voxtell"]["device"] == "gpu-recommended" and "free-text masks" in rows["voxtell"]["capabilities"]
     assert main(["models", "list"]) == 0   # folded to the terminal width: check words, not cells
     table = capsys.readouterr().out

@@ -14,7 +14,7 @@ from ctlanguage.model.checkpoint import SUMS, read_sha256sums
 from ctlanguage.model.text_cache import TEXT_CACHE, main, read_text_cache, write_text_cache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # Testing/conftest.py
-SHIPPED = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "ctlanguage-synth-v2"
+SHIPPED = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "ctlanguage-synth-v3"
 
 
 def _tiny_model():

@@ -23,6 +23,8 @@ import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 need = ["ctlanguage/_resources/catalog.json", "ctlanguage/_resources/Models/ctlanguage-synth-v2/model.safetensors",
         "ctlanguage/_resources/Models/ctlanguage-synth-v2/text_embeddings.safetensors",
+        "ctlanguage/_resources/Models/ctlanguage-synth-v3/model.safetensors",
+        "ctlanguage/_resources/Models/ctlanguage-synth-v3/text_embeddings.safetensors",
         "ctlanguage/data/vocabulary.json"]
 missing = [n for n in need if n not in names]
 if missing:

@@ -39,7 +39,7 @@ from .threads import TorchThreads
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_ID = "ctlanguage-synth-v2"
+DEFAULT_MODEL_ID = "ctlanguage-synth-v3"
 MAX_PROMPTS_PER_QUERY = 64
 # similarity -> confidence for the semantic fallback (cosine of the frozen LM's embeddings)
 FALLBACK_SIM_LOW = 0.35

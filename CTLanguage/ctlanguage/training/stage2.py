@@ -204,7 +204,9 @@ def run_stage2(cfg: dict, config_path: str | None = None, resume: bool = True, q
         model.eval()
         model.config.training = _provenance(cfg, config_path, steps, stage1_training)
         if "calib" in sets:
-            calibrate_on_features(model, sets["calib"], str(cfg["data"]["calib"]))
+            calib = cfg["data"]["calib"]
+            calib = calib[0] if isinstance(calib, list) else calib
+            calibrate_on_features(model, sets["calib"], str(calib["manifest"] if isinstance(calib, dict) else calib))
         final = model.save_pretrained(out / "final")
         if cfg.get("export"):
             model.save_pretrained(_abs(cfg["export"], base))
