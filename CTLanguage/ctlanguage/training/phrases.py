@@ -35,8 +35,17 @@ def judged_anatomies() -> list[str]:
     return list(dict.fromkeys(a for _, _, a in finding_items()))
 
 
-def normal_sentence(anatomy: str) -> str:
-    return f"{P.canonical_phrase(anatomy)} shows no significant abnormalities"
+# wordings of "this organ is normal"; the first is the one sentence of v1-v3 training. With one
+# fixed sentence, false-negative calibration is a no-op (identical texts already share their
+# loss; docs/model_comparison.md), so losses.varied_normal_sentences draws among all of them.
+NORMAL_TEMPLATES = ("{} shows no significant abnormalities", "{} is unremarkable",
+                    "no abnormality of the {}", "normal {}", "{}: within normal limits",
+                    "the {} appears normal")
+
+
+def normal_sentence(anatomy: str, rng=None) -> str:
+    t = NORMAL_TEMPLATES[0] if rng is None else NORMAL_TEMPLATES[int(rng.integers(len(NORMAL_TEMPLATES)))]
+    return t.format(P.canonical_phrase(anatomy))
 
 
 def finding_sentence(finding: str, laterality: str | None, rng) -> str:

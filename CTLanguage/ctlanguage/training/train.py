@@ -36,6 +36,7 @@ DEFAULT_LOSSES = {
     "dictionary_negatives": 64, "presence": 1.0, "consistency": 0.0, "global_clip": 0.0,
     "absent_finding_prompts": 6, "anatomy_prompts": 0, "unsided_prompt_prob": 0.25,
     "presence_pos_weight": None, "pool_predicted_masks": 0.0, "seg_head": 0.0, "finding_seg": 0.0,
+    "varied_normal_sentences": False,
 }
 DEFAULT_TRAIN = {
     "steps": 200, "batch_size": 2, "lr": 2e-3, "weight_decay": 1e-4, "warmup_steps": 20,
@@ -109,7 +110,7 @@ class TrainingObjective(nn.Module):
                     texts.append(" and ".join(parts))
                     normal.append(False)
                 else:
-                    texts.append(PH.normal_sentence(a))
+                    texts.append(PH.normal_sentence(a, rng if self.cfg["varied_normal_sentences"] else None))
                     normal.append(True)
                 anat.append(a)
         return texts, normal, anat
