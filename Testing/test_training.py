@@ -49,6 +49,34 @@ def test_fn_calibration_targets():
     assert torch.equal(T0, torch.eye(4))
 
 
+def test_fn_calibration_acts_only_on_differently_worded_positives():
+    """Identical texts share their loss anyway (same embedding, same logits), so calibrating them
+    changes nothing; two normal sentences of one organ in different words are where it acts."""
+    import numpy as np
+
+    from ctlanguage.training import phrases as PH
+
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    normal, anat = [True, False, True, False], ["liver", "liver", "liver", "lung"]
+
+    def losses(texts):
+        emb = {t: torch.nn.functional.normalize(torch.randn(8, generator=torch.Generator().manual_seed(len(t))), dim=-1)
+               for t in texts}
+        txt = torch.stack([emb[t] for t in texts])
+        return [float(L.organ_contrastive_loss(img, txt, torch.tensor(10.0), texts, normal, anat, fn_calibration=fn))
+                for fn in (True, False)]
+
+    same = losses(["liver shows no significant abnormalities", "liver lesion",
+                   "liver shows no significant abnormalities", "lung nodule"])
+    assert abs(same[0] - same[1]) < 1e-6
+    varied = losses(["liver shows no significant abnormalities", "liver lesion", "normal liver", "lung nodule"])
+    assert abs(varied[0] - varied[1]) > 1e-3
+    rng = np.random.default_rng(0)
+    assert len({PH.normal_sentence("liver", rng) for _ in range(40)}) == len(PH.NORMAL_TEMPLATES)
+    assert PH.normal_sentence("liver") == "liver shows no significant abnormalities"   # v1-v3 wording
+
+
 def test_losses_behave():
     t = torch.zeros(1, 2, 4, 4, 4)
     t[0, 0, :2] = 1
