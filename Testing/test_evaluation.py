@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ctlanguage import evaluation as E
+from ctlanguage import evaluation_report as R
 
 
 # ------------------------------------------------------------------------------ label helpers
@@ -44,7 +45,7 @@ def test_comparison_markdown_has_every_model():
                                              "model_level": {"auc_drop": 0.02}},
                 "findings": {"ascites": {"auc": auc}}}
 
-    md = E.comparison_markdown({"grounded": fake(0.95), "global-clip": fake(0.80)})
+    md = R.comparison_markdown({"grounded": fake(0.95), "global-clip": fake(0.80)})
     assert "| grounded | organ |" in md and "| global-clip | organ |" in md
     assert "0.150" in md  # the AUC gap to the reference model
     assert "| ascites | 0.950 | 0.800 |" in md
@@ -172,16 +173,16 @@ def test_evaluate_pictures_show_the_numbers_of_the_tables(tmp_path_factory, rand
         auc = M.roc_auc(pairs[f]["y"], pairs[f]["p"])
         assert curve["auc"] == pytest.approx(auc) == pytest.approx(m["findings"][f]["auc"])
         assert np.trapezoid(curve["tpr"], curve["fpr"]) == pytest.approx(auc)
-        assert f"| {f} | {E._f(auc)} |" in md
+        assert f"| {f} | {R.fmt(auc)} |" in md
     all_p = [p for v in pairs.values() for p in v["p"]]
     all_y = [y for v in pairs.values() for y in v["y"]]
     ece = M.expected_calibration_error(all_p, all_y)
     assert shown["reliability"]["ece"] == pytest.approx(ece) == pytest.approx(m["ece"])
     assert shown["reliability"]["bins"] == [r for r in M.reliability_table(all_p, all_y) if r["n"]]
-    assert f"| {E._f(ece)} |" in md
+    assert f"| {R.fmt(ece)} |" in md
     assert shown["dice"] == {k: v["dice"] for k, v in m["structures"].items() if v["dice"] is not None}
     for k, d in shown["dice"].items():
-        assert f"| {k} | {E._f(d)} |" in md
+        assert f"| {k} | {R.fmt(d)} |" in md
 
 
 def test_a_scores_model_that_covers_some_findings_is_evaluated_on_those(tiny_manifest):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tiny_corpus import LABELS, make_tiny_corpus  # noqa: E402
+from _tiny_corpus import make_tiny_corpus  # noqa: E402
+from test_seg_head import CLASSES, TINY  # noqa: E402  (the same tiny seg-head model)
 
 from ctlanguage.model import GroundedCTModel, ModelConfig  # noqa: E402
 from ctlanguage.training.dataset import ManifestDataset  # noqa: E402
@@ -19,11 +20,6 @@ from ctlanguage.training.features import FeatureSet, cache_features, collate_fea
 from ctlanguage.training.train import collect_predictions, run_training  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # Testing/conftest.py
-
-CLASSES = sorted(set(LABELS.values()))
-TINY = {"spec_params": {"spacing_mm": 5.0}, "encoder_channels": [8, 16], "dense_channels": 8,
-        "embed_dim": 16, "pool_dim": 8, "mask_head_hidden": 4, "coord_mode": "inplane",
-        "seg_classes": CLASSES, "seg_findings": [["liver_lesion", None]]}
 
 
 @pytest.fixture(scope="module")

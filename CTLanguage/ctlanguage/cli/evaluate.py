@@ -51,6 +51,7 @@ def _split_label(spec: str) -> tuple[str | None, str]:
 
 def run(args) -> int:
     from .. import evaluation as E
+    from .. import evaluation_report as R
     from ..engine import Engine
 
     quiet = getattr(args, "quiet", False)
@@ -77,11 +78,11 @@ def run(args) -> int:
                 bar.close()
         m = results[label]
         if not quiet:
-            print(f"{label}: structure Dice {E._f(m['mean_structure_dice'])}, finding Dice "
-                  f"{E._f(m['mean_finding_dice'])}, AUC {E._f(m['mean_finding_auc'])}, ECE "
-                  f"{E._f(m['ece'])}, paraphrase AUC drop {E._f(m['paraphrases']['auc_drop'])}",
+            print(f"{label}: structure Dice {R.fmt(m['mean_structure_dice'])}, finding Dice "
+                  f"{R.fmt(m['mean_finding_dice'])}, AUC {R.fmt(m['mean_finding_auc'])}, ECE "
+                  f"{R.fmt(m['ece'])}, paraphrase AUC drop {R.fmt(m['paraphrases']['auc_drop'])}",
                   file=sys.stderr)
-    files = E.write_results(results, args.out, doc=args.doc)
+    files = R.write_results(results, args.out, doc=args.doc)
     if not quiet:
         for p in files.values():
             print(f"wrote {p}", file=sys.stderr)

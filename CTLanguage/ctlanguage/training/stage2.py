@@ -183,18 +183,8 @@ def run_stage2(cfg: dict, config_path: str | None = None, resume: bool = True, q
                 samples = [subsample_voxels(smp, voxels, vrng) for smp in samples]
             batch = collate_features(samples)
             loss, parts = objective(batch, step_seed=seed * 1000003 + step * 17)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tcfg["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(params, float(tcfg["grad_clip"]))
-            optimizer.step()
-            scheduler.step()
-            for key, v in {"loss": float(loss.detach()), **parts}.items():
-                running[key] = 0.9 * running.get(key, v) + 0.1 * v
+            T.optimizer_step(loss, parts, optimizer, scheduler, params, tcfg["grad_clip"], running, bar)
             done = step + 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({key: f"{v:.3f}" for key, v in running.items()}, refresh=False)
             if done % int(tcfg["log_every"]) == 0 or done == steps:
                 with open(out / "metrics.jsonl", "a") as fh:
                     fh.write(json.dumps({"step": done, "time_s": round(time.time() - t0, 1),

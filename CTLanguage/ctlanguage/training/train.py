@@ -532,6 +532,22 @@ def _make_scheduler(optimizer, warmup: int, total: int):
 
 
 # ------------------------------------------------------------------------------ main loop
+def optimizer_step(loss, parts: dict, optimizer, scheduler, params, grad_clip, running: dict, bar=None) -> None:
+    """One update (backward, optional gradient clipping, step, schedule) and the running means of
+    the logged losses (shown on the progress bar); stage 1 and stage 2 share it."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, float(grad_clip))
+    optimizer.step()
+    scheduler.step()
+    for k, v in {"loss": float(loss.detach()), **parts}.items():
+        running[k] = 0.9 * running.get(k, v) + 0.1 * v
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()}, refresh=False)
+
+
 def run_training(cfg: dict, config_path: str | None = None, resume: bool = True, quiet: bool = False) -> Path:
     if int(cfg.get("stage", 1)) == 2:   # language side on frozen, cached features
         from .stage2 import run_stage2
@@ -630,18 +646,8 @@ def _run(cfg, tcfg, lcfg, base, out, rank, world, device, config_path, resume, q
             batch["report_bank"] = [reports[i] for i in r.choice(n, size=min(32, n), replace=False)]
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
             loss, parts = wrapped(batch, step_seed=seed * 1000003 + step * 17 + rank)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if tcfg["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg["grad_clip"]))
-        optimizer.step()
-        scheduler.step()
-        for k, v in {"loss": float(loss.detach()), **parts}.items():
-            running[k] = 0.9 * running.get(k, v) + 0.1 * v
+        optimizer_step(loss, parts, optimizer, scheduler, model.parameters(), tcfg["grad_clip"], running, bar)
         done = step + 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()}, refresh=False)
         if D.is_main() and (done % int(tcfg["log_every"]) == 0 or done == steps):
             rec = {"step": done, "time_s": round(time.time() - t0, 1), "lr": scheduler.get_last_lr()[0],
                    **{k: round(v, 4) for k, v in running.items()}}
